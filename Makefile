@@ -1,0 +1,29 @@
+# Two entry points: `make run` (the whole pipeline, smoke preset, embedded corpus) and `make test`.
+# TORCH_SPEC, when set (e.g. TORCH_SPEC=torch==2.13.0), is installed before the project so that a
+# CPU-only machine can pick a CPU build of torch; left empty, pip resolves torch from pyproject.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+TORCH_SPEC ?=
+PRESET ?= smoke
+export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
+
+.PHONY: run test install clean-runs
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	if [ -n "$(TORCH_SPEC)" ]; then $(PY) -m pip install --quiet "$(TORCH_SPEC)"; fi
+	$(PY) -m pip install --quiet -e ".[test]"
+	touch $@
+
+run: install
+	$(PY) -m flows.pipeline --preset $(PRESET)
+
+test: install
+	$(PY) -m pytest -q
+
+clean-runs:
+	rm -rf runs
