@@ -1,0 +1,169 @@
+"""The whole pipeline as one Prefect flow: the six stage flows in order, as subflows.
+
+It opens a parent MLflow run (tagged with the Prefect flow run id) in one experiment per pipeline
+name; each stage flow opens a child run. Stages exchange paths and run ids. At the end it prints a
+summary (stage, wall time, key metric) and how to open the MLflow UI.
+
+    python -m flows.pipeline --preset smoke
+    python -m flows.pipeline --preset cpu --corpus 'docs/**/*.md' --vocab-size 8192 --device cpu
+"""
+
+import argparse
+import logging
+import sys
+import time
+from dataclasses import asdict, replace
+from pathlib import Path
+from typing import Any
+
+from prefect import flow
+from prefect.artifacts import create_table_artifact
+from prefect.runtime import flow_run
+from pydantic import BaseModel, Field
+
+from flows.cli import add_flag, fail
+from flows.stages import (
+    EXPERIMENT,
+    RUNS_DIR,
+    corpus_flow,
+    evaluate_flow,
+    finetune_flow,
+    pretrain_flow,
+    sample_flow,
+    tokenizer_flow,
+)
+from llmcore.artifacts import MANIFEST, read_json
+from llmcore.corpus import describe_source
+from llmcore.errors import ConfigError
+from llmcore.presets import PRESETS, Preset, get_preset, with_vocab_size
+from llmcore.tracking import MlflowTracker
+from tasks.tracking import configure_tracking, experiment_id, mlflow_run
+
+log = logging.getLogger("llmcore.pipeline")
+
+
+class PipelineParams(BaseModel):
+    """What a user turns: a preset, the data, and overrides of the preset's most used knobs."""
+
+    preset: str = Field("smoke", description=f"one of {', '.join(PRESETS)}")
+    corpus: str | None = Field(None, description="stdlib, a file, folder or glob, or hf:NAME")
+    text_column: str | None = Field(None, description="text column of jsonl/csv/parquet/HF data")
+    max_corpus_bytes: int | None = Field(None, description="keep at most this many bytes of the corpus")
+    sft_data: str | None = Field(None, description="fine-tuning pairs: docstrings, a jsonl/csv/parquet file, or hf:NAME")
+    experiment: str = Field(EXPERIMENT, description="MLflow experiment name")
+    runs_dir: str = Field(RUNS_DIR, description="output folder for every stage's artifacts")
+    vocab_size: int | None = Field(None, description="tokenizer and model vocabulary")
+    block_size: int | None = Field(None, description="model context length in tokens")
+    n_layer: int | None = Field(None, description="transformer blocks")
+    n_head: int | None = Field(None, description="attention heads")
+    n_embd: int | None = Field(None, description="model width")
+    max_steps: int | None = Field(None, description="pretraining optimizer steps")
+    max_tokens: int | None = Field(None, description="pretraining token budget (overrides --max-steps)")
+    batch_size: int | None = Field(None, description="sequences per micro-batch (pretraining and fine-tuning)")
+    learning_rate: float | None = Field(None, description="peak pretraining learning rate")
+    finetune_steps: int | None = Field(None, description="fine-tuning optimizer steps")
+    max_length: int | None = Field(None, description="longest fine-tuning sequence (<= block size)")
+    device: str | None = Field(None, description="auto, cpu, cuda or cuda:N")
+    seed: int | None = Field(None, description="seed for model init, data order and sampling")
+
+    def build(self) -> Preset:
+        """The preset with this run's overrides applied; every config validated on the way."""
+        preset = get_preset(self.preset)
+        corpus = replace(preset.corpus, **_set(source=self.corpus, text_column=self.text_column,
+                                                      max_bytes=self.max_corpus_bytes))
+        sft_data = replace(preset.sft_data, **_set(source=self.sft_data))
+        if self.vocab_size is not None:
+            preset = with_vocab_size(preset, self.vocab_size)
+        model = replace(preset.model, **_set(block_size=self.block_size, n_layer=self.n_layer, n_head=self.n_head,
+                                             n_embd=self.n_embd))
+        shared = _set(batch_size=self.batch_size, device=self.device, seed=self.seed)
+        pretrain = replace(preset.pretrain, **shared, **_set(max_steps=self.max_steps, max_tokens=self.max_tokens,
+                                                             learning_rate=self.learning_rate))
+        finetune = replace(preset.finetune, **shared, **_set(max_steps=self.finetune_steps))
+        if self.max_length is not None and self.max_length > model.block_size:
+            raise ConfigError(f"context length {self.max_length} is longer than the model supports ({model.block_size}): "
+                              f"pass --max-length <= {model.block_size} or a larger --block-size")
+        return replace(preset, corpus=corpus, sft_data=sft_data, model=model, pretrain=pretrain, finetune=finetune,
+                       evaluation=replace(preset.evaluation, **_set(device=self.device)),
+                       sampling=replace(preset.sampling, **_set(seed=self.seed)))
+
+
+def _set(**values: Any) -> dict[str, Any]:
+    """Only the overrides the user actually gave."""
+    return {k: v for k, v in values.items() if v is not None}
+
+
+@flow(name="pipeline")
+def pipeline(params: PipelineParams = PipelineParams()) -> list[dict[str, Any]]:
+    """Corpus -> tokenizer -> pretraining -> fine-tuning -> evaluation -> sampling, tracked in MLflow."""
+    preset = params.build()
+    configure_tracking()
+    experiment_id(params.experiment)  # create the experiment once, before any stage races for it
+    runs, experiment = params.runs_dir, params.experiment
+    summary: list[dict[str, Any]] = []
+
+    def timed(stage: str, call, metric):
+        started = time.perf_counter()
+        result = call()
+        seconds = time.perf_counter() - started
+        name, value = metric(result)
+        summary.append({"stage": stage, "seconds": round(seconds, 1), "metric": name, "value": value})
+        tracker.log_metrics({f"seconds/{stage}": seconds})
+        log.info("pipeline: %s done in %.1f s (%s = %s)", stage, seconds, name, value)
+        return result
+
+    with mlflow_run(experiment, f"pipeline-{preset.name}", tags={"prefect.flow_run_id": str(flow_run.id),
+                                                                  "preset": preset.name}) as parent:
+        tracker = MlflowTracker(parent)
+        tracker.log_params({"preset": preset.name, **{k: asdict(v) for k, v in vars(preset).items()
+                                                      if hasattr(v, "__dataclass_fields__")}})
+        common = {"runs_dir": runs, "experiment": experiment, "parent_run_id": parent}
+        corpus_dir = timed("corpus", lambda: corpus_flow(preset.corpus, **common),
+                           lambda d: ("documents", read_json(Path(d) / MANIFEST)["counts"]["documents"]))
+        tok = timed("tokenizer", lambda: tokenizer_flow(corpus_dir, preset.tokenizer, **common),
+                    lambda r: ("bytes_per_token", round(read_json(Path(r["tokenizer_dir"]) / MANIFEST)["bytes_per_token"], 3)))
+        pretrained = timed("pretrain", lambda: pretrain_flow(tok["tokenizer_dir"], tok["tokens_dir"], preset.model,
+                                                             preset.pretrain, **common),
+                           lambda m: ("val_bpb", round(read_json(Path(m).parent / MANIFEST)["metrics"]["val_bpb"], 4)))
+        tuned = timed("finetune", lambda: finetune_flow(pretrained, tok["tokenizer_dir"], corpus_dir, preset.sft_data,
+                                                        preset.finetune, params.max_length, **common),
+                      lambda r: ("val_loss", round(read_json(Path(r["model"]).parent / MANIFEST)["metrics"]["val_loss"], 4)))
+        common.pop("runs_dir")
+        scores = timed("evaluate", lambda: evaluate_flow(pretrained, tuned["model"], tok["tokenizer_dir"], tok["tokens_dir"],
+                                                         tuned["sft_dir"], preset.evaluation, **common),
+                       lambda m: ("pretrained_bpb / xz_bpb", f"{m['pretrained_bpb']:.3f} / {m['xz_bpb']:.3f}"))
+        timed("sample", lambda: sample_flow(pretrained, tok["tokenizer_dir"], corpus_dir, preset.prompts, preset.sampling,
+                                            preset.pretrain.device, **common),
+              lambda r: ("python_parse_rate", round(r["python_parse_rate"], 3)))
+        tracker.log_metrics({k: v for k, v in scores.items()})
+    create_table_artifact(summary, key="pipeline-summary", description=f"Pipeline ({preset.name}) stage timings")
+    return summary
+
+
+def print_summary(summary: list[dict[str, Any]], experiment: str) -> None:
+    print("\nstage       seconds  key metric")
+    for row in summary:
+        print(f"{row['stage']:<11} {row['seconds']:>7.1f}  {row['metric']} = {row['value']}")
+    print(f"total       {sum(r['seconds'] for r in summary):>7.1f}")
+    print(f"\nMLflow experiment {experiment!r}. Open the UI with:\n"
+          "  .venv/bin/mlflow server --backend-store-uri sqlite:///mlruns/mlflow.db "
+          "--default-artifact-root mlruns/artifacts --host 127.0.0.1 --port 5000\n"
+          "then browse http://127.0.0.1:5000")
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m flows.pipeline", description=pipeline.fn.__doc__)
+    for name, field in PipelineParams.model_fields.items():
+        add_flag(parser, name, field.annotation, field.default, required=False, help=field.description)
+    values = {k: v for k, v in vars(parser.parse_args(argv)).items() if v is not None}
+    try:
+        params = PipelineParams(**values)
+        describe_source(params.build().corpus)  # every config and the source, before Prefect and MLflow start
+    except ConfigError as error:
+        fail(error)
+    summary = pipeline(params)
+    print_summary(summary, params.experiment)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

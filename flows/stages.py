@@ -1,0 +1,110 @@
+"""One Prefect flow per pipeline stage, each runnable ad hoc on the outputs of the stage before it.
+
+Every stage flow opens an MLflow run (a child of the pipeline's run when `parent_run_id` is given),
+calls its tasks, and returns paths (or, for evaluation and sampling, a few metrics). Parameters are
+llmcore config dataclasses, so Prefect validates them and its UI renders a form.
+
+    python -m flows.stages corpus --source stdlib
+    python -m flows.stages tokenizer --corpus-dir runs/corpus/<id> --vocab-size 4096
+    python -m flows.stages --help
+"""
+
+import sys
+from typing import Any
+
+from prefect import flow
+from prefect.runtime import flow_run
+
+from llmcore.artifacts import is_finished
+from llmcore.completions import PromptConfig
+from llmcore.corpus import CorpusConfig
+from llmcore.evaluate import EvalConfig
+from llmcore.model import GPTConfig
+from llmcore.sampling import SamplingConfig
+from llmcore.sft_data import SFTDataConfig
+from llmcore.tokenizer import TokenizerConfig
+from llmcore.train import TrainConfig
+from tasks import stages
+from tasks.tracking import mlflow_run
+
+RUNS_DIR = "runs"
+EXPERIMENT = "llm-pipeline"
+
+
+def _tags() -> dict[str, str]:
+    return {"prefect.flow_run_id": str(flow_run.id or ""), "prefect.flow_name": str(flow_run.flow_name or "")}
+
+
+@flow(name="corpus-ingestion")
+def corpus_flow(config: CorpusConfig = CorpusConfig(), runs_dir: str = RUNS_DIR, experiment: str = EXPERIMENT,
+                parent_run_id: str | None = None) -> str:
+    """Stage 1: read, decode, deduplicate and split a corpus; returns the corpus folder."""
+    with mlflow_run(experiment, "corpus", parent_run_id, _tags()) as run_id:
+        corpus_dir = stages.ingest_corpus(config, runs_dir, run_id)
+        if not is_finished(corpus_dir):  # a cached result whose folder was deleted since
+            corpus_dir = stages.ingest_corpus.with_options(refresh_cache=True)(config, runs_dir, run_id)
+        return corpus_dir
+
+
+@flow(name="tokenizer-training")
+def tokenizer_flow(corpus_dir: str, config: TokenizerConfig = TokenizerConfig(), runs_dir: str = RUNS_DIR,
+                   experiment: str = EXPERIMENT, parent_run_id: str | None = None) -> dict[str, str]:
+    """Stage 2: train a sentencepiece tokenizer and encode the corpus into token shards."""
+    with mlflow_run(experiment, "tokenizer", parent_run_id, _tags()) as run_id:
+        tokenizer_dir = stages.train_tokenizer(corpus_dir, config, runs_dir, run_id)
+        if not is_finished(tokenizer_dir):
+            tokenizer_dir = stages.train_tokenizer.with_options(refresh_cache=True)(corpus_dir, config, runs_dir, run_id)
+        tokens_dir = stages.encode_corpus(corpus_dir, tokenizer_dir, runs_dir, run_id)
+        if not is_finished(tokens_dir):
+            tokens_dir = stages.encode_corpus.with_options(refresh_cache=True)(corpus_dir, tokenizer_dir, runs_dir, run_id)
+        return {"tokenizer_dir": tokenizer_dir, "tokens_dir": tokens_dir}
+
+
+@flow(name="pretraining")
+def pretrain_flow(tokenizer_dir: str, tokens_dir: str, model: GPTConfig, config: TrainConfig = TrainConfig(),
+                  runs_dir: str = RUNS_DIR, experiment: str = EXPERIMENT, parent_run_id: str | None = None) -> str:
+    """Stage 3: pretrain (or resume) the GPT; logs the model as an MLflow pyfunc; returns model.pt."""
+    with mlflow_run(experiment, "pretrain", parent_run_id, _tags()) as run_id:
+        model_file = stages.pretrain(tokenizer_dir, tokens_dir, model, config, runs_dir, run_id)
+        stages.log_model(run_id, model_file, tokenizer_dir, chat=False, name="pretrained")
+        return model_file
+
+
+@flow(name="fine-tuning")
+def finetune_flow(base_model: str, tokenizer_dir: str, corpus_dir: str, data: SFTDataConfig = SFTDataConfig(),
+                  config: TrainConfig = TrainConfig(max_steps=100), max_length: int | None = None,
+                  runs_dir: str = RUNS_DIR, experiment: str = EXPERIMENT, parent_run_id: str | None = None) -> dict[str, str]:
+    """Stage 4: build prompt/response pairs and fine-tune the pretrained model on them."""
+    with mlflow_run(experiment, "finetune", parent_run_id, _tags()) as run_id:
+        sft_dir = stages.build_sft_data(data, corpus_dir, runs_dir, run_id)
+        model_file = stages.finetune_model(base_model, tokenizer_dir, sft_dir, config, runs_dir, max_length, run_id)
+        stages.log_model(run_id, model_file, tokenizer_dir, chat=True, name="finetuned")
+        return {"model": model_file, "sft_dir": sft_dir}
+
+
+@flow(name="evaluation")
+def evaluate_flow(pretrained: str, finetuned: str, tokenizer_dir: str, tokens_dir: str, sft_dir: str,
+                  config: EvalConfig = EvalConfig(), experiment: str = EXPERIMENT,
+                  parent_run_id: str | None = None) -> dict[str, float]:
+    """Stage 5: held-out loss, perplexity, bits per byte (vs gzip/bz2/xz) and response-only loss."""
+    with mlflow_run(experiment, "evaluate", parent_run_id, _tags()) as run_id:
+        return stages.evaluate_models({"pretrained": pretrained, "finetuned": finetuned}, tokenizer_dir,
+                                      tokens_dir, sft_dir, config, run_id)
+
+
+@flow(name="generation-sampling")
+def sample_flow(model_file: str, tokenizer_dir: str, corpus_dir: str, prompts: PromptConfig = PromptConfig(),
+                sampling: SamplingConfig = SamplingConfig(), device: str = "auto", experiment: str = EXPERIMENT,
+                parent_run_id: str | None = None) -> dict[str, Any]:
+    """Stage 6: complete held-out prompts greedily and with temperature, top-k and top-p sampling."""
+    with mlflow_run(experiment, "sample", parent_run_id, _tags()) as run_id:
+        return stages.sample(model_file, tokenizer_dir, corpus_dir, prompts, sampling, device, False, run_id)
+
+
+STAGE_FLOWS = {"corpus": corpus_flow, "tokenizer": tokenizer_flow, "pretrain": pretrain_flow,
+               "finetune": finetune_flow, "evaluate": evaluate_flow, "sample": sample_flow}
+
+if __name__ == "__main__":
+    from flows.cli import run_stage_cli
+
+    run_stage_cli(STAGE_FLOWS, sys.argv[1:])

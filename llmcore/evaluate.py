@@ -1,0 +1,142 @@
+"""Evaluation on held-out data, against honest baselines.
+
+Loss, perplexity and bits per byte of a model on the validation token shards; the gzip -9, bz2 -9 and
+xz -9 bits per byte of exactly the text those tokens spell, so every run shows whether the model beats a
+general-purpose compressor; and the response-only loss on held-out instruction pairs. Bits per byte
+divide the summed loss (in bits) by the UTF-8 bytes the scored target tokens stand for, so the figure
+does not depend on the tokenizer. This module does not train or sample.
+
+    python -m llmcore.evaluate --model DIR/model.pt --tokenizer DIR --tokens DIR [--sft DIR]
+"""
+
+import argparse
+import bz2
+import gzip
+import json
+import lzma
+import math
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from llmcore.errors import require_positive
+
+LN2 = math.log(2)
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    max_tokens: int = 65_536  # held-out tokens scored; the compressors get the same text
+    batch_size: int = 8  # sequences per forward pass
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+
+    def __post_init__(self):
+        require_positive("max_tokens", self.max_tokens)
+        require_positive("batch_size", self.batch_size)
+
+
+@torch.no_grad()
+def token_loss(
+    model: torch.nn.Module,
+    batches: Sequence[tuple[torch.Tensor, torch.Tensor]],
+    device: torch.device,
+    token_bytes: torch.Tensor | None = None,
+) -> dict[str, float]:
+    """Mean loss per scored target token (targets of -100 are ignored), and bits per byte when the
+    byte length of every token id is given (targets standing for zero bytes, like end-of-text, are left
+    out of both sums, as their loss has no byte to charge it to)."""
+    was_training = model.training
+    model.eval()
+    loss_sum, tokens, bits_sum, byte_sum = 0.0, 0, 0.0, 0
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
+    for x, y in batches:
+        x, y = x.to(device), y.to(device)
+        with autocast:
+            _, losses = model(x, y, reduction="none")  # (B, T), 0 where ignored
+        valid = y != -100
+        loss_sum += float(losses[valid].float().sum())
+        tokens += int(valid.sum())
+        if token_bytes is not None:
+            nbytes = token_bytes.to(device)[y.clamp(min=0)] * valid
+            bits_sum += float((losses.float() * (nbytes > 0)).sum()) / LN2
+            byte_sum += int(nbytes.sum())
+    model.train(was_training)
+    result = {"loss": loss_sum / max(1, tokens), "tokens": float(tokens)}
+    if token_bytes is not None and byte_sum:
+        result.update(bpb=bits_sum / byte_sum, bytes=float(byte_sum))
+    return result
+
+
+def compressor_bits_per_byte(data: bytes) -> dict[str, float]:
+    """Bits per byte of gzip -9, bz2 -9 and xz -9 (preset 9) on `data`."""
+    n = max(1, len(data))
+    return {
+        "gzip_bpb": 8 * len(gzip.compress(data, compresslevel=9, mtime=0)) / n,
+        "bz2_bpb": 8 * len(bz2.compress(data, compresslevel=9)) / n,
+        "xz_bpb": 8 * len(lzma.compress(data, preset=9)) / n,
+    }
+
+
+def held_out_batches(tokens_dir: Path, block_size: int, config: EvalConfig):
+    """The first max_tokens validation tokens as non-overlapping windows, plus the target ids scored."""
+    from llmcore.train import token_windows  # train imports this module; import here to avoid a cycle
+    from llmcore.shards import open_split
+
+    windows = token_windows(open_split(tokens_dir, "validation"), block_size, config.batch_size, 0, "validation")
+    num_batches = max(1, config.max_tokens // (block_size * config.batch_size))
+    return windows.in_order(num_batches)
+
+
+def evaluate_model(model_path: Path, tokenizer_dir: Path, tokens_dir: Path, config: EvalConfig) -> dict[str, float]:
+    """Held-out loss, perplexity and bits per byte of one model, plus the compressors on the same text."""
+    from llmcore.checkpoint import load_model
+    from llmcore.tokenizer import Tokenizer
+    from llmcore.train import resolve_device
+
+    device = resolve_device(config.device)
+    model = load_model(model_path, device)
+    tokenizer = Tokenizer.load(tokenizer_dir)
+    batches = held_out_batches(tokens_dir, model.config.block_size, config)
+    result = token_loss(model, batches, device, torch.from_numpy(tokenizer.token_byte_lengths()))
+    result["perplexity"] = math.exp(min(result["loss"], 50.0))
+    text = "".join(tokenizer.decode(y.tolist()) for _, ys in batches for y in ys)
+    result.update(compressor_bits_per_byte(text.encode("utf-8")))
+    return result
+
+
+def response_loss(model_path: Path, tokenizer_dir: Path, sft_dir: Path, config: EvalConfig) -> dict[str, float]:
+    """Loss on the response tokens of the held-out instruction pairs (the prompt is context only)."""
+    from llmcore.checkpoint import load_model
+    from llmcore.finetune import sft_batches
+    from llmcore.tokenizer import Tokenizer
+    from llmcore.train import resolve_device
+
+    device = resolve_device(config.device)
+    model = load_model(model_path, device)
+    batches = sft_batches(sft_dir, "validation", Tokenizer.load(tokenizer_dir), model.config.block_size,
+                          config.batch_size, seed=0)
+    num_batches = max(1, config.max_tokens // (model.config.block_size * config.batch_size))
+    return token_loss(model, batches.in_order(num_batches), device)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description="Evaluate a model on held-out tokens against gzip/bz2/xz.")
+    parser.add_argument("--model", type=Path, required=True, help="model.pt written by pretraining or fine-tuning")
+    parser.add_argument("--tokenizer", type=Path, required=True)
+    parser.add_argument("--tokens", type=Path, required=True)
+    parser.add_argument("--sft", type=Path, help="instruction pairs folder, for the response-only loss")
+    parser.add_argument("--max-tokens", type=int, default=EvalConfig.max_tokens)
+    parser.add_argument("--device", default="auto")
+    args = parser.parse_args(argv)
+    config = EvalConfig(max_tokens=args.max_tokens, device=args.device)
+    result = evaluate_model(args.model, args.tokenizer, args.tokens, config)
+    if args.sft:
+        result.update({f"response_{k}": v for k, v in response_loss(args.model, args.tokenizer, args.sft, config).items()})
+    print(json.dumps({"config": asdict(config), **result}, indent=2))
+
+
+if __name__ == "__main__":
+    main()

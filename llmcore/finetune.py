@@ -1,0 +1,116 @@
+"""Supervised instruction fine-tuning: prompt/response pairs in, a fine-tuned model out.
+
+A pair becomes one sequence `<|user|> prompt <|assistant|> response <|end|>`, delimited by control
+symbols that raw text can never produce; the loss is taken on the response and its `<|end|>` only.
+Training reuses `llmcore.train.fit`, starting from the pretrained weights, and resumes like pretraining.
+Building the pairs is `llmcore.sft_data`'s job; this module only encodes and trains on them.
+
+    python -m llmcore.finetune --base DIR/model.pt --tokenizer DIR --sft DIR --out DIR --max-steps 100
+"""
+
+import argparse
+import logging
+from dataclasses import asdict, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from llmcore.artifacts import MANIFEST, atomic_write_json, is_finished, read_json
+from llmcore.checkpoint import load_model, save_model
+from llmcore.errors import ConfigError
+from llmcore.sft_data import read_pairs
+from llmcore.tokenizer import Tokenizer
+from llmcore.tracking import NullTracker, Tracker
+from llmcore.train import Batches, TrainConfig, fit
+
+log = logging.getLogger(__name__)
+IGNORE = -100
+
+
+def encode_pair(tokenizer: Tokenizer, prompt: str, response: str, max_length: int) -> tuple[list[int], list[int]]:
+    """Token ids of one chat turn and its labels (IGNORE on the prompt part), cut to max_length + 1.
+
+    The prompt keeps at most half the context so that every example trains on some response.
+    """
+    prompt_ids = [tokenizer.user_id, *tokenizer.encode(prompt)[: max_length // 2], tokenizer.assistant_id]
+    response_ids = [*tokenizer.encode(response), tokenizer.end_id]
+    ids = (prompt_ids + response_ids)[: max_length + 1]
+    labels = ([IGNORE] * len(prompt_ids) + response_ids)[: max_length + 1]
+    return ids, labels
+
+
+def sft_batches(sft_dir: Path, split: str, tokenizer: Tokenizer, max_length: int, batch_size: int, seed: int) -> Batches:
+    """Padded (input, target) rows of every pair in a split; padding targets are ignored by the loss."""
+    pairs = read_pairs(sft_dir, split)
+    inputs = torch.full((len(pairs), max_length), tokenizer.eot_id, dtype=torch.long)
+    targets = torch.full((len(pairs), max_length), IGNORE, dtype=torch.long)
+    for row, pair in enumerate(pairs):
+        ids, labels = encode_pair(tokenizer, pair["prompt"], pair["response"], max_length)
+        inputs[row, : len(ids) - 1] = torch.tensor(ids[:-1])
+        targets[row, : len(labels) - 1] = torch.tensor(labels[1:])
+    return Batches(len(pairs), lambda i: (inputs[i], targets[i]), batch_size, seed)
+
+
+def finetune(
+    base_model: Path,
+    tokenizer_dir: Path,
+    sft_dir: Path,
+    config: TrainConfig,
+    out_dir: Path,
+    max_length: int | None = None,
+    tracker: Tracker = NullTracker(),
+) -> dict[str, Any]:
+    """Fine-tune the model in base_model on the pairs in sft_dir; write out_dir/model.pt and manifest.json.
+
+    max_length (the longest training sequence) defaults to the model's context length and may not exceed it.
+    """
+    out_dir = Path(out_dir)
+    if is_finished(out_dir):
+        log.info("finetune: %s is finished, reusing it", out_dir)
+        return read_json(out_dir / MANIFEST)
+    model = load_model(base_model)
+    block = model.config.block_size
+    max_length = max_length or block
+    if max_length > block:
+        raise ConfigError(f"context length {max_length} is longer than the model supports ({block}): "
+                          f"pass --max-length <= {block}")
+    tokenizer = Tokenizer.load(tokenizer_dir)
+    train_batches = sft_batches(sft_dir, "train", tokenizer, max_length, config.batch_size, config.seed)
+    val_batches = sft_batches(sft_dir, "validation", tokenizer, max_length, config.batch_size, config.seed)
+    log.info("finetune: %d train / %d validation pairs, %d steps", train_batches.num_rows, val_batches.num_rows,
+             config.total_steps(max_length))
+    tracker.log_params({"finetune": asdict(config), "max_length": max_length, "base_model": str(base_model),
+                        "train_pairs": train_batches.num_rows, "validation_pairs": val_batches.num_rows})
+    model.train()
+    metrics = fit(model, train_batches, val_batches.in_order(config.eval_batches), config, out_dir / "checkpoints",
+                  tracker=tracker, stage="finetune")
+    save_model(out_dir / "model.pt", model.to("cpu"), extra={"chat": True})
+    manifest = {"stage": "finetune", "model": "model.pt", "base_model": str(Path(base_model).resolve()),
+                "model_config": asdict(model.config), "train_config": asdict(config), "max_length": max_length,
+                "metrics": metrics, "tokenizer_dir": str(Path(tokenizer_dir).resolve()),
+                "sft_dir": str(Path(sft_dir).resolve())}
+    atomic_write_json(out_dir / MANIFEST, manifest)
+    return manifest
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description="Instruction fine-tuning from a pretrained model.pt.")
+    parser.add_argument("--base", type=Path, required=True, help="model.pt written by pretraining")
+    parser.add_argument("--tokenizer", type=Path, required=True)
+    parser.add_argument("--sft", type=Path, required=True, help="folder written by llmcore.sft_data")
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--max-length", type=int)
+    for name, field in TrainConfig.__dataclass_fields__.items():
+        if field.type in (int, float, str):
+            parser.add_argument("--" + name.replace("_", "-"), type=field.type)
+    args = vars(parser.parse_args(argv))
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    train_args = {k: v for k, v in args.items() if k in TrainConfig.__dataclass_fields__ and v is not None}
+    manifest = finetune(args["base"], args["tokenizer"], args["sft"], replace(TrainConfig(), **train_args),
+                        args["out"], args["max_length"])
+    print({k: round(v, 4) for k, v in manifest["metrics"].items()})
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,115 @@
+"""Named presets, as code: one bundle of per-stage configs for each way we run the pipeline.
+
+- `smoke`: all six stages in minutes on a 2-core CPU; what `make run` and CI exercise.
+- `cpu`: a real CPU run of about half an hour on the standard library, meant to beat xz on bits per byte.
+- `gpu`: a GPT-2-small-sized model (~124M parameters) for one GPU and a real corpus.
+
+A preset only groups configs; each stage receives its own config and nothing else. The one derived
+value, the model's vocabulary size, is taken from the tokenizer config here.
+"""
+
+from dataclasses import dataclass, replace
+
+from llmcore.completions import PromptConfig
+from llmcore.corpus import CorpusConfig
+from llmcore.errors import ConfigError
+from llmcore.evaluate import EvalConfig
+from llmcore.model import GPTConfig
+from llmcore.sampling import SamplingConfig
+from llmcore.sft_data import SFTDataConfig
+from llmcore.tokenizer import TokenizerConfig
+from llmcore.train import TrainConfig
+
+
+@dataclass(frozen=True)
+class Preset:
+    name: str
+    description: str
+    corpus: CorpusConfig
+    tokenizer: TokenizerConfig
+    model: GPTConfig
+    pretrain: TrainConfig
+    sft_data: SFTDataConfig
+    finetune: TrainConfig
+    evaluation: EvalConfig
+    prompts: PromptConfig
+    sampling: SamplingConfig
+
+    def __post_init__(self):
+        if self.model.vocab_size != self.tokenizer.vocab_size:
+            raise ConfigError(f"preset {self.name}: model vocab_size {self.model.vocab_size} != tokenizer "
+                              f"vocab_size {self.tokenizer.vocab_size}: set both with --vocab-size")
+
+
+def smoke() -> Preset:
+    tokenizer = TokenizerConfig(vocab_size=2048)
+    return Preset(
+        name="smoke",
+        description="all six stages in a few minutes on a 2-core CPU (CI, first run)",
+        corpus=CorpusConfig(source="stdlib"),
+        tokenizer=tokenizer,
+        model=GPTConfig(vocab_size=tokenizer.vocab_size, block_size=128, n_layer=2, n_head=4, n_embd=128),
+        pretrain=TrainConfig(max_steps=150, batch_size=16, learning_rate=3e-3, warmup_steps=15,
+                             eval_interval=50, eval_batches=4, checkpoint_interval=50, log_interval=10),
+        sft_data=SFTDataConfig(max_response_chars=1200),
+        finetune=TrainConfig(max_steps=40, batch_size=16, learning_rate=1e-3, warmup_steps=5,
+                             eval_interval=20, eval_batches=4, checkpoint_interval=20, log_interval=10),
+        evaluation=EvalConfig(max_tokens=32_768),
+        prompts=PromptConfig(num_prompts=4),
+        sampling=SamplingConfig(max_new_tokens=48, temperature=0.8),
+    )
+
+
+def cpu() -> Preset:
+    tokenizer = TokenizerConfig(vocab_size=4096)
+    return Preset(
+        name="cpu",
+        description="a real ~30 minute CPU run on the standard library; should beat xz on bits per byte",
+        corpus=CorpusConfig(source="stdlib"),
+        tokenizer=tokenizer,
+        model=GPTConfig(vocab_size=tokenizer.vocab_size, block_size=256, n_layer=4, n_head=4, n_embd=256),
+        pretrain=TrainConfig(max_steps=2500, batch_size=16, learning_rate=2e-3, warmup_steps=100,
+                             eval_interval=250, eval_batches=16, checkpoint_interval=250, log_interval=25),
+        sft_data=SFTDataConfig(max_response_chars=2000),
+        finetune=TrainConfig(max_steps=300, batch_size=16, learning_rate=5e-4, warmup_steps=20,
+                             eval_interval=100, eval_batches=16, checkpoint_interval=100, log_interval=25),
+        evaluation=EvalConfig(max_tokens=262_144),
+        prompts=PromptConfig(num_prompts=8),
+        sampling=SamplingConfig(max_new_tokens=128, temperature=0.8),
+    )
+
+
+def gpu() -> Preset:
+    tokenizer = TokenizerConfig(vocab_size=50_304)  # GPT-2's vocabulary, padded to a multiple of 64
+    return Preset(
+        name="gpu",
+        description="a ~124M-parameter GPT (GPT-2 small shape) for one GPU; point --corpus at real data",
+        corpus=CorpusConfig(source="stdlib"),
+        tokenizer=tokenizer,
+        model=GPTConfig(vocab_size=tokenizer.vocab_size, block_size=1024, n_layer=12, n_head=12, n_embd=768,
+                        tie_embeddings=True),
+        pretrain=TrainConfig(max_steps=5000, batch_size=32, grad_accum_steps=4, learning_rate=6e-4,
+                             warmup_steps=200, eval_interval=250, eval_batches=32, checkpoint_interval=500,
+                             log_interval=10),
+        sft_data=SFTDataConfig(max_response_chars=4000),
+        finetune=TrainConfig(max_steps=500, batch_size=32, learning_rate=1e-4, warmup_steps=50,
+                             eval_interval=100, eval_batches=16, checkpoint_interval=250, log_interval=10),
+        evaluation=EvalConfig(max_tokens=1_048_576, batch_size=16),
+        prompts=PromptConfig(num_prompts=16),
+        sampling=SamplingConfig(max_new_tokens=256, temperature=0.8),
+    )
+
+
+PRESETS = {"smoke": smoke, "cpu": cpu, "gpu": gpu}
+
+
+def get_preset(name: str) -> Preset:
+    if name not in PRESETS:
+        raise ConfigError(f"unknown preset {name!r}: pass --preset one of {', '.join(PRESETS)}")
+    return PRESETS[name]()
+
+
+def with_vocab_size(preset: Preset, vocab_size: int) -> Preset:
+    """Change the vocabulary in both places it lives, the tokenizer and the model."""
+    return replace(preset, tokenizer=replace(preset.tokenizer, vocab_size=vocab_size),
+                   model=replace(preset.model, vocab_size=vocab_size))

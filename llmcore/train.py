@@ -1,0 +1,333 @@
+"""Pretraining, and the one training loop that fine-tuning reuses.
+
+`fit` is the loop, in visible order: set the learning rate, forward, backward, clip, step, evaluate,
+checkpoint, log. It resumes from the newest checkpoint in its folder, so rerunning a killed run continues
+where it stopped; on CPU a resumed run is bit-identical to an uninterrupted one. `pretrain` feeds it
+windows of the token shards. Precision (bf16 autocast), `torch.compile` and the fused optimizer are
+chosen here by device; the model file stays single-device fp32 code. This module does not create MLflow
+runs or Prefect tasks; it reports through a `Tracker`.
+
+    python -m llmcore.train --tokenizer DIR --tokens DIR --out DIR --max-steps 200
+"""
+
+import argparse
+import bisect
+import logging
+import math
+import time
+from collections.abc import Callable, Sequence
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from llmcore.artifacts import MANIFEST, atomic_write_json, is_finished, read_json
+from llmcore.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, save_model
+from llmcore.errors import ConfigError, require_non_negative, require_positive
+from llmcore.evaluate import token_loss
+from llmcore.model import GPT, GPTConfig
+from llmcore.shards import TokenSplit, open_split
+from llmcore.tokenizer import Tokenizer
+from llmcore.tracking import NullTracker, Tracker
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    max_steps: int = 200  # optimizer steps (ignored when max_tokens is set)
+    max_tokens: int | None = None  # token budget; when set, steps = ceil(max_tokens / tokens per step)
+    batch_size: int = 16  # sequences per micro-batch
+    grad_accum_steps: int = 1  # micro-batches per optimizer step
+    learning_rate: float = 1e-3  # peak learning rate, reached after warmup
+    min_lr_ratio: float = 0.1  # cosine decay ends at learning_rate * min_lr_ratio
+    warmup_steps: int = 20  # linear warmup from ~0 to learning_rate
+    weight_decay: float = 0.1  # AdamW decay, applied to matrices only
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0  # max global gradient norm; 0 disables clipping
+    eval_interval: int = 50  # steps between validation passes (and at the end)
+    eval_batches: int = 8  # validation micro-batches per pass
+    checkpoint_interval: int = 100  # steps between checkpoints (and at the end)
+    keep_checkpoints: int = 2  # newest checkpoints kept on disk
+    log_interval: int = 10  # steps between metric logs
+    seed: int = 1337  # model init and data order
+    device: str = "auto"  # auto (CUDA when present, else CPU) | cpu | cuda | cuda:N
+    compile: bool | None = None  # torch.compile; None = on CUDA only
+
+    def __post_init__(self):
+        for name in ("max_steps", "batch_size", "grad_accum_steps", "learning_rate", "eval_interval",
+                     "eval_batches", "checkpoint_interval", "keep_checkpoints", "log_interval"):
+            require_positive(name, getattr(self, name))
+        for name in ("warmup_steps", "weight_decay", "grad_clip", "min_lr_ratio", "seed"):
+            require_non_negative(name, getattr(self, name))
+        if self.max_tokens is not None:
+            require_positive("max_tokens", self.max_tokens)
+        if self.min_lr_ratio > 1:
+            raise ConfigError(f"min_lr_ratio must be <= 1, got {self.min_lr_ratio}: pass --min-lr-ratio in [0, 1]")
+        if not (self.device == "auto" or self.device == "cpu" or self.device.startswith(("cuda", "mps"))):
+            raise ConfigError(f"unknown device {self.device!r}: pass --device auto, cpu, cuda or cuda:N")
+
+    def total_steps(self, block_size: int) -> int:
+        """Optimizer steps this run takes: max_steps, or the token budget divided by tokens per step."""
+        if self.max_tokens is None:
+            return self.max_steps
+        return max(1, math.ceil(self.max_tokens / (self.batch_size * self.grad_accum_steps * block_size)))
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss or gradient became NaN or infinite; the last good checkpoint is kept."""
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device {name!r} requested but CUDA is not available here: pass --device cpu or auto")
+    return device
+
+
+def learning_rate_at(step: int, total_steps: int, config: TrainConfig) -> float:
+    """Linear warmup, then cosine decay to learning_rate * min_lr_ratio at the last step."""
+    if step < config.warmup_steps:
+        return config.learning_rate * (step + 1) / config.warmup_steps
+    progress = (step - config.warmup_steps) / max(1, total_steps - config.warmup_steps)
+    cosine = 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+    return config.learning_rate * (config.min_lr_ratio + (1 - config.min_lr_ratio) * cosine)
+
+
+class Batches:
+    """Deterministic batches over `num_rows` rows: a seeded permutation per epoch, so batch i is a pure
+    function of (seed, i) and the data position of a run is just its batch index."""
+
+    def __init__(self, num_rows: int, row: Callable[[int], tuple[torch.Tensor, torch.Tensor]], batch_size: int, seed: int):
+        self.num_rows, self.row, self.batch_size, self.seed = num_rows, row, batch_size, seed
+        self._epoch, self._order = -1, None
+
+    def _index(self, sample: int) -> int:
+        epoch, position = divmod(sample, self.num_rows)
+        if epoch != self._epoch:
+            generator = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+            self._epoch, self._order = epoch, torch.randperm(self.num_rows, generator=generator)
+        return int(self._order[position])
+
+    def get(self, batch_index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        first = batch_index * self.batch_size
+        rows = [self.row(self._index(s)) for s in range(first, first + self.batch_size)]
+        return torch.stack([x for x, _ in rows]), torch.stack([y for _, y in rows])
+
+    def in_order(self, num_batches: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """The first rows in storage order, unshuffled: a fixed validation set."""
+        out = []
+        for b in range(min(num_batches, math.ceil(self.num_rows / self.batch_size))):
+            rows = [self.row(i) for i in range(b * self.batch_size, min(self.num_rows, (b + 1) * self.batch_size))]
+            out.append((torch.stack([x for x, _ in rows]), torch.stack([y for _, y in rows])))
+        return out
+
+
+def token_windows(split: TokenSplit, block_size: int, batch_size: int, seed: int, name: str) -> Batches:
+    """Non-overlapping windows of block_size + 1 tokens (input and shifted target) across the shards."""
+    counts = [max(0, (len(shard) - 1) // block_size) for shard in split.shards]
+    if sum(counts) == 0:
+        raise ConfigError(
+            f"the {name} split has {split.num_tokens} tokens, fewer than one context of {block_size + 1}: "
+            "pass a larger corpus or a smaller --block-size"
+        )
+    ends = np.cumsum(counts).tolist()
+
+    def row(i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        shard = bisect.bisect_right(ends, i)
+        start = (i - (ends[shard - 1] if shard else 0)) * block_size
+        window = torch.from_numpy(split.shards[shard][start : start + block_size + 1].astype(np.int64))
+        return window[:-1], window[1:]
+
+    return Batches(ends[-1], row, batch_size, seed)
+
+
+def _peak_flops(device: torch.device) -> float | None:
+    """Dense bf16 peak of known GPUs, for MFU; None where unknown."""
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    for key, flops in (("H100", 989e12), ("H200", 989e12), ("A100", 312e12), ("L4", 121e12), ("A10", 125e12)):
+        if key in name:
+            return flops
+    return None
+
+
+def fit(
+    model: GPT,
+    train_batches: Batches,
+    val_batches: Sequence[tuple[torch.Tensor, torch.Tensor]],
+    config: TrainConfig,
+    checkpoint_dir: Path,
+    *,
+    token_bytes: torch.Tensor | None = None,
+    tracker: Tracker = NullTracker(),
+    stage: str = "pretrain",
+) -> dict[str, Any]:
+    """Train `model` in place for config.total_steps, resuming from checkpoint_dir; return final metrics."""
+    device = resolve_device(config.device)
+    total_steps = config.total_steps(model.config.block_size)
+    tokens_per_step = config.batch_size * config.grad_accum_steps * model.config.block_size
+    model.to(device)
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.dim() < 2]
+    optimizer = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=config.learning_rate, betas=(config.beta1, config.beta2), fused=device.type == "cuda",
+    )
+
+    start_step, history = 0, {}
+    latest = latest_checkpoint(checkpoint_dir)
+    if latest is not None:
+        state = load_checkpoint(latest, map_location=device)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        torch.set_rng_state(state["rng"]["torch"])
+        if device.type == "cuda" and state["rng"].get("cuda") is not None:
+            torch.cuda.set_rng_state(state["rng"]["cuda"], device)
+        start_step, history = state["step"], state.get("metrics", {})
+        log.info("%s: resuming from %s (step %d of %d)", stage, latest.name, start_step, total_steps)
+
+    use_compile = config.compile if config.compile is not None else device.type == "cuda"
+    forward = torch.compile(model) if use_compile else model
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
+    peak_flops = _peak_flops(device)
+    metrics: dict[str, float] = dict(history)
+    started, tokens_done = time.perf_counter(), 0
+
+    for step in range(start_step, total_steps):
+        lr = learning_rate_at(step, total_steps, config)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        step_started = time.perf_counter()
+        model.train()
+        loss_sum = torch.zeros((), device=device)
+        for micro in range(config.grad_accum_steps):
+            x, y = train_batches.get(step * config.grad_accum_steps + micro)
+            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            with autocast:
+                _, loss = forward(x, y)
+            (loss / config.grad_accum_steps).backward()
+            loss_sum += loss.detach()
+        clip = config.grad_clip if config.grad_clip > 0 else float("inf")
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), clip))
+        loss_value = float(loss_sum) / config.grad_accum_steps
+        if not (math.isfinite(loss_value) and math.isfinite(grad_norm)):
+            kept = latest_checkpoint(checkpoint_dir)
+            raise TrainingDiverged(
+                f"{stage}: loss became {loss_value} (grad norm {grad_norm}) at step {step}; last good checkpoint: "
+                f"{kept or 'none'}: lower --learning-rate or raise --warmup-steps and rerun to resume"
+            )
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        step_seconds = time.perf_counter() - step_started
+        tokens_done += tokens_per_step
+        done = step + 1
+
+        if done % config.log_interval == 0 or done == total_steps:
+            elapsed = time.perf_counter() - started
+            metrics.update(loss=loss_value, lr=lr, grad_norm=grad_norm, tokens_per_second=tokens_done / elapsed)
+            if peak_flops:
+                metrics["mfu"] = model.flops_per_token() * metrics["tokens_per_second"] / peak_flops
+            tracker.log_metrics({f"{stage}/{k}": v for k, v in metrics.items() if not k.startswith("val_")}, step=done)
+            eta = elapsed / (done - start_step) * (total_steps - done)
+            log.info("%s step %d/%d | loss %.4f | lr %.2e | grad %.2f | %.0f tok/s | %.0f ms/step | %s left",
+                     stage, done, total_steps, loss_value, lr, grad_norm, metrics["tokens_per_second"],
+                     1000 * step_seconds, _duration(eta))
+
+        if done % config.eval_interval == 0 or done == total_steps:
+            val = token_loss(model, val_batches, device, token_bytes)
+            metrics.update({f"val_{k}": v for k, v in val.items() if k in ("loss", "bpb")})
+            tracker.log_metrics({f"{stage}/val_{k}": v for k, v in val.items() if k in ("loss", "bpb")}, step=done)
+            log.info("%s step %d/%d | val loss %.4f%s", stage, done, total_steps, val["loss"],
+                     f" | val bpb {val['bpb']:.4f}" if "bpb" in val else "")
+
+        if done % config.checkpoint_interval == 0 or done == total_steps:
+            rng = {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}
+            state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": done, "rng": rng,
+                     "batch_index": done * config.grad_accum_steps, "metrics": metrics,
+                     "model_config": asdict(model.config), "train_config": asdict(config)}
+            save_checkpoint(checkpoint_dir, done, state, {"stage": stage, "metrics": metrics,
+                            "batch_index": done * config.grad_accum_steps}, keep=config.keep_checkpoints)
+
+    wall = time.perf_counter() - started
+    metrics.update(steps=total_steps, wall_seconds=wall, tokens_trained=total_steps * tokens_per_step)
+    return metrics
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(seconds)
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
+
+
+def pretrain(
+    tokenizer_dir: Path,
+    tokens_dir: Path,
+    model_config: GPTConfig,
+    config: TrainConfig,
+    out_dir: Path,
+    tracker: Tracker = NullTracker(),
+) -> dict[str, Any]:
+    """Pretrain a GPT on the token shards; write out_dir/model.pt and out_dir/manifest.json when done.
+
+    Checkpoints go to out_dir/checkpoints; a rerun with the same out_dir resumes there, and a finished
+    out_dir (manifest present) is returned as is.
+    """
+    out_dir = Path(out_dir)
+    if is_finished(out_dir):
+        log.info("pretrain: %s is finished, reusing it", out_dir)
+        return read_json(out_dir / MANIFEST)
+    tokenizer = Tokenizer.load(tokenizer_dir)
+    if tokenizer.vocab_size != model_config.vocab_size:
+        raise ConfigError(f"model vocab_size {model_config.vocab_size} != tokenizer's {tokenizer.vocab_size}: "
+                          "pass --vocab-size equal to the tokenizer's")
+    block = model_config.block_size
+    train_batches = token_windows(open_split(tokens_dir, "train"), block, config.batch_size, config.seed, "train")
+    val_batches = token_windows(open_split(tokens_dir, "validation"), block, config.batch_size, config.seed,
+                                "validation").in_order(config.eval_batches)
+    torch.manual_seed(config.seed)
+    model = GPT(model_config)
+    log.info("pretrain: %s parameters, %d steps of %d tokens on %s", f"{model.num_params():,}",
+             config.total_steps(block), config.batch_size * config.grad_accum_steps * block,
+             resolve_device(config.device))
+    tracker.log_params({"model": asdict(model_config), "train": asdict(config),
+                        "derived": {"num_params": model.num_params(), "total_steps": config.total_steps(block)}})
+    metrics = fit(model, train_batches, val_batches, config, out_dir / "checkpoints",
+                  token_bytes=torch.from_numpy(tokenizer.token_byte_lengths()), tracker=tracker, stage="pretrain")
+    save_model(out_dir / "model.pt", model.to("cpu"))
+    manifest = {"stage": "pretrain", "model": "model.pt", "model_config": asdict(model_config),
+                "train_config": asdict(config), "num_params": model.num_params(), "metrics": metrics,
+                "tokenizer_dir": str(Path(tokenizer_dir).resolve()), "tokens_dir": str(Path(tokens_dir).resolve())}
+    atomic_write_json(out_dir / MANIFEST, manifest)
+    return manifest
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description="Pretrain a GPT on token shards (resumes from out/checkpoints).")
+    parser.add_argument("--tokenizer", type=Path, required=True, help="folder written by llmcore.tokenizer train")
+    parser.add_argument("--tokens", type=Path, required=True, help="folder written by llmcore.tokenizer encode")
+    parser.add_argument("--out", type=Path, required=True)
+    for cfg in (GPTConfig, TrainConfig):
+        for name, field in cfg.__dataclass_fields__.items():
+            if name != "vocab_size" and field.type in (int, float, str):
+                parser.add_argument("--" + name.replace("_", "-"), type=field.type)
+    args = vars(parser.parse_args(argv))
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    tokenizer = Tokenizer.load(args["tokenizer"])
+    model_args = {k: v for k, v in args.items() if k in GPTConfig.__dataclass_fields__ and v is not None}
+    train_args = {k: v for k, v in args.items() if k in TrainConfig.__dataclass_fields__ and v is not None}
+    manifest = pretrain(args["tokenizer"], args["tokens"], GPTConfig(vocab_size=tokenizer.vocab_size, **model_args),
+                        replace(TrainConfig(), **train_args), args["out"])
+    print({k: round(v, 4) for k, v in manifest["metrics"].items()})
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,44 @@
+"""The MLflow pyfunc model (models-from-code) that wraps a trained GPT for `predict`.
+
+Input: a DataFrame with a `prompt` column (or a list of strings); output: one completion per prompt.
+Sampling settings come from `params` (max_new_tokens, temperature, top_k, top_p, seed; top_k 0
+and top_p 1.0 turn those filters off). The weights,
+tokenizer and a small JSON config travel as artifacts; `llmcore` travels as a code path.
+"""
+
+import json
+
+import mlflow
+import pandas as pd
+
+
+class GPTGenerator(mlflow.pyfunc.PythonModel):
+    def load_context(self, context):
+        from llmcore.checkpoint import load_model
+        from llmcore.tokenizer import Tokenizer
+
+        self.model = load_model(context.artifacts["model"])
+        self.tokenizer = Tokenizer.load(context.artifacts["tokenizer"])
+        with open(context.artifacts["config"]) as f:
+            self.chat = json.load(f)["chat"]
+
+    def predict(self, context, model_input, params=None):
+        from llmcore.sampling import SamplingConfig, generate
+
+        prompts = model_input["prompt"].tolist() if isinstance(model_input, pd.DataFrame) else list(model_input)
+        given = {k: v for k, v in (params or {}).items() if k in SamplingConfig.__dataclass_fields__}
+        # The signature needs concrete defaults: top_k 0 and top_p 1.0 mean "no filtering".
+        given["top_k"] = given.get("top_k") or None
+        given["top_p"] = given["top_p"] if given.get("top_p", 1.0) < 1.0 else None
+        config = SamplingConfig(**given)
+        tokenizer, completions = self.tokenizer, []
+        for prompt in prompts:
+            ids = tokenizer.encode(str(prompt))
+            if self.chat:
+                ids = [tokenizer.user_id, *ids, tokenizer.assistant_id]
+            stop = tokenizer.end_id if self.chat else tokenizer.eot_id
+            completions.append(tokenizer.decode(generate(self.model, ids, config, stop_id=stop)))
+        return completions
+
+
+mlflow.models.set_model(GPTGenerator())

@@ -1,0 +1,88 @@
+"""MLflow plumbing for the flows: where the store is, one experiment per pipeline, runs by id.
+
+The tracking URI comes from MLFLOW_TRACKING_URI and defaults to a SQLite store in `mlruns/` with
+artifacts beside it (MLflow 3 refuses the old file store). Runs are created and ended through the
+client by id, never through MLflow's thread-local active run, because Prefect tasks may run in worker
+threads. Metric logging from inside llmcore goes through `llmcore.tracking.MlflowTracker`.
+"""
+
+import contextlib
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import mlflow
+from mlflow import MlflowClient
+
+MLRUNS = Path("mlruns")
+
+
+def configure_tracking() -> str:
+    """Point MLflow at MLFLOW_TRACKING_URI, or at sqlite in ./mlruns; return the URI."""
+    uri = os.environ.get("MLFLOW_TRACKING_URI")
+    if not uri:
+        MLRUNS.mkdir(exist_ok=True)
+        uri = f"sqlite:///{MLRUNS.resolve() / 'mlflow.db'}"
+    mlflow.set_tracking_uri(uri)
+    return uri
+
+
+def experiment_id(name: str) -> str:
+    """The experiment's id, creating it (artifacts under mlruns/artifacts for the local store) if new."""
+    configure_tracking()
+    client = MlflowClient()
+    found = client.get_experiment_by_name(name)
+    if found is not None:
+        return found.experiment_id
+    location = None if os.environ.get("MLFLOW_TRACKING_URI") else (MLRUNS.resolve() / "artifacts").as_uri()
+    return client.create_experiment(name, artifact_location=location)
+
+
+@contextlib.contextmanager
+def mlflow_run(experiment: str, name: str, parent_run_id: str | None = None, tags: dict[str, str] | None = None) -> Iterator[str]:
+    """Create a run (a child when parent_run_id is given), yield its id, end it FINISHED or FAILED."""
+    client = MlflowClient()
+    all_tags = dict(tags or {})
+    if parent_run_id:
+        all_tags["mlflow.parentRunId"] = parent_run_id
+    run = client.create_run(experiment_id(experiment), run_name=name, tags=all_tags)
+    try:
+        yield run.info.run_id
+    except BaseException:
+        client.set_terminated(run.info.run_id, "FAILED")
+        raise
+    mlflow.flush_async_logging()
+    client.set_terminated(run.info.run_id, "FINISHED")
+
+
+def log_generator_model(run_id: str, model_file: Path, tokenizer_dir: Path, chat: bool, name: str) -> str:
+    """Log a pyfunc model bundling weights, tokenizer and config; return its models:/ URI.
+
+    `mlflow.pyfunc.load_model(uri).predict(pd.DataFrame({"prompt": [...]}))` then generates text in a
+    fresh process with nothing else installed from this project.
+    """
+    import json
+    import tempfile
+
+    import llmcore
+
+    import pandas as pd
+    from mlflow.models import infer_signature
+
+    signature = infer_signature(pd.DataFrame({"prompt": ["def add(a, b):"]}), ["    return a + b"],
+                                params={"max_new_tokens": 128, "temperature": 0.8, "top_k": 0, "top_p": 1.0, "seed": 0})
+    with tempfile.TemporaryDirectory() as tmp:
+        config = Path(tmp) / "generator.json"
+        config.write_text(json.dumps({"chat": chat}))
+        # The model is logged inside the run by id; start_run here is local to this thread and call.
+        with mlflow.start_run(run_id=run_id):
+            info = mlflow.pyfunc.log_model(
+                name=name,
+                python_model=str(Path(__file__).with_name("pyfunc_model.py")),
+                artifacts={"model": str(model_file), "tokenizer": str(Path(tokenizer_dir) / "tokenizer.model"),
+                           "config": str(config)},
+                code_paths=[str(Path(llmcore.__file__).parent)],
+                signature=signature,
+                pip_requirements=["torch", "sentencepiece", "numpy", "pandas"],
+            )
+    return info.model_uri

@@ -1,0 +1,21 @@
+"""Shared fixtures: one Prefect test harness per session, with result storage in a temporary folder
+(cached results would otherwise leak across sessions), and MLflow/run folders under tmp paths."""
+
+import os
+
+import pytest
+
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+os.environ.setdefault("PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW", "ignore")  # llmcore used outside a flow
+os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "llmcore")
+
+
+@pytest.fixture(scope="session")
+def prefect_harness(tmp_path_factory):
+    from prefect.settings import PREFECT_RESULTS_LOCAL_STORAGE_PATH, temporary_settings
+    from prefect.testing.utilities import prefect_test_harness
+
+    storage = tmp_path_factory.mktemp("prefect-results")
+    with temporary_settings({PREFECT_RESULTS_LOCAL_STORAGE_PATH: storage}):
+        with prefect_test_harness(server_startup_timeout=90):
+            yield

@@ -1,0 +1,36 @@
+"""The SFT loss mask: the prompt is context only; the response and its end token are learned."""
+
+import pytest
+
+from llmcore.finetune import IGNORE, encode_pair
+
+
+class FakeTokenizer:
+    """Byte-level stand-in with the control ids of the real tokenizer."""
+
+    eot_id, user_id, assistant_id, end_id = 0, 1, 2, 3
+
+    def encode(self, text):
+        return [10 + b for b in text.encode()]
+
+
+def test_loss_is_on_response_tokens_and_end_only():
+    ids, labels = encode_pair(FakeTokenizer(), "hi", "yes", max_length=64)
+    assert ids == [1, 10 + ord("h"), 10 + ord("i"), 2, 10 + ord("y"), 10 + ord("e"), 10 + ord("s"), 3]
+    assert labels == [IGNORE] * 4 + ids[4:]
+    # after the shift inside sft_batches, position t predicts labels[t + 1]: the first learned target
+    # is the first response token, predicted from <|assistant|>
+    assert labels[1:].index(ids[4]) == 3
+
+
+def test_long_pairs_are_cut_keeping_some_response():
+    ids, labels = encode_pair(FakeTokenizer(), "p" * 100, "r" * 100, max_length=32)
+    assert len(ids) == len(labels) == 33
+    assert sum(l != IGNORE for l in labels) >= 15
+
+
+@pytest.mark.parametrize("length", [8, 9, 20])
+def test_ids_and_labels_always_align(length):
+    ids, labels = encode_pair(FakeTokenizer(), "abc", "defghijklmnop", max_length=length)
+    assert len(ids) == len(labels) <= length + 1
+    assert all(l in (IGNORE, i) for i, l in zip(ids, labels))

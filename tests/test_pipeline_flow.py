@@ -1,0 +1,111 @@
+"""The whole pipeline under one Prefect test harness, checked through MLflow afterwards."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.flow
+
+STAGES = ("corpus", "tokenizer", "pretrain", "finetune", "evaluate", "sample")
+
+
+@pytest.fixture(scope="module")
+def pipeline_run(prefect_harness, tmp_path_factory):
+    """Run the pipeline once, tiny, from a temporary working folder (runs/ and mlruns/ land there)."""
+    import os
+
+    from flows.pipeline import PipelineParams, pipeline
+
+    workdir = tmp_path_factory.mktemp("pipeline")
+    previous = os.getcwd()
+    os.chdir(workdir)
+    try:
+        params = PipelineParams(preset="smoke", experiment="flow-test", max_corpus_bytes=1_500_000, vocab_size=1024,
+                                max_steps=30, finetune_steps=6, batch_size=8, device="cpu", seed=7)
+        summary = pipeline(params)
+        rerun = pipeline(params)  # unchanged inputs: cached stages, finished training reused
+    finally:
+        os.chdir(previous)
+    return workdir, summary, rerun
+
+
+def test_pipeline_logs_a_parent_run_with_one_child_per_stage(pipeline_run):
+    import mlflow
+    from mlflow import MlflowClient
+
+    workdir, summary, _ = pipeline_run
+    assert [row["stage"] for row in summary] == list(STAGES)
+    mlflow.set_tracking_uri(f"sqlite:///{workdir / 'mlruns' / 'mlflow.db'}")
+    client = MlflowClient()
+    experiment = client.get_experiment_by_name("flow-test")
+    assert experiment.artifact_location.endswith("mlruns/artifacts")
+    runs = client.search_runs([experiment.experiment_id], order_by=["attributes.start_time ASC"])
+    parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    assert len(parents) == 2  # one per pipeline flow run
+    parent = parents[0]
+    assert parent.data.tags["prefect.flow_run_id"] and parent.info.status == "FINISHED"
+    assert parent.data.params["preset"] == "smoke" and parent.data.params["model.vocab_size"] == "1024"
+    children = {r.info.run_name: r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id}
+    assert set(children) == set(STAGES)
+
+    corpus = children["corpus"].data
+    assert corpus.metrics["corpus/documents"] > 50 and corpus.params["corpus.max_bytes"] == "1500000"
+    tokenizer = children["tokenizer"].data
+    assert tokenizer.metrics["tokenizer/vocab_size"] == 1024 and tokenizer.metrics["tokenizer/bytes_per_token"] > 1.5
+    pretrain = children["pretrain"]
+    assert pretrain.data.params["train.max_steps"] == "30"
+    history = client.get_metric_history(pretrain.info.run_id, "pretrain/loss")
+    assert len(history) == 3 and history[-1].value < history[0].value  # step metrics, and learning
+    assert "pretrain/tokens_per_second" in pretrain.data.metrics
+    evaluation = children["evaluate"].data.metrics
+    for key in ("pretrained_bpb", "finetuned_bpb", "gzip_bpb", "bz2_bpb", "xz_bpb", "finetuned_response_loss",
+                "pretrained_response_loss", "pretrained_perplexity"):
+        assert key in evaluation, key
+    assert 0 < evaluation["xz_bpb"] < evaluation["gzip_bpb"]
+    assert evaluation["finetuned_response_loss"] < evaluation["pretrained_response_loss"]
+    assert 0 <= children["sample"].data.metrics["sample/python_parse_rate"] <= 1
+
+    artifacts = {a.path for a in client.list_artifacts(pretrain.info.run_id, "pretrain")}
+    assert {"pretrain/model.pt", "pretrain/manifest.json"} <= artifacts
+    tokenizer_files = {a.path for a in client.list_artifacts(children["tokenizer"].info.run_id, "tokenizer")}
+    assert "tokenizer/tokenizer.model" in tokenizer_files
+    samples = client.download_artifacts(children["sample"].info.run_id, "samples.json", str(workdir))
+    table = json.loads(Path(samples).read_text())
+    assert len(table["data"]) == 16 and set(table["columns"]) == {"strategy", "prompt", "completion"}
+
+
+def test_rerun_reuses_cached_stages(pipeline_run):
+    _, first, rerun = pipeline_run
+    seconds = {row["stage"]: row["seconds"] for row in first}
+    again = {row["stage"]: row["seconds"] for row in rerun}
+    assert again["pretrain"] < seconds["pretrain"]
+    assert [r["value"] for r in rerun if r["stage"] == "pretrain"] == [r["value"] for r in first if r["stage"] == "pretrain"]
+
+
+def test_logged_pyfunc_model_generates_in_a_fresh_process(pipeline_run, tmp_path):
+    import mlflow
+    from mlflow import MlflowClient
+
+    workdir, _, _ = pipeline_run
+    uri = f"sqlite:///{workdir / 'mlruns' / 'mlflow.db'}"
+    mlflow.set_tracking_uri(uri)
+    experiment = MlflowClient().get_experiment_by_name("flow-test")
+    models = mlflow.search_logged_models(experiment_ids=[experiment.experiment_id], output_format="list")
+    names = {m.name for m in models}
+    assert {"pretrained", "finetuned"} <= names
+    model_uri = next(m.model_uri for m in models if m.name == "finetuned")
+    script = (
+        "import mlflow, pandas as pd, sys\n"
+        f"mlflow.set_tracking_uri({uri!r})\n"
+        f"model = mlflow.pyfunc.load_model({model_uri!r})\n"
+        "out = model.predict(pd.DataFrame({'prompt': ['Return the sum of a and b.', 'Open a file.']}),"
+        " params={'max_new_tokens': 12, 'temperature': 0.0})\n"
+        "assert len(out) == 2 and all(isinstance(t, str) and t for t in out), out\n"
+        "print('OK', out)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True, timeout=180)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.startswith("OK")

@@ -1,0 +1,76 @@
+"""Every preset loads; the pipeline's parameters override it; bad input fails at once, in one line."""
+
+import subprocess
+import sys
+from dataclasses import replace
+
+import pytest
+
+from flows.pipeline import PipelineParams
+from llmcore.errors import ConfigError
+from llmcore.model import GPT
+from llmcore.presets import PRESETS, get_preset
+
+
+@pytest.mark.parametrize("name", sorted(PRESETS))
+def test_every_preset_loads_and_builds_its_model(name):
+    preset = get_preset(name)
+    assert preset.name == name and preset.model.vocab_size == preset.tokenizer.vocab_size
+    with __import__("torch").device("meta"):
+        params = GPT(preset.model).num_params()
+    expected = {"smoke": (1e5, 2e6), "cpu": (1e6, 2e7), "gpu": (1.0e8, 1.6e8)}[name]
+    assert expected[0] < params < expected[1]
+
+
+def test_gpu_preset_is_gpt2_small_sized():
+    with __import__("torch").device("meta"):
+        assert 115e6 < GPT(get_preset("gpu").model).num_params() < 135e6
+
+
+def test_overrides_reach_the_right_configs():
+    preset = PipelineParams(vocab_size=3000, n_layer=3, max_steps=9, batch_size=5, learning_rate=0.01,
+                            finetune_steps=4, device="cpu", seed=3, corpus="docs", max_corpus_bytes=1000).build()
+    assert preset.tokenizer.vocab_size == preset.model.vocab_size == 3000
+    assert preset.model.n_layer == 3 and preset.pretrain.max_steps == 9 and preset.finetune.max_steps == 4
+    assert preset.pretrain.batch_size == preset.finetune.batch_size == 5
+    assert preset.pretrain.seed == preset.sampling.seed == 3 and preset.evaluation.device == "cpu"
+    assert preset.corpus.source == "docs" and preset.corpus.max_bytes == 1000
+    assert replace(preset, name="x").pretrain.learning_rate == 0.01
+
+
+@pytest.mark.parametrize("params, message", [
+    (dict(preset="huge"), "unknown preset"),
+    (dict(learning_rate=float("nan")), "learning_rate"),
+    (dict(learning_rate=float("inf")), "learning_rate"),
+    (dict(max_steps=0), "max_steps"),
+    (dict(batch_size=-2), "batch_size"),
+    (dict(vocab_size=100), "vocab"),
+    (dict(max_length=4096), "longer than the model supports"),
+    (dict(n_head=3), "n_head"),
+    (dict(corpus="s3://bucket/data"), "corpus"),
+])
+def test_bad_parameters_are_config_errors(params, message):
+    with pytest.raises(ConfigError, match=message):
+        PipelineParams(**params).build()
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--corpus", "/no/such/folder"], "does not exist"),
+    (["--preset", "huge"], "unknown preset"),
+    (["--learning-rate", "nan"], "learning_rate"),
+    (["--vocab-size", "64"], "vocab"),
+])
+def test_cli_fails_before_any_work_with_one_line(argv, message, tmp_path):
+    done = subprocess.run([sys.executable, "-m", "flows.pipeline", *argv], cwd=tmp_path, capture_output=True,
+                          text=True, timeout=120, env={**__import__("os").environ, "PYTHONPATH": str(__import__("pathlib").Path(__file__).parents[1])})
+    assert done.returncode == 2
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], done.stderr
+    assert not (tmp_path / "runs").exists() and not (tmp_path / "mlruns").exists()
+
+
+def test_help_lists_the_knobs_users_turn():
+    done = subprocess.run([sys.executable, "-m", "flows.pipeline", "--help"], capture_output=True, text=True, timeout=120)
+    for flag in ("--preset", "--corpus", "--experiment", "--vocab-size", "--n-layer", "--max-steps", "--max-tokens",
+                 "--batch-size", "--learning-rate", "--device", "--seed", "--runs-dir"):
+        assert flag in done.stdout, flag

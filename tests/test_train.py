@@ -1,0 +1,125 @@
+"""The training loop: schedule, deterministic batches, bit-exact resume, divergence handling."""
+
+import numpy as np
+import pytest
+import torch
+
+from llmcore.checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint
+from llmcore.errors import ConfigError
+from llmcore.model import GPT, GPTConfig
+from llmcore.shards import TokenSplit
+from llmcore.train import TrainConfig, TrainingDiverged, fit, learning_rate_at, token_windows
+
+MODEL = GPTConfig(vocab_size=64, block_size=16, n_layer=2, n_head=2, n_embd=32)
+
+
+def split(tokens: int, seed: int = 0) -> TokenSplit:
+    data = np.random.default_rng(seed).integers(0, 64, size=tokens).astype(np.uint16)
+    return TokenSplit(shards=[data[: tokens // 2], data[tokens // 2 :]], num_tokens=tokens)
+
+
+def config(**overrides) -> TrainConfig:
+    base = dict(max_steps=6, batch_size=4, grad_accum_steps=2, learning_rate=1e-2, warmup_steps=2,
+                eval_interval=3, eval_batches=2, checkpoint_interval=3, log_interval=1, device="cpu")
+    return TrainConfig(**{**base, **overrides})
+
+
+def run(tmp, cfg, batches=None):
+    torch.manual_seed(cfg.seed)
+    model = GPT(MODEL)
+    batches = batches or token_windows(split(4000), MODEL.block_size, cfg.batch_size, cfg.seed, "train")
+    val = token_windows(split(1000, seed=1), MODEL.block_size, cfg.batch_size, 0, "validation").in_order(2)
+    metrics = fit(model, batches, val, cfg, tmp, token_bytes=torch.ones(64, dtype=torch.long))
+    return model, metrics
+
+
+def test_learning_rate_warms_up_then_decays_to_the_floor():
+    cfg = config(max_steps=100, warmup_steps=10, learning_rate=1.0, min_lr_ratio=0.1)
+    lrs = [learning_rate_at(s, 100, cfg) for s in range(100)]
+    assert lrs[0] == pytest.approx(0.1) and lrs[9] == pytest.approx(1.0)
+    assert all(a >= b for a, b in zip(lrs[9:], lrs[10:]))
+    assert lrs[-1] == pytest.approx(0.1, abs=1e-3)
+
+
+def test_token_budget_sets_the_number_of_steps():
+    assert config(max_tokens=1000, batch_size=4, grad_accum_steps=2).total_steps(block_size=16) == 8
+
+
+def test_windows_are_deterministic_and_cover_every_window_once_per_epoch():
+    windows = token_windows(split(4000), 16, 4, seed=3, name="train")
+    again = token_windows(split(4000), 16, 4, seed=3, name="train")
+    assert torch.equal(windows.get(5)[0], again.get(5)[0])
+    x, y = windows.get(0)
+    assert torch.equal(x[:, 1:], y[:, :-1])  # targets are inputs shifted by one
+    seen = sorted(windows._index(s) for s in range(windows.num_rows))
+    assert seen == list(range(windows.num_rows))
+
+
+def test_too_few_tokens_for_one_context_is_a_config_error():
+    with pytest.raises(ConfigError, match="block-size"):
+        token_windows(split(10), 16, 4, 0, "validation")
+
+
+def test_bad_train_config_is_rejected_before_training():
+    for bad in (dict(learning_rate=float("nan")), dict(max_steps=0), dict(batch_size=-1), dict(device="tpu")):
+        with pytest.raises(ConfigError):
+            config(**bad)
+
+
+def test_training_lowers_the_loss_and_reports_metrics(tmp_path):
+    cfg = config(max_steps=30, checkpoint_interval=30, eval_interval=30)
+    data = np.tile(np.arange(64, dtype=np.uint16), 60)  # a learnable, repeating sequence
+    batches = token_windows(TokenSplit([data], len(data)), 16, 4, 0, "train")
+    _, metrics = run(tmp_path, cfg, batches)
+    assert metrics["loss"] < 2.0 < np.log(64)
+    assert metrics["tokens_per_second"] > 0 and metrics["steps"] == 30
+    assert metrics["val_bpb"] == pytest.approx(metrics["val_loss"] / np.log(2))  # one byte per token here
+
+
+def test_resume_is_bit_identical_to_an_uninterrupted_run(tmp_path):
+    cfg = config()
+    straight, _ = run(tmp_path / "straight", cfg)
+
+    batches = token_windows(split(4000), MODEL.block_size, cfg.batch_size, cfg.seed, "train")
+    real_get = batches.get
+
+    def killed_after_step_3(index):
+        if index >= 3 * cfg.grad_accum_steps:
+            raise KeyboardInterrupt("killed")
+        return real_get(index)
+
+    batches.get = killed_after_step_3
+    with pytest.raises(KeyboardInterrupt):
+        run(tmp_path / "resumed", cfg, batches)
+    assert latest_checkpoint(tmp_path / "resumed").name == "step_000003.pt"
+    assert load_checkpoint(tmp_path / "resumed")["batch_index"] == 3 * cfg.grad_accum_steps
+
+    resumed, _ = run(tmp_path / "resumed", cfg)  # a fresh model: everything comes from the checkpoint
+    for (name, a), (_, b) in zip(straight.state_dict().items(), resumed.state_dict().items()):
+        assert torch.equal(a, b), name
+
+
+def test_checkpoints_are_pruned_to_the_newest(tmp_path):
+    run(tmp_path, config(max_steps=6, checkpoint_interval=1, keep_checkpoints=2))
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["step_000005.pt", "step_000006.pt"]
+
+
+def test_non_finite_loss_stops_training_and_keeps_the_last_good_checkpoint(tmp_path):
+    cfg = config(max_steps=6, checkpoint_interval=2)
+    batches = token_windows(split(4000), MODEL.block_size, cfg.batch_size, cfg.seed, "train")
+    model = GPT(MODEL)
+    original_forward = model.forward
+    calls = {"n": 0}
+
+    def forward(x, y=None, **kw):
+        calls["n"] += 1
+        logits, loss = original_forward(x, y, **kw)
+        return (logits, loss * float("nan")) if model.training and calls["n"] > 2 * 3 else (logits, loss)
+
+    model.forward = forward
+    val = token_windows(split(1000, seed=1), 16, 4, 0, "validation").in_order(1)
+    with pytest.raises(TrainingDiverged, match="step 3.*step_000002.pt"):
+        fit(model, batches, val, cfg, tmp_path)
+    good = load_checkpoint(tmp_path)
+    assert good["step"] == 2
+    assert all(torch.isfinite(t).all() for t in good["model"].values())
