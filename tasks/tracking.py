@@ -17,24 +17,27 @@ from mlflow import MlflowClient
 MLRUNS = Path("mlruns")
 
 
+def _local_store_uri() -> str:
+    return f"sqlite:///{MLRUNS.resolve() / 'mlflow.db'}"
+
+
 def configure_tracking() -> str:
     """Point MLflow at MLFLOW_TRACKING_URI, or at sqlite in ./mlruns; return the URI."""
-    uri = os.environ.get("MLFLOW_TRACKING_URI")
-    if not uri:
+    uri = os.environ.get("MLFLOW_TRACKING_URI") or _local_store_uri()
+    if uri == _local_store_uri():
         MLRUNS.mkdir(exist_ok=True)
-        uri = f"sqlite:///{MLRUNS.resolve() / 'mlflow.db'}"
     mlflow.set_tracking_uri(uri)
     return uri
 
 
 def experiment_id(name: str) -> str:
     """The experiment's id, creating it (artifacts under mlruns/artifacts for the local store) if new."""
-    configure_tracking()
+    uri = configure_tracking()
     client = MlflowClient()
     found = client.get_experiment_by_name(name)
     if found is not None:
         return found.experiment_id
-    location = None if os.environ.get("MLFLOW_TRACKING_URI") else (MLRUNS.resolve() / "artifacts").as_uri()
+    location = (MLRUNS.resolve() / "artifacts").as_uri() if uri == _local_store_uri() else None
     return client.create_experiment(name, artifact_location=location)
 
 
