@@ -8,6 +8,7 @@ threads. Metric logging from inside llmcore goes through `llmcore.tracking.Mlflo
 
 import contextlib
 import os
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -78,7 +79,10 @@ def log_generator_model(run_id: str, model_file: Path, tokenizer_dir: Path, chat
         config = Path(tmp) / "generator.json"
         config.write_text(json.dumps({"chat": chat}))
         # The model is logged inside the run by id; start_run here is local to this thread and call.
-        with mlflow.start_run(run_id=run_id):
+        with mlflow.start_run(run_id=run_id), warnings.catch_warnings():
+            # Prompts arrive as a DataFrame column, so type-hint validation and an input example (which
+            # would run a generation at logging time) are declined on purpose; the signature covers both.
+            warnings.filterwarnings("ignore", message=".*(type hints|input example).*", category=UserWarning)
             info = mlflow.pyfunc.log_model(
                 name=name,
                 python_model=str(Path(__file__).with_name("pyfunc_model.py")),
