@@ -34,6 +34,7 @@ from flows.stages import (
 )
 from llmcore.artifacts import MANIFEST, read_json
 from llmcore.corpus import describe_source
+from llmcore.device import resolve_device
 from llmcore.errors import ConfigError
 from llmcore.presets import PRESETS, Preset, get_preset, with_vocab_size
 from llmcore.tracking import MlflowTracker
@@ -80,9 +81,9 @@ class PipelineParams(BaseModel):
         pretrain = replace(preset.pretrain, **shared, **_set(max_steps=self.max_steps, max_tokens=self.max_tokens,
                                                              learning_rate=self.learning_rate))
         finetune = replace(preset.finetune, **shared, **_set(max_steps=self.finetune_steps))
-        if self.max_length is not None and self.max_length > model.block_size:
-            raise ConfigError(f"context length {self.max_length} is longer than the model supports ({model.block_size}): "
-                              f"pass --max-length <= {model.block_size} or a larger --block-size")
+        if self.max_length is not None and not 0 < self.max_length <= model.block_size:
+            raise ConfigError(f"context length {self.max_length} does not fit the model, which supports "
+                              f"1..{model.block_size}: pass --max-length <= {model.block_size} or a larger --block-size")
         return replace(preset, corpus=corpus, sft_data=sft_data, model=model, pretrain=pretrain, finetune=finetune,
                        evaluation=replace(preset.evaluation, **_set(device=self.device)),
                        sampling=replace(preset.sampling, **_set(seed=self.seed)))
@@ -132,9 +133,9 @@ def pipeline(params: PipelineParams = PipelineParams()) -> list[dict[str, Any]]:
         scores = timed("evaluate", lambda: evaluate_flow(pretrained, tuned["model"], tok["tokenizer_dir"], tok["tokens_dir"],
                                                          tuned["sft_dir"], preset.evaluation, **common),
                        lambda m: ("pretrained_bpb / xz_bpb", f"{m['pretrained_bpb']:.3f} / {m['xz_bpb']:.3f}"))
-        timed("sample", lambda: sample_flow(pretrained, tok["tokenizer_dir"], corpus_dir, preset.prompts, preset.sampling,
-                                            preset.pretrain.device, **common),
-              lambda r: ("python_parse_rate", round(r["python_parse_rate"], 3)))
+        timed("sample", lambda: sample_flow(pretrained, tok["tokenizer_dir"], corpus_dir, tuned["model"], tuned["sft_dir"],
+                                            preset.prompts, preset.sampling, preset.pretrain.device, **common),
+              lambda r: ("python_parse_rate (pretrained)", round(r.get("sample/pretrained_python_parse_rate", float("nan")), 3)))
         tracker.log_metrics({k: v for k, v in scores.items()})
     create_table_artifact(summary, key="pipeline-summary", description=f"Pipeline ({preset.name}) stage timings")
     return summary
@@ -158,11 +159,21 @@ def main(argv: list[str] | None = None) -> None:
     values = {k: v for k, v in vars(parser.parse_args(argv)).items() if v is not None}
     try:
         params = PipelineParams(**values)
-        describe_source(params.build().corpus)  # every config and the source, before Prefect and MLflow start
-    except ConfigError as error:
+        check_inputs(params.build())  # every config and input, before Prefect and MLflow start
+        summary = pipeline(params)
+    except ConfigError as error:  # raised inside a stage (e.g. a vocabulary the corpus cannot fill)
         fail(error)
-    summary = pipeline(params)
     print_summary(summary, params.experiment)
+
+
+def check_inputs(preset: Preset) -> None:
+    """What can be checked before any work: the sources exist and the devices are there."""
+    describe_source(preset.corpus)
+    if preset.sft_data.kind == "file" and not Path(preset.sft_data.source).is_file():
+        raise ConfigError(f"fine-tuning data {preset.sft_data.source} does not exist: pass --sft-data docstrings, "
+                          "a .jsonl/.csv/.parquet file or hf:NAME")
+    for device in {preset.pretrain.device, preset.finetune.device, preset.evaluation.device}:
+        resolve_device(device)
 
 
 if __name__ == "__main__":

@@ -17,7 +17,7 @@ from prefect.runtime import flow_run
 
 from llmcore.artifacts import is_finished
 from llmcore.completions import PromptConfig
-from llmcore.corpus import CorpusConfig
+from llmcore.corpus import CorpusConfig, source_digest
 from llmcore.evaluate import EvalConfig
 from llmcore.model import GPTConfig
 from llmcore.sampling import SamplingConfig
@@ -31,6 +31,12 @@ RUNS_DIR = "runs"
 EXPERIMENT = "llm-pipeline"
 
 
+def _fresh(cached_task, *args) -> str:
+    """Run a cached task; if its cached result names a folder deleted since, run it again uncached."""
+    folder = cached_task(*args)
+    return folder if is_finished(folder) else cached_task.with_options(refresh_cache=True)(*args)
+
+
 def _tags() -> dict[str, str]:
     return {"prefect.flow_run_id": str(flow_run.id or ""), "prefect.flow_name": str(flow_run.flow_name or "")}
 
@@ -40,9 +46,8 @@ def corpus_flow(config: CorpusConfig = CorpusConfig(), runs_dir: str = RUNS_DIR,
                 parent_run_id: str | None = None) -> str:
     """Stage 1: read, decode, deduplicate and split a corpus; returns the corpus folder."""
     with mlflow_run(experiment, "corpus", parent_run_id, _tags()) as run_id:
-        corpus_dir = stages.ingest_corpus(config, runs_dir, run_id)
-        if not is_finished(corpus_dir):  # a cached result whose folder was deleted since
-            corpus_dir = stages.ingest_corpus.with_options(refresh_cache=True)(config, runs_dir, run_id)
+        corpus_dir = _fresh(stages.ingest_corpus, config, source_digest(config), runs_dir)
+        stages.log_corpus(corpus_dir, config, run_id)
         return corpus_dir
 
 
@@ -51,12 +56,9 @@ def tokenizer_flow(corpus_dir: str, config: TokenizerConfig = TokenizerConfig(),
                    experiment: str = EXPERIMENT, parent_run_id: str | None = None) -> dict[str, str]:
     """Stage 2: train a sentencepiece tokenizer and encode the corpus into token shards."""
     with mlflow_run(experiment, "tokenizer", parent_run_id, _tags()) as run_id:
-        tokenizer_dir = stages.train_tokenizer(corpus_dir, config, runs_dir, run_id)
-        if not is_finished(tokenizer_dir):
-            tokenizer_dir = stages.train_tokenizer.with_options(refresh_cache=True)(corpus_dir, config, runs_dir, run_id)
-        tokens_dir = stages.encode_corpus(corpus_dir, tokenizer_dir, runs_dir, run_id)
-        if not is_finished(tokens_dir):
-            tokens_dir = stages.encode_corpus.with_options(refresh_cache=True)(corpus_dir, tokenizer_dir, runs_dir, run_id)
+        tokenizer_dir = _fresh(stages.train_tokenizer, corpus_dir, config, runs_dir)
+        tokens_dir = _fresh(stages.encode_corpus, corpus_dir, tokenizer_dir, runs_dir)
+        stages.log_tokenizer(tokenizer_dir, tokens_dir, config, run_id)
         return {"tokenizer_dir": tokenizer_dir, "tokens_dir": tokens_dir}
 
 
@@ -76,7 +78,7 @@ def finetune_flow(base_model: str, tokenizer_dir: str, corpus_dir: str, data: SF
                   runs_dir: str = RUNS_DIR, experiment: str = EXPERIMENT, parent_run_id: str | None = None) -> dict[str, str]:
     """Stage 4: build prompt/response pairs and fine-tune the pretrained model on them."""
     with mlflow_run(experiment, "finetune", parent_run_id, _tags()) as run_id:
-        sft_dir = stages.build_sft_data(data, corpus_dir, runs_dir, run_id)
+        sft_dir = _fresh(stages.build_sft_data, data, corpus_dir, runs_dir)
         model_file = stages.finetune_model(base_model, tokenizer_dir, sft_dir, config, runs_dir, max_length, run_id)
         stages.log_model(run_id, model_file, tokenizer_dir, chat=True, name="finetuned")
         return {"model": model_file, "sft_dir": sft_dir}
@@ -93,12 +95,13 @@ def evaluate_flow(pretrained: str, finetuned: str, tokenizer_dir: str, tokens_di
 
 
 @flow(name="generation-sampling")
-def sample_flow(model_file: str, tokenizer_dir: str, corpus_dir: str, prompts: PromptConfig = PromptConfig(),
+def sample_flow(pretrained: str, tokenizer_dir: str, corpus_dir: str, finetuned: str | None = None,
+                sft_dir: str | None = None, prompts: PromptConfig = PromptConfig(),
                 sampling: SamplingConfig = SamplingConfig(), device: str = "auto", experiment: str = EXPERIMENT,
                 parent_run_id: str | None = None) -> dict[str, Any]:
     """Stage 6: complete held-out prompts greedily and with temperature, top-k and top-p sampling."""
     with mlflow_run(experiment, "sample", parent_run_id, _tags()) as run_id:
-        return stages.sample(model_file, tokenizer_dir, corpus_dir, prompts, sampling, device, False, run_id)
+        return stages.sample(pretrained, finetuned, tokenizer_dir, corpus_dir, sft_dir, prompts, sampling, device, run_id)
 
 
 STAGE_FLOWS = {"corpus": corpus_flow, "tokenizer": tokenizer_flow, "pretrain": pretrain_flow,

@@ -1,7 +1,7 @@
 """The generation-sampling stage: completions of held-out prompts under each decoding strategy.
 
-Prompts are drawn deterministically from validation documents (the model never trained on them); each
-is completed greedily and with temperature, top-k and top-p sampling (`llmcore.sampling`, KV cache,
+Prompts are drawn deterministically from validation documents (the model never trained on them), and
+for a fine-tuned model from held-out instructions; each is completed greedily and with temperature, top-k and top-p sampling (`llmcore.sampling`, KV cache,
 stop at end-of-text). For Python corpora the share of completions that parse with `ast`, once closed
 at a line boundary, tells whether the model writes code. This module does not log or render tables.
 
@@ -16,10 +16,12 @@ from pathlib import Path
 
 from llmcore.checkpoint import load_model
 from llmcore.corpus import read_documents
+from llmcore.device import resolve_device
 from llmcore.errors import ConfigError, require_positive
+from llmcore.finetune import chat_prompt
 from llmcore.sampling import SamplingConfig, generate
+from llmcore.sft_data import read_pairs
 from llmcore.tokenizer import Tokenizer
-from llmcore.train import resolve_device
 
 
 @dataclass(frozen=True)
@@ -67,6 +69,12 @@ def held_out_prompts(corpus_dir: Path, config: PromptConfig) -> list[str]:
     return prompts
 
 
+def held_out_instructions(sft_dir: Path, num_prompts: int) -> list[str]:
+    """Instructions of evenly spaced held-out prompt/response pairs, for the fine-tuned model."""
+    pairs = read_pairs(sft_dir, "validation")
+    return [pairs[i * len(pairs) // num_prompts]["prompt"] for i in range(min(num_prompts, len(pairs)))]
+
+
 def complete(model_path: Path, tokenizer_dir: Path, prompts: list[str], sampling: SamplingConfig,
              device: str = "auto", chat: bool = False) -> list[dict[str, str]]:
     """One row per (strategy, prompt): the completion text. `chat` wraps prompts as a user turn."""
@@ -76,23 +84,33 @@ def complete(model_path: Path, tokenizer_dir: Path, prompts: list[str], sampling
     rows = []
     for name, config in strategies(sampling).items():
         for prompt in prompts:
-            ids = tokenizer.encode(prompt)
-            if chat:
-                ids = [tokenizer.user_id, *ids, tokenizer.assistant_id]
+            ids = chat_prompt(tokenizer, prompt) if chat else tokenizer.encode(prompt)
             completion = tokenizer.decode(generate(model, ids, config, stop_id=stop))
             rows.append({"strategy": name, "prompt": prompt, "completion": completion})
     return rows
 
 
 def parses_as_python(prompt: str, completion: str) -> bool:
-    """Does prompt + completion, cut after its last complete line, parse with `ast`?"""
+    """Does prompt + completion, cut after its last complete line, parse with `ast`?
+
+    A completion that does not finish at least one line of its own does not count: the prompt alone
+    would be judged otherwise.
+    """
     text = prompt + completion
-    text = text[: text.rfind("\n") + 1] if "\n" in text else text
+    end = text.rfind("\n") + 1
+    if end <= len(prompt):
+        return False
     try:
-        ast.parse(text)
+        ast.parse(text[:end])
     except (SyntaxError, ValueError):
         return False
     return True
+
+
+def is_python_corpus(corpus_dir: Path) -> bool:
+    """Are most held-out documents Python files (so that the parse rate means something)?"""
+    sources = [d["source"] for d in read_documents(corpus_dir, "validation")]
+    return sum(s.endswith(".py") for s in sources) > len(sources) / 2
 
 
 def python_parse_rate(rows: list[dict[str, str]]) -> float:

@@ -27,15 +27,18 @@ from pathlib import Path
 
 import pandas as pd
 
-from llmcore.artifacts import MANIFEST, atomic_output_dir, atomic_write_json, file_digest, is_finished, json_digest
+from llmcore.artifacts import MANIFEST, atomic_output_dir, atomic_write_json, file_digest, is_finished, json_digest, read_json
 from llmcore.errors import ConfigError, flag, require_choice, require_fraction, require_positive
 
 TEXT_SUFFIXES = (".txt", ".md", ".py")
 TABLE_SUFFIXES = (".jsonl", ".csv", ".parquet")
 SUPPORTED_SUFFIXES = TEXT_SUFFIXES + TABLE_SUFFIXES
 SPLITS = ("train", "validation")
-# Standard-library folders that hold tests or third-party packages rather than library code.
-STDLIB_EXCLUDED_DIRS = frozenset({"site-packages", "dist-packages", "test", "tests", "idle_test", "__pycache__"})
+# Standard-library folders that hold tests, third-party packages or machine-generated tables (codec maps,
+# pydoc's topic dump) rather than human-written library code; generated near-duplicates on both sides of
+# the split would also flatter the model against the compressors.
+STDLIB_EXCLUDED_DIRS = frozenset({"site-packages", "dist-packages", "test", "tests", "idle_test", "__pycache__",
+                                  "encodings", "pydoc_data"})
 MAX_LISTED_SKIPS = 50
 SOURCE_HINT = "pass --corpus stdlib, a file, folder or glob, or hf:NAME"
 
@@ -372,6 +375,14 @@ def read_documents(corpus_dir: Path, split: str) -> Iterator[dict]:
     if not is_finished(corpus_dir):
         raise ConfigError(f"{corpus_dir} is not a finished corpus (no {MANIFEST}): run python -m llmcore.corpus first")
     return _jsonl(Path(corpus_dir) / f"{split}.jsonl")  # a separate generator, so bad input raises here, not lazily
+
+
+def corpus_digest(corpus_dir: Path) -> str:
+    """The content digest of a finished corpus folder; ConfigError unless ingestion finished there."""
+    corpus_dir = Path(corpus_dir)
+    if not is_finished(corpus_dir) or not all((corpus_dir / f"{split}.jsonl").is_file() for split in SPLITS):
+        raise ConfigError(f"no finished corpus in {corpus_dir}: run the corpus stage (`python -m llmcore.corpus`) first")
+    return read_json(corpus_dir / MANIFEST)["content_digest"]
 
 
 def _jsonl(path: Path) -> Iterator[dict]:

@@ -22,7 +22,12 @@ from typing import Any
 
 import torch
 
+from llmcore.batches import token_windows
+from llmcore.checkpoint import load_model
+from llmcore.device import require_device, resolve_device
 from llmcore.errors import require_positive
+from llmcore.shards import open_split
+from llmcore.tokenizer import Tokenizer
 
 LN2 = math.log(2)
 
@@ -36,6 +41,7 @@ class EvalConfig:
     def __post_init__(self):
         require_positive("max_tokens", self.max_tokens)
         require_positive("batch_size", self.batch_size)
+        require_device(self.device)
 
 
 @torch.no_grad()
@@ -82,9 +88,6 @@ def compressor_bits_per_byte(data: bytes) -> dict[str, float]:
 
 def held_out_batches(tokens_dir: Path, block_size: int, config: EvalConfig):
     """The first max_tokens validation tokens as non-overlapping windows, plus the target ids scored."""
-    from llmcore.train import token_windows  # train imports this module; import here to avoid a cycle
-    from llmcore.shards import open_split
-
     windows = token_windows(open_split(tokens_dir, "validation"), block_size, config.batch_size, 0, "validation")
     num_batches = max(1, config.max_tokens // (block_size * config.batch_size))
     return windows.in_order(num_batches)
@@ -92,27 +95,20 @@ def held_out_batches(tokens_dir: Path, block_size: int, config: EvalConfig):
 
 def evaluate_model(model_path: Path, tokenizer_dir: Path, tokens_dir: Path, config: EvalConfig) -> dict[str, float]:
     """Held-out loss, perplexity and bits per byte of one model, plus the compressors on the same text."""
-    from llmcore.checkpoint import load_model
-    from llmcore.tokenizer import Tokenizer
-    from llmcore.train import resolve_device
-
     device = resolve_device(config.device)
     model = load_model(model_path, device)
     tokenizer = Tokenizer.load(tokenizer_dir)
     batches = held_out_batches(tokens_dir, model.config.block_size, config)
     result = token_loss(model, batches, device, torch.from_numpy(tokenizer.token_byte_lengths()))
     result["perplexity"] = math.exp(min(result["loss"], 50.0))
-    text = "".join(tokenizer.decode(y.tolist()) for _, ys in batches for y in ys)
-    result.update(compressor_bits_per_byte(text.encode("utf-8")))
+    text = tokenizer.decode(torch.cat([y.flatten() for _, y in batches]).tolist()).encode("utf-8")
+    result.update(compressor_bits_per_byte(text), text_bytes=float(len(text)))
     return result
 
 
 def response_loss(model_path: Path, tokenizer_dir: Path, sft_dir: Path, config: EvalConfig) -> dict[str, float]:
     """Loss on the response tokens of the held-out instruction pairs (the prompt is context only)."""
-    from llmcore.checkpoint import load_model
-    from llmcore.finetune import sft_batches
-    from llmcore.tokenizer import Tokenizer
-    from llmcore.train import resolve_device
+    from llmcore.finetune import sft_batches  # finetune -> train -> this module: import at call time
 
     device = resolve_device(config.device)
     model = load_model(model_path, device)

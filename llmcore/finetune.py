@@ -22,10 +22,16 @@ from llmcore.errors import ConfigError
 from llmcore.sft_data import read_pairs
 from llmcore.tokenizer import Tokenizer
 from llmcore.tracking import NullTracker, Tracker
-from llmcore.train import Batches, TrainConfig, fit
+from llmcore.batches import Batches
+from llmcore.train import TrainConfig, add_config_flags, fit, result_fields
 
 log = logging.getLogger(__name__)
 IGNORE = -100
+
+
+def chat_prompt(tokenizer: Tokenizer, prompt: str) -> list[int]:
+    """`<|user|> prompt <|assistant|>`: what a fine-tuned model is given to answer."""
+    return [tokenizer.user_id, *tokenizer.encode(prompt), tokenizer.assistant_id]
 
 
 def encode_pair(tokenizer: Tokenizer, prompt: str, response: str, max_length: int) -> tuple[list[int], list[int]]:
@@ -33,7 +39,9 @@ def encode_pair(tokenizer: Tokenizer, prompt: str, response: str, max_length: in
 
     The prompt keeps at most half the context so that every example trains on some response.
     """
-    prompt_ids = [tokenizer.user_id, *tokenizer.encode(prompt)[: max_length // 2], tokenizer.assistant_id]
+    prompt_ids = chat_prompt(tokenizer, prompt)
+    if len(prompt_ids) > max_length // 2:  # keep the start of a long prompt, and its <|assistant|>
+        prompt_ids = [*prompt_ids[: max_length // 2 - 1], tokenizer.assistant_id]
     response_ids = [*tokenizer.encode(response), tokenizer.end_id]
     ids = (prompt_ids + response_ids)[: max_length + 1]
     labels = ([IGNORE] * len(prompt_ids) + response_ids)[: max_length + 1]
@@ -66,22 +74,25 @@ def finetune(
     max_length (the longest training sequence) defaults to the model's context length and may not exceed it.
     """
     out_dir = Path(out_dir)
-    if is_finished(out_dir):
-        log.info("finetune: %s is finished, reusing it", out_dir)
-        return read_json(out_dir / MANIFEST)
     model = load_model(base_model)
     block = model.config.block_size
-    max_length = max_length or block
-    if max_length > block:
-        raise ConfigError(f"context length {max_length} is longer than the model supports ({block}): "
+    if max_length is not None and not (0 < max_length <= block):
+        raise ConfigError(f"context length {max_length} does not fit the model, which supports 1..{block}: "
                           f"pass --max-length <= {block}")
+    max_length = max_length or block
+    tracker.log_params({"finetune": asdict(config), "max_length": max_length, "base_model": str(base_model)})
+    if is_finished(out_dir):
+        manifest = read_json(out_dir / MANIFEST)
+        if result_fields(TrainConfig(**manifest["train_config"])) != result_fields(config):
+            raise ConfigError(f"{out_dir} holds a fine-tuning run with other settings: pass another --out or the same settings")
+        log.info("finetune: %s is finished, reusing it", out_dir)
+        return manifest
     tokenizer = Tokenizer.load(tokenizer_dir)
     train_batches = sft_batches(sft_dir, "train", tokenizer, max_length, config.batch_size, config.seed)
     val_batches = sft_batches(sft_dir, "validation", tokenizer, max_length, config.batch_size, config.seed)
     log.info("finetune: %d train / %d validation pairs, %d steps", train_batches.num_rows, val_batches.num_rows,
              config.total_steps(max_length))
-    tracker.log_params({"finetune": asdict(config), "max_length": max_length, "base_model": str(base_model),
-                        "train_pairs": train_batches.num_rows, "validation_pairs": val_batches.num_rows})
+    tracker.log_metrics({"finetune/train_pairs": train_batches.num_rows, "finetune/validation_pairs": val_batches.num_rows})
     model.train()
     metrics = fit(model, train_batches, val_batches.in_order(config.eval_batches), config, out_dir / "checkpoints",
                   tracker=tracker, stage="finetune")
@@ -101,9 +112,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--sft", type=Path, required=True, help="folder written by llmcore.sft_data")
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--max-length", type=int)
-    for name, field in TrainConfig.__dataclass_fields__.items():
-        if field.type in (int, float, str):
-            parser.add_argument("--" + name.replace("_", "-"), type=field.type)
+    add_config_flags(parser, TrainConfig)
     args = vars(parser.parse_args(argv))
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     train_args = {k: v for k, v in args.items() if k in TrainConfig.__dataclass_fields__ and v is not None}

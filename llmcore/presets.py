@@ -50,7 +50,7 @@ def smoke() -> Preset:
         tokenizer=tokenizer,
         model=GPTConfig(vocab_size=tokenizer.vocab_size, block_size=128, n_layer=2, n_head=4, n_embd=128),
         pretrain=TrainConfig(max_steps=1000, batch_size=16, learning_rate=3e-3, warmup_steps=50,
-                             eval_interval=250, eval_batches=8, checkpoint_interval=250, log_interval=50),
+                             eval_interval=250, eval_batches=8, checkpoint_interval=250, log_interval=10),
         sft_data=SFTDataConfig(max_response_chars=1200),
         finetune=TrainConfig(max_steps=120, batch_size=16, learning_rate=1e-3, warmup_steps=10,
                              eval_interval=60, eval_batches=8, checkpoint_interval=60, log_interval=20),

@@ -22,13 +22,13 @@ import numpy as np
 import sentencepiece as spm
 
 from llmcore.artifacts import MANIFEST, atomic_output_dir, atomic_write_json, file_digest, is_finished, read_json
+from llmcore.corpus import SPLITS, corpus_digest, read_documents
 from llmcore.errors import ConfigError, require_choice, require_non_negative, require_positive
 from llmcore.shards import ShardWriter, token_dtype
 
 EOT, USER, ASSISTANT, END = "<|endoftext|>", "<|user|>", "<|assistant|>", "<|end|>"
 CONTROL_SYMBOLS = (EOT, USER, ASSISTANT, END)
 MODEL_FILE = "tokenizer.model"
-SPLITS = ("train", "validation")
 MIN_VOCAB_SIZE = 256 + 1 + len(CONTROL_SYMBOLS)  # byte pieces, <unk>, control symbols
 # Training "sentences" are chunks of whole lines up to this many UTF-8 bytes: sentencepiece silently drops
 # longer ones (max_sentence_length), and pieces cannot span two sentences.
@@ -139,22 +139,8 @@ class Tokenizer:
         )
 
 
-def _corpus_digest(corpus_dir: Path) -> str | None:
-    """The corpus's content digest; ConfigError unless the corpus stage finished and wrote both splits."""
-    if not is_finished(corpus_dir):
-        raise ConfigError(f"no finished corpus in {corpus_dir} (no {MANIFEST}): run the corpus stage (`python -m llmcore.corpus`) first")
-    for split in SPLITS:
-        if not (corpus_dir / f"{split}.jsonl").is_file():
-            raise ConfigError(f"corpus {corpus_dir} has no {split}.jsonl: rerun the corpus stage (`python -m llmcore.corpus`)")
-    return read_json(corpus_dir / MANIFEST).get("content_digest")
-
-
-def _iter_texts(corpus_dir: Path, split: str) -> Iterator[str]:
-    """The "text" of each record of the corpus's `{split}.jsonl`."""
-    with open(corpus_dir / f"{split}.jsonl", encoding="utf-8") as f:
-        for line in f:
-            if line.strip():
-                yield json.loads(line)["text"]
+def _texts(corpus_dir: Path, split: str) -> Iterator[str]:
+    return (document["text"] for document in read_documents(corpus_dir, split))
 
 
 def _batches(texts: Iterable[str], max_chars: int = 1 << 22) -> Iterator[list[str]]:
@@ -197,7 +183,7 @@ def _training_chunks(text: str) -> Iterator[str]:
 def _train_bytes_at_least(corpus_dir: Path, limit: int) -> int:
     """Bytes of training text, counted only up to `limit` so that a big corpus costs nothing to check."""
     total = 0
-    for text in _iter_texts(corpus_dir, "train"):
+    for text in _texts(corpus_dir, "train"):
         total += len(text.encode())
         if total >= limit:
             break
@@ -240,7 +226,7 @@ def train_tokenizer(corpus_dir: Path, out_dir: Path, config: TokenizerConfig) ->
     split, corpus and tokenizer digests, sentencepiece version.
     """
     corpus_dir, out_dir = Path(corpus_dir), Path(out_dir)
-    corpus_digest = _corpus_digest(corpus_dir)
+    source_digest = corpus_digest(corpus_dir)
     # A corpus smaller than the vocabulary cannot fill it; say so before sentencepiece starts.
     if (seen := _train_bytes_at_least(corpus_dir, config.vocab_size)) < config.vocab_size:
         raise ConfigError(
@@ -250,7 +236,7 @@ def train_tokenizer(corpus_dir: Path, out_dir: Path, config: TokenizerConfig) ->
     seen_by_trainer = {"bytes": 0, "documents": 0}
 
     def sentences() -> Iterator[str]:
-        for text in _iter_texts(corpus_dir, "train"):
+        for text in _texts(corpus_dir, "train"):
             seen_by_trainer["bytes"] += len(text.encode())
             seen_by_trainer["documents"] += 1
             yield from _training_chunks(text)
@@ -283,8 +269,8 @@ def train_tokenizer(corpus_dir: Path, out_dir: Path, config: TokenizerConfig) ->
             "train_seconds": round(train_seconds, 3),
             "train_bytes": seen_by_trainer["bytes"],
             "train_documents": seen_by_trainer["documents"],
-            "bytes_per_token": _bytes_per_token(tokenizer, _iter_texts(corpus_dir, "validation")),  # on validation
-            "corpus_digest": corpus_digest,
+            "bytes_per_token": _bytes_per_token(tokenizer, _texts(corpus_dir, "validation")),  # on validation
+            "corpus_digest": source_digest,
             "tokenizer_digest": file_digest(tmp / MODEL_FILE),
             "sentencepiece_version": spm.__version__,
         }
@@ -302,7 +288,7 @@ def encode_corpus(corpus_dir: Path, tokenizer_dir: Path, out_dir: Path, shard_to
     """
     corpus_dir, tokenizer_dir, out_dir = Path(corpus_dir), Path(tokenizer_dir), Path(out_dir)
     require_positive("shard_tokens", shard_tokens)
-    corpus_digest = _corpus_digest(corpus_dir)
+    source_digest = corpus_digest(corpus_dir)
     if not is_finished(tokenizer_dir):
         raise ConfigError(f"no finished tokenizer in {tokenizer_dir}: run `python -m llmcore.tokenizer train --corpus {corpus_dir} --out {tokenizer_dir}` first")
     tokenizer = Tokenizer.load(tokenizer_dir)
@@ -313,7 +299,7 @@ def encode_corpus(corpus_dir: Path, tokenizer_dir: Path, out_dir: Path, shard_to
         for split in SPLITS:
             documents = n_bytes = 0
             with ShardWriter(tmp, split, dtype, shard_tokens) as writer:
-                for batch in _batches(_iter_texts(corpus_dir, split)):
+                for batch in _batches(_texts(corpus_dir, split)):
                     flat: list[int] = []
                     for ids in tokenizer.encode_batch(batch):
                         flat += ids
@@ -331,7 +317,7 @@ def encode_corpus(corpus_dir: Path, tokenizer_dir: Path, out_dir: Path, shard_to
             "splits": splits,
             "encode_seconds": round(time.perf_counter() - start, 3),
             "tokenizer_digest": file_digest(tokenizer_dir / MODEL_FILE),
-            "corpus_digest": corpus_digest,
+            "corpus_digest": source_digest,
         }
         atomic_write_json(tmp / MANIFEST, manifest)
     return manifest

@@ -11,25 +11,25 @@ runs or Prefect tasks; it reports through a `Tracker`.
 """
 
 import argparse
-import bisect
 import logging
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 from llmcore.artifacts import MANIFEST, atomic_write_json, is_finished, read_json
+from llmcore.batches import Batches, token_windows
 from llmcore.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, save_model
+from llmcore.device import require_device, resolve_device
 from llmcore.errors import ConfigError, require_non_negative, require_positive
 from llmcore.evaluate import token_loss
 from llmcore.model import GPT, GPTConfig
-from llmcore.shards import TokenSplit, open_split
+from llmcore.shards import open_split
 from llmcore.tokenizer import Tokenizer
 from llmcore.tracking import NullTracker, Tracker
 
@@ -68,8 +68,7 @@ class TrainConfig:
             require_positive("max_tokens", self.max_tokens)
         if self.min_lr_ratio > 1:
             raise ConfigError(f"min_lr_ratio must be <= 1, got {self.min_lr_ratio}: pass --min-lr-ratio in [0, 1]")
-        if not (self.device == "auto" or self.device == "cpu" or self.device.startswith(("cuda", "mps"))):
-            raise ConfigError(f"unknown device {self.device!r}: pass --device auto, cpu, cuda or cuda:N")
+        require_device(self.device)
 
     def total_steps(self, block_size: int) -> int:
         """Optimizer steps this run takes: max_steps, or the token budget divided by tokens per step."""
@@ -78,17 +77,19 @@ class TrainConfig:
         return max(1, math.ceil(self.max_tokens / (self.batch_size * self.grad_accum_steps * block_size)))
 
 
+# Fields that change how a run is executed or reported, not what it computes: a run may resume under
+# different values of these.
+EXECUTION_FIELDS = ("device", "compile", "eval_interval", "eval_batches", "checkpoint_interval",
+                    "keep_checkpoints", "log_interval")
+
+
+def result_fields(config: TrainConfig) -> dict[str, Any]:
+    """The config fields that determine the trained weights (for resume checks and cache keys)."""
+    return {k: v for k, v in asdict(config).items() if k not in EXECUTION_FIELDS}
+
+
 class TrainingDiverged(RuntimeError):
     """The loss or gradient became NaN or infinite; the last good checkpoint is kept."""
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"device {name!r} requested but CUDA is not available here: pass --device cpu or auto")
-    return device
 
 
 def learning_rate_at(step: int, total_steps: int, config: TrainConfig) -> float:
@@ -98,54 +99,6 @@ def learning_rate_at(step: int, total_steps: int, config: TrainConfig) -> float:
     progress = (step - config.warmup_steps) / max(1, total_steps - config.warmup_steps)
     cosine = 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
     return config.learning_rate * (config.min_lr_ratio + (1 - config.min_lr_ratio) * cosine)
-
-
-class Batches:
-    """Deterministic batches over `num_rows` rows: a seeded permutation per epoch, so batch i is a pure
-    function of (seed, i) and the data position of a run is just its batch index."""
-
-    def __init__(self, num_rows: int, row: Callable[[int], tuple[torch.Tensor, torch.Tensor]], batch_size: int, seed: int):
-        self.num_rows, self.row, self.batch_size, self.seed = num_rows, row, batch_size, seed
-        self._epoch, self._order = -1, None
-
-    def _index(self, sample: int) -> int:
-        epoch, position = divmod(sample, self.num_rows)
-        if epoch != self._epoch:
-            generator = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
-            self._epoch, self._order = epoch, torch.randperm(self.num_rows, generator=generator)
-        return int(self._order[position])
-
-    def get(self, batch_index: int) -> tuple[torch.Tensor, torch.Tensor]:
-        first = batch_index * self.batch_size
-        rows = [self.row(self._index(s)) for s in range(first, first + self.batch_size)]
-        return torch.stack([x for x, _ in rows]), torch.stack([y for _, y in rows])
-
-    def in_order(self, num_batches: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """The first rows in storage order, unshuffled: a fixed validation set."""
-        out = []
-        for b in range(min(num_batches, math.ceil(self.num_rows / self.batch_size))):
-            rows = [self.row(i) for i in range(b * self.batch_size, min(self.num_rows, (b + 1) * self.batch_size))]
-            out.append((torch.stack([x for x, _ in rows]), torch.stack([y for _, y in rows])))
-        return out
-
-
-def token_windows(split: TokenSplit, block_size: int, batch_size: int, seed: int, name: str) -> Batches:
-    """Non-overlapping windows of block_size + 1 tokens (input and shifted target) across the shards."""
-    counts = [max(0, (len(shard) - 1) // block_size) for shard in split.shards]
-    if sum(counts) == 0:
-        raise ConfigError(
-            f"the {name} split has {split.num_tokens} tokens, fewer than one context of {block_size + 1}: "
-            "pass a larger corpus or a smaller --block-size"
-        )
-    ends = np.cumsum(counts).tolist()
-
-    def row(i: int) -> tuple[torch.Tensor, torch.Tensor]:
-        shard = bisect.bisect_right(ends, i)
-        start = (i - (ends[shard - 1] if shard else 0)) * block_size
-        window = torch.from_numpy(split.shards[shard][start : start + block_size + 1].astype(np.int64))
-        return window[:-1], window[1:]
-
-    return Batches(ends[-1], row, batch_size, seed)
 
 
 def _peak_flops(device: torch.device) -> float | None:
@@ -185,7 +138,8 @@ def fit(
     start_step, history = 0, {}
     latest = latest_checkpoint(checkpoint_dir)
     if latest is not None:
-        state = load_checkpoint(latest, map_location=device)
+        state = load_checkpoint(latest, map_location="cpu")  # RNG states must stay CPU tensors
+        _require_same_run(latest, state["model_config"], asdict(model.config), state["train_config"], config)
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         torch.set_rng_state(state["rng"]["torch"])
@@ -263,6 +217,16 @@ def fit(
     return metrics
 
 
+def _require_same_run(where: Path, model_config: dict, expected_model: dict, train_config: dict,
+                      expected: TrainConfig) -> None:
+    """ConfigError if a checkpoint or finished run in `where` was made with another model or recipe."""
+    changed = [k for k in expected_model if model_config.get(k) != expected_model[k]]
+    changed += [k for k, v in result_fields(expected).items() if train_config.get(k) != v]
+    if changed:
+        raise ConfigError(f"{where} holds a run with different {', '.join(changed)}: pass another --out "
+                          "(or delete it) to start a new run, or the same settings to resume it")
+
+
 def _duration(seconds: float) -> str:
     seconds = int(seconds)
     return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
@@ -282,14 +246,18 @@ def pretrain(
     out_dir (manifest present) is returned as is.
     """
     out_dir = Path(out_dir)
+    block = model_config.block_size
+    tracker.log_params({"model": asdict(model_config), "train": asdict(config),
+                        "derived": {"total_steps": config.total_steps(block)}})
     if is_finished(out_dir):
+        manifest = read_json(out_dir / MANIFEST)
+        _require_same_run(out_dir, manifest["model_config"], asdict(model_config), manifest["train_config"], config)
         log.info("pretrain: %s is finished, reusing it", out_dir)
-        return read_json(out_dir / MANIFEST)
+        return manifest
     tokenizer = Tokenizer.load(tokenizer_dir)
     if tokenizer.vocab_size != model_config.vocab_size:
         raise ConfigError(f"model vocab_size {model_config.vocab_size} != tokenizer's {tokenizer.vocab_size}: "
                           "pass --vocab-size equal to the tokenizer's")
-    block = model_config.block_size
     train_batches = token_windows(open_split(tokens_dir, "train"), block, config.batch_size, config.seed, "train")
     val_batches = token_windows(open_split(tokens_dir, "validation"), block, config.batch_size, config.seed,
                                 "validation").in_order(config.eval_batches)
@@ -298,16 +266,24 @@ def pretrain(
     log.info("pretrain: %s parameters, %d steps of %d tokens on %s", f"{model.num_params():,}",
              config.total_steps(block), config.batch_size * config.grad_accum_steps * block,
              resolve_device(config.device))
-    tracker.log_params({"model": asdict(model_config), "train": asdict(config),
-                        "derived": {"num_params": model.num_params(), "total_steps": config.total_steps(block)}})
+    tracker.log_metrics({"pretrain/num_params": model.num_params()})
     metrics = fit(model, train_batches, val_batches, config, out_dir / "checkpoints",
                   token_bytes=torch.from_numpy(tokenizer.token_byte_lengths()), tracker=tracker, stage="pretrain")
     save_model(out_dir / "model.pt", model.to("cpu"))
     manifest = {"stage": "pretrain", "model": "model.pt", "model_config": asdict(model_config),
                 "train_config": asdict(config), "num_params": model.num_params(), "metrics": metrics,
-                "tokenizer_dir": str(Path(tokenizer_dir).resolve()), "tokens_dir": str(Path(tokens_dir).resolve())}
+                "tokenizer_dir": str(Path(tokenizer_dir).resolve()), "tokens_dir": str(Path(tokens_dir).resolve()),
+                "tokens_digest": read_json(Path(tokens_dir) / MANIFEST).get("tokenizer_digest"),
+                "torch_version": torch.__version__}
     atomic_write_json(out_dir / MANIFEST, manifest)
     return manifest
+
+
+def add_config_flags(parser: argparse.ArgumentParser, config_class: type, skip: tuple[str, ...] = ()) -> None:
+    """One optional `--kebab-name` flag per int/float/str field of a config dataclass."""
+    for name, field in config_class.__dataclass_fields__.items():
+        if name not in skip and field.type in (int, float, str):
+            parser.add_argument("--" + name.replace("_", "-"), type=field.type)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -315,10 +291,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--tokenizer", type=Path, required=True, help="folder written by llmcore.tokenizer train")
     parser.add_argument("--tokens", type=Path, required=True, help="folder written by llmcore.tokenizer encode")
     parser.add_argument("--out", type=Path, required=True)
-    for cfg in (GPTConfig, TrainConfig):
-        for name, field in cfg.__dataclass_fields__.items():
-            if name != "vocab_size" and field.type in (int, float, str):
-                parser.add_argument("--" + name.replace("_", "-"), type=field.type)
+    add_config_flags(parser, GPTConfig, skip=("vocab_size",))
+    add_config_flags(parser, TrainConfig)
     args = vars(parser.parse_args(argv))
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     tokenizer = Tokenizer.load(args["tokenizer"])

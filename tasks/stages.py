@@ -2,12 +2,15 @@
 
 What the wrappers add: caching on content digests (ingestion, tokenizer training and encoding are
 skipped when their inputs have not changed), retries where a retry can help (file I/O) and never for
-bad input or a diverged run, MLflow logging of parameters, metrics and artifacts into the stage's run,
-and Prefect artifacts (tables) for people watching the UI. Every task takes and returns paths.
-Output folders are content-addressed under `runs_dir`, so an unchanged rerun lands in the same place
-and a killed training run resumes there.
+bad input or a diverged run, and Prefect table artifacts for people watching the UI. Output folders are
+content-addressed under `runs_dir`, keyed only on what determines their content, so an unchanged rerun
+lands in the same place and a killed training run resumes there. Every task takes and returns paths.
+
+MLflow logging of the data stages lives in the `log_*` functions, called by the flows after the task,
+so that a cached (skipped) task still fills its stage's MLflow run.
 """
 
+from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -16,13 +19,13 @@ from prefect import task
 from prefect.artifacts import create_table_artifact
 
 from llmcore import completions, corpus, evaluate, finetune, sft_data, tokenizer, train
-from llmcore.artifacts import MANIFEST, json_digest, read_json
+from llmcore.artifacts import MANIFEST, file_digest, is_finished, json_digest, read_json
 from llmcore.errors import ConfigError
 from llmcore.evaluate import EvalConfig
 from llmcore.model import GPTConfig
 from llmcore.sampling import SamplingConfig
-from llmcore.tracking import MlflowTracker, NullTracker
-from llmcore.train import TrainConfig, TrainingDiverged
+from llmcore.tracking import MlflowTracker, NullTracker, Tracker
+from llmcore.train import TrainConfig, TrainingDiverged, result_fields
 from tasks.tracking import log_generator_model
 
 
@@ -37,7 +40,7 @@ def retry_unless_bad_input(task, task_run, state) -> bool:
     return False
 
 
-def _tracker(run_id: str | None):
+def tracker_for(run_id: str | None) -> Tracker:
     return MlflowTracker(run_id) if run_id else NullTracker()
 
 
@@ -45,61 +48,73 @@ def _key(*parts: Any) -> str:
     return json_digest(parts)[:16]
 
 
-def corpus_dir_for(config: corpus.CorpusConfig, runs_dir: str) -> Path:
-    return Path(runs_dir) / "corpus" / _key(corpus.source_digest(config), asdict(config))
+def _reuse_or_build(out: Path, build: Callable[[], dict]) -> dict:
+    """The finished folder's manifest, or build it (llmcore writes the folder atomically)."""
+    return read_json(out / MANIFEST) if is_finished(out) else build()
 
 
-@task(name="ingest-corpus", persist_result=True, retries=2, retry_delay_seconds=2,
-      retry_condition_fn=retry_unless_bad_input,
-      cache_key_fn=lambda ctx, p: "ingest-" + _key(corpus.source_digest(p["config"]), asdict(p["config"]), p["runs_dir"]))
-def ingest_corpus(config: corpus.CorpusConfig, runs_dir: str, run_id: str | None = None) -> str:
-    out = corpus_dir_for(config, runs_dir)
-    manifest = read_json(out / MANIFEST) if (out / MANIFEST).is_file() else corpus.ingest(config, out)
-    tracker = _tracker(run_id)
+def _manifest(folder: str | Path, stage: str) -> dict:
+    if not is_finished(Path(folder)):
+        raise ConfigError(f"{folder} is not a finished {stage} folder: run the {stage} stage first")
+    return read_json(Path(folder) / MANIFEST)
+
+
+DATA_TASK = dict(persist_result=True, retries=2, retry_delay_seconds=2, retry_condition_fn=retry_unless_bad_input)
+
+
+@task(name="ingest-corpus", **DATA_TASK,
+      cache_key_fn=lambda ctx, p: "ingest-" + _key(p["source_digest"], asdict(p["config"]), p["runs_dir"]))
+def ingest_corpus(config: corpus.CorpusConfig, source_digest: str, runs_dir: str) -> str:
+    """Ingest the source (whose content digest the flow computed once) into runs/corpus/<key>."""
+    out = Path(runs_dir) / "corpus" / _key(source_digest, asdict(config))
+    _reuse_or_build(out, lambda: corpus.ingest(config, out))
+    return str(out)
+
+
+def log_corpus(corpus_dir: str, config: corpus.CorpusConfig, run_id: str | None) -> None:
+    manifest, tracker = _manifest(corpus_dir, "corpus"), tracker_for(run_id)
     tracker.log_params({"corpus": asdict(config), "source_description": manifest.get("source", "")})
     tracker.log_metrics({f"corpus/{k}": v for k, v in manifest["counts"].items()} |
                         {f"corpus/bytes_{k}": v for k, v in manifest["bytes"].items()})
-    tracker.log_artifact(out / MANIFEST, "corpus")
+    tracker.log_artifact(Path(corpus_dir) / MANIFEST, "corpus")
+
+
+@task(name="train-tokenizer", **DATA_TASK,
+      cache_key_fn=lambda ctx, p: "tokenizer-" + _key(corpus.corpus_digest(p["corpus_dir"]), asdict(p["config"]), p["runs_dir"]))
+def train_tokenizer(corpus_dir: str, config: tokenizer.TokenizerConfig, runs_dir: str) -> str:
+    out = Path(runs_dir) / "tokenizer" / _key(corpus.corpus_digest(corpus_dir), asdict(config))
+    _reuse_or_build(out, lambda: tokenizer.train_tokenizer(Path(corpus_dir), out, config))
     return str(out)
 
 
-def _corpus_digest(corpus_dir: str) -> str:
-    return read_json(Path(corpus_dir) / MANIFEST)["content_digest"]
+@task(name="encode-corpus", **DATA_TASK,
+      cache_key_fn=lambda ctx, p: "tokens-" + _key(corpus.corpus_digest(p["corpus_dir"]),
+                                                   _manifest(p["tokenizer_dir"], "tokenizer")["tokenizer_digest"], p["runs_dir"]))
+def encode_corpus(corpus_dir: str, tokenizer_dir: str, runs_dir: str) -> str:
+    out = Path(runs_dir) / "tokens" / _key(corpus.corpus_digest(corpus_dir), _manifest(tokenizer_dir, "tokenizer")["tokenizer_digest"])
+    _reuse_or_build(out, lambda: tokenizer.encode_corpus(Path(corpus_dir), Path(tokenizer_dir), out))
+    return str(out)
 
 
-@task(name="train-tokenizer", persist_result=True, retries=2, retry_delay_seconds=2,
-      retry_condition_fn=retry_unless_bad_input,
-      cache_key_fn=lambda ctx, p: "tokenizer-" + _key(_corpus_digest(p["corpus_dir"]), asdict(p["config"]), p["runs_dir"]))
-def train_tokenizer(corpus_dir: str, config: tokenizer.TokenizerConfig, runs_dir: str, run_id: str | None = None) -> str:
-    out = Path(runs_dir) / "tokenizer" / _key(_corpus_digest(corpus_dir), asdict(config))
-    manifest = read_json(out / MANIFEST) if (out / MANIFEST).is_file() else tokenizer.train_tokenizer(Path(corpus_dir), out, config)
-    tracker = _tracker(run_id)
+def log_tokenizer(tokenizer_dir: str, tokens_dir: str, config: tokenizer.TokenizerConfig, run_id: str | None) -> None:
+    manifest, tokens, tracker = _manifest(tokenizer_dir, "tokenizer"), _manifest(tokens_dir, "tokens"), tracker_for(run_id)
     tracker.log_params({"tokenizer": asdict(config)})
     tracker.log_metrics({"tokenizer/vocab_size": manifest["vocab_size"], "tokenizer/train_seconds": manifest["train_seconds"],
-                         "tokenizer/bytes_per_token": manifest["bytes_per_token"]})
-    tracker.log_artifact(out, "tokenizer")
-    return str(out)
-
-
-@task(name="encode-corpus", persist_result=True, retries=2, retry_delay_seconds=2,
-      retry_condition_fn=retry_unless_bad_input,
-      cache_key_fn=lambda ctx, p: "tokens-" + _key(_corpus_digest(p["corpus_dir"]), p["tokenizer_dir"], p["runs_dir"]))
-def encode_corpus(corpus_dir: str, tokenizer_dir: str, runs_dir: str, run_id: str | None = None) -> str:
-    out = Path(runs_dir) / "tokens" / _key(_corpus_digest(corpus_dir), tokenizer_dir)
-    manifest = read_json(out / MANIFEST) if (out / MANIFEST).is_file() else tokenizer.encode_corpus(Path(corpus_dir), Path(tokenizer_dir), out)
-    splits = manifest["splits"]
-    _tracker(run_id).log_metrics({f"tokens/{split}_{k}": v for split, info in splits.items()
-                                  for k, v in info.items() if isinstance(v, (int, float))})
-    _tracker(run_id).log_artifact(out / MANIFEST, "tokens")
-    return str(out)
+                         "tokenizer/bytes_per_token": manifest["bytes_per_token"]} |
+                        {f"tokens/{split}_{k}": v for split, info in tokens["splits"].items()
+                         for k, v in info.items() if isinstance(v, (int, float))})
+    tracker.log_artifact(Path(tokenizer_dir), "tokenizer")
+    tracker.log_artifact(Path(tokens_dir) / MANIFEST, "tokens")
 
 
 @task(name="pretrain", retries=0)
 def pretrain(tokenizer_dir: str, tokens_dir: str, model: GPTConfig, config: TrainConfig, runs_dir: str,
              run_id: str | None = None) -> str:
-    """Train (or resume, or reuse) the model for this exact data and config; return the model file."""
-    out = Path(runs_dir) / "pretrain" / _key(read_json(Path(tokens_dir) / MANIFEST), asdict(model), asdict(config))
-    tracker = _tracker(run_id)
+    """Train (or resume, or reuse) the model for exactly this data, model and recipe; return model.pt."""
+    tokens = _manifest(tokens_dir, "tokens")
+    out = Path(runs_dir) / "pretrain" / _key(tokens["corpus_digest"], tokens["tokenizer_digest"], asdict(model),
+                                             result_fields(config))
+    tracker = tracker_for(run_id)
     manifest = train.pretrain(Path(tokenizer_dir), Path(tokens_dir), model, config, out, tracker)
     tracker.log_metrics({f"pretrain/final_{k}": v for k, v in manifest["metrics"].items()})
     tracker.log_artifact(out / "model.pt", "pretrain")
@@ -107,28 +122,32 @@ def pretrain(tokenizer_dir: str, tokens_dir: str, model: GPTConfig, config: Trai
     return str(out / "model.pt")
 
 
-@task(name="build-sft-data", persist_result=True, retries=2, retry_delay_seconds=2,
-      retry_condition_fn=retry_unless_bad_input)
-def build_sft_data(config: sft_data.SFTDataConfig, corpus_dir: str, runs_dir: str, run_id: str | None = None) -> str:
-    out = Path(runs_dir) / "sft_data" / _key(_corpus_digest(corpus_dir), asdict(config))
-    manifest = read_json(out / MANIFEST) if (out / MANIFEST).is_file() else sft_data.build_sft_data(config, Path(corpus_dir), out)
-    tracker = _tracker(run_id)
-    tracker.log_params({"sft_data": asdict(config)})
-    tracker.log_metrics({f"sft_data/{k}": v for k, v in manifest["counts"].items() if isinstance(v, (int, float))})
-    tracker.log_artifact(out / MANIFEST, "sft_data")
+def _sft_source_digest(config: sft_data.SFTDataConfig) -> str | None:
+    """A user file's content digest, so edited pairs are never mistaken for the old ones."""
+    path = Path(config.source)
+    return file_digest(path) if config.kind != "docstrings" and path.is_file() else None
+
+
+@task(name="build-sft-data", **DATA_TASK)
+def build_sft_data(config: sft_data.SFTDataConfig, corpus_dir: str, runs_dir: str) -> str:
+    out = Path(runs_dir) / "sft_data" / _key(corpus.corpus_digest(corpus_dir), asdict(config), _sft_source_digest(config))
+    _reuse_or_build(out, lambda: sft_data.build_sft_data(config, Path(corpus_dir), out))
     return str(out)
 
 
 @task(name="finetune", retries=0)
 def finetune_model(base_model: str, tokenizer_dir: str, sft_dir: str, config: TrainConfig, runs_dir: str,
                    max_length: int | None = None, run_id: str | None = None) -> str:
-    out = Path(runs_dir) / "finetune" / _key(read_json(Path(base_model).parent / MANIFEST)["metrics"],
-                                             read_json(Path(sft_dir) / MANIFEST), asdict(config), max_length)
-    tracker = _tracker(run_id)
+    out = Path(runs_dir) / "finetune" / _key(file_digest(Path(base_model)), _manifest(sft_dir, "sft data")["content_digest"],
+                                             result_fields(config), max_length)
+    tracker = tracker_for(run_id)
+    tracker.log_metrics({f"sft_data/{k}": v for k, v in _manifest(sft_dir, "sft data")["counts"].items()
+                         if isinstance(v, (int, float))})
     manifest = finetune.finetune(Path(base_model), Path(tokenizer_dir), Path(sft_dir), config, out, max_length, tracker)
     tracker.log_metrics({f"finetune/final_{k}": v for k, v in manifest["metrics"].items()})
     tracker.log_artifact(out / "model.pt", "finetune")
     tracker.log_artifact(out / MANIFEST, "finetune")
+    tracker.log_artifact(Path(sft_dir) / MANIFEST, "sft_data")
     return str(out / "model.pt")
 
 
@@ -146,12 +165,12 @@ def evaluate_models(models: dict[str, str], tokenizer_dir: str, tokens_dir: str,
     metrics: dict[str, float] = {}
     for name, model_file in models.items():
         result = evaluate.evaluate_model(Path(model_file), Path(tokenizer_dir), Path(tokens_dir), config)
-        for key in ("gzip_bpb", "bz2_bpb", "xz_bpb"):
+        for key in ("gzip_bpb", "bz2_bpb", "xz_bpb", "text_bytes"):
             metrics[key] = result.pop(key)
         metrics |= {f"{name}_{k}": v for k, v in result.items()}
         response = evaluate.response_loss(Path(model_file), Path(tokenizer_dir), Path(sft_dir), config)
         metrics[f"{name}_response_loss"] = response["loss"]
-    tracker = _tracker(run_id)
+    tracker = tracker_for(run_id)
     tracker.log_params({"evaluation": asdict(config)})
     tracker.log_metrics(metrics)
     rows = [{"model": name, **{k: round(metrics[f"{name}_{k}"], 4) for k in ("loss", "perplexity", "bpb", "response_loss")}}
@@ -162,13 +181,24 @@ def evaluate_models(models: dict[str, str], tokenizer_dir: str, tokens_dir: str,
 
 
 @task(name="sample")
-def sample(model_file: str, tokenizer_dir: str, corpus_dir: str, prompts: completions.PromptConfig,
-           sampling: SamplingConfig, device: str = "auto", chat: bool = False, run_id: str | None = None) -> dict[str, Any]:
-    """Complete held-out prompts with each decoding strategy; log the table and the Python parse rate."""
-    prompt_texts = completions.held_out_prompts(Path(corpus_dir), prompts)
-    rows = completions.complete(Path(model_file), Path(tokenizer_dir), prompt_texts, sampling, device, chat)
-    parse_rate = completions.python_parse_rate(rows)
-    create_table_artifact(rows, key="samples", description="Held-out prompt -> completion, per decoding strategy")
+def sample(pretrained: str, finetuned: str | None, tokenizer_dir: str, corpus_dir: str, sft_dir: str | None,
+           prompts: completions.PromptConfig, sampling: SamplingConfig, device: str = "auto",
+           run_id: str | None = None) -> dict[str, Any]:
+    """Complete held-out prompts with each decoding strategy: document openings for the pretrained model,
+    held-out instructions for the fine-tuned one. Logs the table and, for Python corpora, the parse rate."""
+    rows = [{"model": "pretrained", **row} for row in completions.complete(
+        Path(pretrained), Path(tokenizer_dir), completions.held_out_prompts(Path(corpus_dir), prompts), sampling, device)]
+    if finetuned and sft_dir:
+        instructions = completions.held_out_instructions(Path(sft_dir), prompts.num_prompts)
+        rows += [{"model": "finetuned", **row} for row in completions.complete(
+            Path(finetuned), Path(tokenizer_dir), instructions, sampling, device, chat=True)]
+    metrics: dict[str, float] = {"sample/num_completions": len(rows)}
+    if completions.is_python_corpus(Path(corpus_dir)):
+        for model in ("pretrained", "finetuned"):
+            chosen = [r if model == "pretrained" else {**r, "prompt": ""} for r in rows if r["model"] == model]
+            if chosen:  # a fine-tuned answer must parse on its own, without the instruction
+                metrics[f"sample/{model}_python_parse_rate"] = completions.python_parse_rate(chosen)
+    create_table_artifact(rows, key="samples", description="Held-out prompt -> completion, per model and decoding strategy")
     if run_id:
         import pandas as pd
         from mlflow import MlflowClient
@@ -176,5 +206,5 @@ def sample(model_file: str, tokenizer_dir: str, corpus_dir: str, prompts: comple
         MlflowClient().log_table(run_id, pd.DataFrame(rows), artifact_file="samples.json")
         tracker = MlflowTracker(run_id)
         tracker.log_params({"prompts": asdict(prompts), "sampling": asdict(sampling)})
-        tracker.log_metrics({"sample/python_parse_rate": parse_rate, "sample/num_completions": len(rows)})
-    return {"rows": len(rows), "python_parse_rate": parse_rate}
+        tracker.log_metrics(metrics)
+    return metrics

@@ -43,3 +43,24 @@ def test_compressors_rank_as_expected_on_repetitive_and_random_text():
     assert all(v < 0.5 for v in figures.values())
     noise = bytes(torch.randint(0, 256, (20000,), generator=torch.Generator().manual_seed(0)).tolist())
     assert all(v > 7.9 for v in compressor_bits_per_byte(noise).values())
+
+
+def test_model_and_compressors_are_scored_on_the_same_bytes(tmp_path):
+    """The compressors get exactly the text whose bytes the model's bits per byte divide by."""
+    from llmcore.checkpoint import save_model
+    from llmcore.evaluate import EvalConfig, evaluate_model
+    from llmcore.model import GPT, GPTConfig
+    from llmcore.tokenizer import TokenizerConfig, encode_corpus, train_tokenizer
+    from tests.test_tokenizer import source_documents, write_corpus
+
+    docs = source_documents()
+    corpus = write_corpus(tmp_path / "corpus", docs[1:], docs[:1] + docs[-3:])
+    train_tokenizer(corpus, tmp_path / "tok", TokenizerConfig(vocab_size=512))
+    encode_corpus(corpus, tmp_path / "tok", tmp_path / "tokens")
+    torch.manual_seed(0)
+    save_model(tmp_path / "model.pt", GPT(GPTConfig(vocab_size=512, block_size=64, n_layer=1, n_head=2, n_embd=32)))
+    result = evaluate_model(tmp_path / "model.pt", tmp_path / "tok", tmp_path / "tokens",
+                            EvalConfig(max_tokens=4096, batch_size=4, device="cpu"))
+    assert result["bytes"] == result["text_bytes"] > 5_000
+    assert result["bpb"] > result["xz_bpb"]  # an untrained model loses to xz
+    assert result["perplexity"] == pytest.approx(math.exp(result["loss"]))

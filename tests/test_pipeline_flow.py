@@ -66,7 +66,15 @@ def test_pipeline_logs_a_parent_run_with_one_child_per_stage(pipeline_run):
         assert key in evaluation, key
     assert 0 < evaluation["xz_bpb"] < evaluation["gzip_bpb"]
     assert evaluation["finetuned_response_loss"] < evaluation["pretrained_response_loss"]
-    assert 0 <= children["sample"].data.metrics["sample/python_parse_rate"] <= 1
+    for model in ("pretrained", "finetuned"):
+        assert 0 <= children["sample"].data.metrics[f"sample/{model}_python_parse_rate"] <= 1
+
+    # the rerun's stages were skipped or reused, yet every child run still carries its record
+    rerun = {r.info.run_name: r for r in runs if r.data.tags.get("mlflow.parentRunId") == parents[1].info.run_id}
+    assert set(rerun) == set(STAGES)
+    for stage, run in rerun.items():
+        assert run.data.params and run.data.metrics and run.info.status == "FINISHED", stage
+    assert rerun["tokenizer"].data.metrics["tokenizer/bytes_per_token"] == tokenizer.metrics["tokenizer/bytes_per_token"]
 
     artifacts = {a.path for a in client.list_artifacts(pretrain.info.run_id, "pretrain")}
     assert {"pretrain/model.pt", "pretrain/manifest.json"} <= artifacts
@@ -74,14 +82,23 @@ def test_pipeline_logs_a_parent_run_with_one_child_per_stage(pipeline_run):
     assert "tokenizer/tokenizer.model" in tokenizer_files
     samples = client.download_artifacts(children["sample"].info.run_id, "samples.json", str(workdir))
     table = json.loads(Path(samples).read_text())
-    assert len(table["data"]) == 16 and set(table["columns"]) == {"strategy", "prompt", "completion"}
+    assert len(table["data"]) == 2 * 4 * 4  # two models, four strategies, four prompts
+    assert set(table["columns"]) == {"model", "strategy", "prompt", "completion"}
 
 
 def test_rerun_reuses_cached_stages(pipeline_run):
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import TaskRunFilter, TaskRunFilterName
+
     _, first, rerun = pipeline_run
     seconds = {row["stage"]: row["seconds"] for row in first}
     again = {row["stage"]: row["seconds"] for row in rerun}
     assert again["pretrain"] < seconds["pretrain"]
+    with get_client(sync_client=True) as client:
+        for name in ("ingest-corpus", "train-tokenizer", "encode-corpus"):
+            runs = client.read_task_runs(task_run_filter=TaskRunFilter(name=TaskRunFilterName(like_=name)))
+            states = sorted(r.state.name for r in runs)
+            assert states == ["Cached", "Completed"], (name, states)
     assert [r["value"] for r in rerun if r["stage"] == "pretrain"] == [r["value"] for r in first if r["stage"] == "pretrain"]
 
 

@@ -6,7 +6,7 @@ from dataclasses import replace
 
 import pytest
 
-from flows.pipeline import PipelineParams
+from flows.pipeline import PipelineParams, check_inputs
 from llmcore.errors import ConfigError
 from llmcore.model import GPT
 from llmcore.presets import PRESETS, get_preset
@@ -44,10 +44,12 @@ def test_overrides_reach_the_right_configs():
     (dict(learning_rate=float("inf")), "learning_rate"),
     (dict(max_steps=0), "max_steps"),
     (dict(batch_size=-2), "batch_size"),
-    (dict(vocab_size=100), "vocab"),
-    (dict(max_length=4096), "longer than the model supports"),
+    (dict(vocab_size=100), "does not fit the byte fallback"),
+    (dict(max_length=4096), "does not fit the model"),
     (dict(n_head=3), "n_head"),
-    (dict(corpus="s3://bucket/data"), "corpus"),
+    (dict(corpus="s3://bucket/data"), "unsupported corpus source"),
+    (dict(max_length=0), "does not fit the model"),
+    (dict(device="cudax"), "unknown device"),
 ])
 def test_bad_parameters_are_config_errors(params, message):
     with pytest.raises(ConfigError, match=message):
@@ -58,7 +60,8 @@ def test_bad_parameters_are_config_errors(params, message):
     (["--corpus", "/no/such/folder"], "does not exist"),
     (["--preset", "huge"], "unknown preset"),
     (["--learning-rate", "nan"], "learning_rate"),
-    (["--vocab-size", "64"], "vocab"),
+    (["--vocab-size", "64"], "does not fit the byte fallback"),
+    (["--sft-data", "/no/such/pairs.jsonl"], "fine-tuning data /no/such/pairs.jsonl does not exist"),
 ])
 def test_cli_fails_before_any_work_with_one_line(argv, message, tmp_path):
     done = subprocess.run([sys.executable, "-m", "flows.pipeline", *argv], cwd=tmp_path, capture_output=True,
@@ -74,3 +77,27 @@ def test_help_lists_the_knobs_users_turn():
     for flag in ("--preset", "--corpus", "--experiment", "--vocab-size", "--n-layer", "--max-steps", "--max-tokens",
                  "--batch-size", "--learning-rate", "--device", "--seed", "--runs-dir"):
         assert flag in done.stdout, flag
+
+
+def test_a_named_cuda_device_without_cuda_fails_before_work(monkeypatch):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ConfigError, match="CUDA is not available"):
+        check_inputs(PipelineParams(device="cuda").build())
+    assert check_inputs(PipelineParams(device="auto").build()) is None
+
+
+def test_a_stage_error_inside_the_flow_ends_with_one_clear_line(tmp_path):
+    """A vocabulary the corpus cannot fill is found by the tokenizer stage, inside Prefect."""
+    corpus = tmp_path / "notes"
+    corpus.mkdir()
+    for i in range(30):
+        (corpus / f"note{i}.md").write_text(f"Note {i}: the quick brown fox {i * 7} jumps.\n" * 3)
+    done = subprocess.run([sys.executable, "-m", "flows.pipeline", "--corpus", str(corpus), "--vocab-size", "8000"],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=300,
+                          env={**__import__("os").environ, "PYTHONPATH": str(__import__("pathlib").Path(__file__).parents[1])})
+    assert done.returncode == 2
+    (error,) = [line for line in done.stderr.splitlines() if line.startswith("error: ")]  # after Prefect's own log
+    assert "fewer than vocab_size 8000" in error and "--vocab-size" in error, done.stderr[-2000:]
+    assert not list((tmp_path / "runs").glob("tokenizer/*"))  # nothing a later stage could take for finished

@@ -83,12 +83,12 @@ def test_resume_is_bit_identical_to_an_uninterrupted_run(tmp_path):
     batches = token_windows(split(4000), MODEL.block_size, cfg.batch_size, cfg.seed, "train")
     real_get = batches.get
 
-    def killed_after_step_3(index):
-        if index >= 3 * cfg.grad_accum_steps:
+    def killed_during_step_5(index):  # after the step-3 checkpoint, with step 4 done and lost
+        if index >= 4 * cfg.grad_accum_steps + 1:
             raise KeyboardInterrupt("killed")
         return real_get(index)
 
-    batches.get = killed_after_step_3
+    batches.get = killed_during_step_5
     with pytest.raises(KeyboardInterrupt):
         run(tmp_path / "resumed", cfg, batches)
     assert latest_checkpoint(tmp_path / "resumed").name == "step_000003.pt"
@@ -97,6 +97,18 @@ def test_resume_is_bit_identical_to_an_uninterrupted_run(tmp_path):
     resumed, _ = run(tmp_path / "resumed", cfg)  # a fresh model: everything comes from the checkpoint
     for (name, a), (_, b) in zip(straight.state_dict().items(), resumed.state_dict().items()):
         assert torch.equal(a, b), name
+    straight_opt = load_checkpoint(tmp_path / "straight")["optimizer"]["state"]
+    resumed_opt = load_checkpoint(tmp_path / "resumed")["optimizer"]["state"]
+    for index, moments in straight_opt.items():
+        for key in ("exp_avg", "exp_avg_sq", "step"):
+            assert torch.equal(moments[key], resumed_opt[index][key]), (index, key)
+
+
+def test_resuming_with_another_recipe_is_refused(tmp_path):
+    run(tmp_path, config(max_steps=3, checkpoint_interval=3))
+    with pytest.raises(ConfigError, match="learning_rate"):
+        run(tmp_path, config(max_steps=3, checkpoint_interval=3, learning_rate=5e-3))
+    run(tmp_path, config(max_steps=3, checkpoint_interval=3, log_interval=2))  # reporting settings may change
 
 
 def test_checkpoints_are_pruned_to_the_newest(tmp_path):

@@ -1,0 +1,66 @@
+"""Training batches: deterministic, resumable sampling of fixed-length rows.
+
+`Batches` turns any indexable set of (input, target) rows into batches whose content is a pure function
+of (seed, batch index): one seeded permutation per epoch. A run's data position is therefore just its
+batch index, which is what makes resumed training bit-identical. `token_windows` makes the rows of
+pretraining and evaluation: non-overlapping windows of a token split. This module does not tokenize and
+does not move data to a device.
+"""
+
+import bisect
+import math
+from collections.abc import Callable
+
+import numpy as np
+import torch
+
+from llmcore.errors import ConfigError
+from llmcore.shards import TokenSplit
+
+
+class Batches:
+    """Deterministic batches over `num_rows` rows: a seeded permutation per epoch, so batch i is a pure
+    function of (seed, i) and the data position of a run is just its batch index."""
+
+    def __init__(self, num_rows: int, row: Callable[[int], tuple[torch.Tensor, torch.Tensor]], batch_size: int, seed: int):
+        self.num_rows, self.row, self.batch_size, self.seed = num_rows, row, batch_size, seed
+        self._epoch, self._order = -1, None
+
+    def _index(self, sample: int) -> int:
+        epoch, position = divmod(sample, self.num_rows)
+        if epoch != self._epoch:
+            generator = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+            self._epoch, self._order = epoch, torch.randperm(self.num_rows, generator=generator)
+        return int(self._order[position])
+
+    def get(self, batch_index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        first = batch_index * self.batch_size
+        rows = [self.row(self._index(s)) for s in range(first, first + self.batch_size)]
+        return torch.stack([x for x, _ in rows]), torch.stack([y for _, y in rows])
+
+    def in_order(self, num_batches: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """The first rows in storage order, unshuffled: a fixed validation set."""
+        out = []
+        for b in range(min(num_batches, math.ceil(self.num_rows / self.batch_size))):
+            rows = [self.row(i) for i in range(b * self.batch_size, min(self.num_rows, (b + 1) * self.batch_size))]
+            out.append((torch.stack([x for x, _ in rows]), torch.stack([y for _, y in rows])))
+        return out
+
+
+def token_windows(split: TokenSplit, block_size: int, batch_size: int, seed: int, name: str) -> Batches:
+    """Non-overlapping windows of block_size + 1 tokens (input and shifted target) across the shards."""
+    counts = [max(0, (len(shard) - 1) // block_size) for shard in split.shards]
+    if sum(counts) == 0:
+        raise ConfigError(
+            f"the {name} split has {split.num_tokens} tokens, fewer than one context of {block_size + 1}: "
+            "pass a larger corpus or a smaller --block-size"
+        )
+    ends = np.cumsum(counts).tolist()
+
+    def row(i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        shard = bisect.bisect_right(ends, i)
+        start = (i - (ends[shard - 1] if shard else 0)) * block_size
+        window = torch.from_numpy(split.shards[shard][start : start + block_size + 1].astype(np.int64))
+        return window[:-1], window[1:]
+
+    return Batches(ends[-1], row, batch_size, seed)
