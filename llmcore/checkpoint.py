@@ -62,10 +62,6 @@ def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dic
     return torch.load(path, map_location=map_location, weights_only=False)
 
 
-def checkpoint_meta(path: Path) -> dict[str, Any]:
-    return read_json(Path(path).with_suffix(".json"))
-
-
 def save_model(path: Path, model: torch.nn.Module, extra: dict[str, Any] | None = None) -> None:
     """Write the final weights with the model config, atomically: what later stages load."""
     from dataclasses import asdict

@@ -59,6 +59,13 @@ def mlflow_run(experiment: str, name: str, parent_run_id: str | None = None, tag
     client.set_terminated(run.info.run_id, "FINISHED")
 
 
+def _pinned(*packages: str) -> list[str]:
+    """Requirements pinned to the versions running now (local tags such as +cpu dropped)."""
+    from importlib.metadata import version
+
+    return [f"{name}=={version(name).split('+')[0]}" for name in packages]
+
+
 def log_generator_model(run_id: str, model_file: Path, tokenizer_dir: Path, chat: bool, name: str) -> str:
     """Log a pyfunc model bundling weights, tokenizer and config; return its models:/ URI.
 
@@ -90,6 +97,6 @@ def log_generator_model(run_id: str, model_file: Path, tokenizer_dir: Path, chat
                            "config": str(config)},
                 code_paths=[str(Path(llmcore.__file__).parent)],
                 signature=signature,
-                pip_requirements=["torch", "sentencepiece", "numpy", "pandas"],
+                pip_requirements=_pinned("torch", "sentencepiece", "numpy", "pandas"),
             )
     return info.model_uri
