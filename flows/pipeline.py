@@ -136,7 +136,7 @@ def pipeline(params: PipelineParams = PipelineParams()) -> list[dict[str, Any]]:
         timed("sample", lambda: sample_flow(pretrained, tok["tokenizer_dir"], corpus_dir, tuned["model"], tuned["sft_dir"],
                                             preset.prompts, preset.sampling, preset.pretrain.device, **common),
               lambda r: ("python_parse_rate (pretrained)", round(r.get("sample/pretrained_python_parse_rate", float("nan")), 3)))
-        tracker.log_metrics({k: v for k, v in scores.items()})
+        tracker.log_metrics(scores)  # the headline figures, on the parent run too
     create_table_artifact(summary, key="pipeline-summary", description=f"Pipeline ({preset.name}) stage timings")
     return summary
 
