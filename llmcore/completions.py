@@ -49,8 +49,9 @@ def strategies(base: SamplingConfig) -> dict[str, SamplingConfig]:
 def held_out_prompts(corpus_dir: Path, config: PromptConfig) -> list[str]:
     """Openings of evenly spaced validation documents, cut at a line boundary.
 
-    A prompt ends at the document's first top-level `def`/`class` line, with up to prompt_lines lines
-    before it, so code prompts ask for a body; a document without one gives its first lines.
+    A prompt ends at the document's first top-level `def`/`class` line (without its newline), with up to
+    prompt_lines lines before it, so code prompts ask for a body; a document without one gives its first
+    lines.
     """
     documents = [d["text"] for d in read_documents(corpus_dir, "validation") if d["text"].strip()]
     if not documents:
@@ -61,7 +62,9 @@ def held_out_prompts(corpus_dir: Path, config: PromptConfig) -> list[str]:
         lines = text.splitlines(keepends=True)
         start = next((i for i, line in enumerate(lines) if line.startswith(("def ", "class "))), None)
         chosen = lines[max(0, start - config.prompt_lines + 1) : start + 1] if start is not None else lines[: config.prompt_lines]
-        prompt = "".join(chosen)
+        # No trailing newline: the tokenizer merges a newline with the indentation after it, so a prompt
+        # ending in a bare newline token would ask the model to continue from a place it never saw.
+        prompt = "".join(chosen).rstrip("\n")
         if len(prompt) > config.prompt_chars:
             prompt = prompt[-config.prompt_chars :]
             prompt = prompt[prompt.find("\n") + 1 :] or prompt

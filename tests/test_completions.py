@@ -1,0 +1,40 @@
+"""The sampling stage's prompts and its Python parse rate."""
+
+import json
+
+from llmcore.completions import PromptConfig, held_out_prompts, is_python_corpus, parses_as_python, strategies
+from llmcore.sampling import SamplingConfig
+
+
+def corpus(folder, documents):
+    folder.mkdir()
+    for split in ("train", "validation"):
+        with open(folder / f"{split}.jsonl", "w") as f:
+            for i, (source, text) in enumerate(documents):
+                f.write(json.dumps({"id": str(i), "source": source, "text": text}) + "\n")
+    (folder / "manifest.json").write_text("{}")
+    return folder
+
+
+def test_prompts_end_at_the_first_definition_without_its_newline(tmp_path):
+    code = '"""Module."""\nimport os\n\nX = 1\n\ndef area(r):\n    return 3.14 * r * r\n'
+    prose = "line one\nline two\nline three\n"
+    folder = corpus(tmp_path / "c", [("a.py", code), ("b.md", prose)])
+    prompts = held_out_prompts(folder, PromptConfig(num_prompts=2, prompt_lines=3))
+    assert prompts == ["X = 1\n\ndef area(r):", "line one\nline two\nline three"]
+    assert not is_python_corpus(corpus(tmp_path / "d", [("a.md", prose), ("b.md", prose), ("c.py", code)]))
+    assert is_python_corpus(folder) is False  # one of two is not a majority
+
+
+def test_parse_rate_counts_only_completions_that_finish_a_line():
+    assert parses_as_python("def f(x):", "\n    return x\n    y = (")
+    assert not parses_as_python("def f(x):", "\nreturn x\n")  # wrong indentation
+    assert not parses_as_python("x = 1\n", "y = 2")  # no line of its own finished: the prompt alone would pass
+    assert not parses_as_python("def f(x):", "\n")
+
+
+def test_four_strategies_share_length_and_seed():
+    chosen = strategies(SamplingConfig(max_new_tokens=9, seed=4, temperature=0.7))
+    assert chosen["greedy"].temperature == 0 and chosen["top_k"].top_k == 40 and chosen["top_p"].top_p == 0.9
+    assert {c.max_new_tokens for c in chosen.values()} == {9} and {c.seed for c in chosen.values()} == {4}
+    assert chosen["temperature"].temperature == 0.7 and chosen["temperature"].top_k is None
