@@ -87,9 +87,8 @@ def log_generator_model(run_id: str, model_file: Path, tokenizer_dir: Path, chat
         config.write_text(json.dumps({"chat": chat}))
         # The model is logged inside the run by id; start_run here is local to this thread and call.
         with mlflow.start_run(run_id=run_id), warnings.catch_warnings():
-            # Prompts arrive as a DataFrame column, so type-hint validation and an input example (which
-            # would run a generation at logging time) are declined on purpose; the signature covers both.
-            warnings.filterwarnings("ignore", message=".*(type hints|input example).*", category=UserWarning)
+            # An input example would run a generation at logging time; the signature describes the input.
+            warnings.filterwarnings("ignore", message=".*input example", category=UserWarning)
             info = mlflow.pyfunc.log_model(
                 name=name,
                 python_model=str(Path(__file__).with_name("pyfunc_model.py")),
