@@ -1,0 +1,31 @@
+"""Orchestration choices in the task layer: what is retried, and what cache keys depend on."""
+
+from prefect.states import Completed, Failed
+
+from llmcore.errors import ConfigError
+from llmcore.sft_data import SFTDataConfig
+from llmcore.train import TrainConfig, TrainingDiverged, result_fields
+from tasks.stages import _sft_source_digest, retry_unless_bad_input
+
+
+def test_io_errors_are_retried_but_bad_input_and_divergence_are_not():
+    assert retry_unless_bad_input(None, None, Failed(data=OSError("disk hiccup")))
+    assert not retry_unless_bad_input(None, None, Failed(data=ConfigError("bad: pass --x")))
+    assert not retry_unless_bad_input(None, None, Failed(data=TrainingDiverged("nan")))
+    assert not retry_unless_bad_input(None, None, Completed(data=1))
+
+
+def test_resume_and_cache_keys_ignore_how_a_run_is_executed_or_reported():
+    base = TrainConfig()
+    assert result_fields(base) == result_fields(TrainConfig(device="cpu", log_interval=1, checkpoint_interval=7))
+    assert result_fields(base) != result_fields(TrainConfig(learning_rate=base.learning_rate / 2))
+
+
+def test_user_fine_tuning_data_is_keyed_on_its_content(tmp_path):
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text('{"prompt": "a", "response": "b"}\n')
+    config = SFTDataConfig(source=str(pairs))
+    before = _sft_source_digest(config)
+    pairs.write_text('{"prompt": "a", "response": "c"}\n')
+    assert _sft_source_digest(config) != before
+    assert _sft_source_digest(SFTDataConfig()) is None  # docstrings: keyed on the corpus digest instead
