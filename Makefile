@@ -1,6 +1,8 @@
 # Two entry points: `make run` (the whole pipeline, smoke preset, embedded corpus) and `make test`.
-# TORCH_SPEC, when set (e.g. TORCH_SPEC=torch==2.13.0), is installed before the project so that a
-# CPU-only machine can pick a CPU build of torch; left empty, pip resolves torch from pyproject.
+# TORCH_SPEC, when set, is passed to `pip install` before the project, so that a machine without a GPU
+# can pick a CPU build of torch (e.g. TORCH_SPEC=torch==2.13.0, or
+# TORCH_SPEC="torch --index-url https://download.pytorch.org/whl/cpu"); left empty, pip resolves torch
+# from pyproject.
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -15,7 +17,7 @@ install: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	if [ -n "$(TORCH_SPEC)" ]; then $(PY) -m pip install --quiet "$(TORCH_SPEC)"; fi
+	if [ -n "$(TORCH_SPEC)" ]; then $(PY) -m pip install --quiet $(TORCH_SPEC); fi
 	$(PY) -m pip install --quiet -e ".[test]"
 	touch $@
 

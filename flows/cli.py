@@ -9,32 +9,12 @@ import argparse
 import dataclasses
 import inspect
 import sys
-import types
 import typing
 from collections.abc import Callable
 from typing import Any
 
+from llmcore.cli import add_flag
 from llmcore.errors import ConfigError
-
-
-def _base_type(annotation: Any) -> Any:
-    """`int | None` -> int; other annotations unchanged."""
-    if isinstance(annotation, types.UnionType) or typing.get_origin(annotation) is typing.Union:
-        args = [a for a in typing.get_args(annotation) if a is not type(None)]
-        return args[0] if len(args) == 1 else str
-    return annotation
-
-
-def add_flag(parser: argparse.ArgumentParser, name: str, annotation: Any, default: Any, required: bool,
-             help: str | None = None, dest: str | None = None) -> None:
-    kind = _base_type(annotation)
-    flag = "--" + name.replace("_", "-")
-    text = (help + " " if help else "") + ("(required)" if required else f"(default: {default})")
-    if kind is bool:
-        parser.add_argument(flag, dest=dest or name, action=argparse.BooleanOptionalAction, default=None, help=text)
-    else:
-        parser.add_argument(flag, dest=dest or name, type=kind if kind in (int, float, str) else str,
-                            default=None, required=required, help=text)
 
 
 def add_flow_arguments(parser: argparse.ArgumentParser, fn: Callable) -> None:
@@ -80,7 +60,6 @@ def run_stage_cli(flows: dict[str, Callable], argv: list[str]) -> None:
     args = vars(parser.parse_args(argv))
     stage_flow = flows[args.pop("stage")]
     try:
-        kwargs = flow_arguments(stage_flow.fn, args)
+        print(stage_flow(**flow_arguments(stage_flow.fn, args)))
     except ConfigError as error:
         fail(error)
-    print(stage_flow(**kwargs))

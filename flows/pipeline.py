@@ -10,6 +10,7 @@ summary (stage, wall time, key metric) and how to open the MLflow UI.
 
 import argparse
 import logging
+import os
 import sys
 import time
 from dataclasses import asdict, replace
@@ -21,7 +22,7 @@ from prefect.artifacts import create_table_artifact
 from prefect.runtime import flow_run
 from pydantic import BaseModel, Field
 
-from flows.cli import add_flag, fail
+from flows.cli import fail
 from flows.stages import (
     EXPERIMENT,
     RUNS_DIR,
@@ -33,6 +34,7 @@ from flows.stages import (
     tokenizer_flow,
 )
 from llmcore.artifacts import MANIFEST, read_json
+from llmcore.cli import add_flag
 from llmcore.corpus import describe_source
 from llmcore.device import resolve_device
 from llmcore.errors import ConfigError
@@ -141,11 +143,14 @@ def pipeline(params: PipelineParams = PipelineParams()) -> list[dict[str, Any]]:
     return summary
 
 
-def print_summary(summary: list[dict[str, Any]], experiment: str) -> None:
+def print_summary(summary: list[dict[str, Any]], experiment: str, tracking_uri: str | None) -> None:
     print("\nstage       seconds  key metric")
     for row in summary:
         print(f"{row['stage']:<11} {row['seconds']:>7.1f}  {row['metric']} = {row['value']}")
     print(f"total       {sum(r['seconds'] for r in summary):>7.1f}")
+    if tracking_uri:
+        print(f"\nMLflow experiment {experiment!r} at {tracking_uri}")
+        return
     print(f"\nMLflow experiment {experiment!r}. Open the UI with:\n"
           "  .venv/bin/mlflow server --backend-store-uri sqlite:///mlruns/mlflow.db "
           "--default-artifact-root mlruns/artifacts --host 127.0.0.1 --port 5000\n"
@@ -157,13 +162,14 @@ def main(argv: list[str] | None = None) -> None:
     for name, field in PipelineParams.model_fields.items():
         add_flag(parser, name, field.annotation, field.default, required=False, help=field.description)
     values = {k: v for k, v in vars(parser.parse_args(argv)).items() if v is not None}
+    tracking_uri = os.environ.get("MLFLOW_TRACKING_URI")  # read before MLflow sets it for the local store
     try:
         params = PipelineParams(**values)
         check_inputs(params.build())  # every config and input, before Prefect and MLflow start
         summary = pipeline(params)
     except ConfigError as error:  # raised inside a stage (e.g. a vocabulary the corpus cannot fill)
         fail(error)
-    print_summary(summary, params.experiment)
+    print_summary(summary, params.experiment, tracking_uri)
 
 
 def check_inputs(preset: Preset) -> None:

@@ -87,7 +87,7 @@ def complete(model_path: Path, tokenizer_dir: Path, prompts: list[str], sampling
     rows = []
     for name, config in strategies(sampling).items():
         for prompt in prompts:
-            ids = chat_prompt(tokenizer, prompt) if chat else tokenizer.encode(prompt)
+            ids = chat_prompt(tokenizer, prompt, model.config.block_size) if chat else tokenizer.encode(prompt)
             completion = tokenizer.decode(generate(model, ids, config, stop_id=stop))
             rows.append({"strategy": name, "prompt": prompt, "completion": completion})
     return rows

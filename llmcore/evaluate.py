@@ -87,7 +87,7 @@ def compressor_bits_per_byte(data: bytes) -> dict[str, float]:
 
 
 def held_out_batches(tokens_dir: Path, block_size: int, config: EvalConfig):
-    """The first max_tokens validation tokens as non-overlapping windows, plus the target ids scored."""
+    """The first max_tokens validation tokens as non-overlapping (input, target) windows."""
     windows = token_windows(open_split(tokens_dir, "validation"), block_size, config.batch_size, 0, "validation")
     num_batches = max(1, config.max_tokens // (block_size * config.batch_size))
     return windows.in_order(num_batches)

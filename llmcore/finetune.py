@@ -16,22 +16,24 @@ from typing import Any
 
 import torch
 
-from llmcore.artifacts import MANIFEST, atomic_write_json, is_finished, read_json
+from llmcore.artifacts import MANIFEST, atomic_write_json, file_digest, is_finished, read_json
 from llmcore.checkpoint import load_model, save_model
+from llmcore.cli import add_config_flags
 from llmcore.errors import ConfigError
 from llmcore.sft_data import read_pairs
 from llmcore.tokenizer import Tokenizer
 from llmcore.tracking import NullTracker, Tracker
 from llmcore.batches import Batches
-from llmcore.train import TrainConfig, add_config_flags, fit, result_fields
+from llmcore.train import TrainConfig, fit, require_same_run, run_identity
 
 log = logging.getLogger(__name__)
 IGNORE = -100
 
 
-def chat_prompt(tokenizer: Tokenizer, prompt: str) -> list[int]:
-    """`<|user|> prompt <|assistant|>`: what a fine-tuned model is given to answer."""
-    return [tokenizer.user_id, *tokenizer.encode(prompt), tokenizer.assistant_id]
+def chat_prompt(tokenizer: Tokenizer, prompt: str, context: int) -> list[int]:
+    """`<|user|> prompt <|assistant|>`, what a fine-tuned model answers, in at most half of `context`
+    tokens: a long prompt keeps its start, so that training and generation see the same thing."""
+    return [tokenizer.user_id, *tokenizer.encode(prompt)[: max(0, context // 2 - 2)], tokenizer.assistant_id]
 
 
 def encode_pair(tokenizer: Tokenizer, prompt: str, response: str, max_length: int) -> tuple[list[int], list[int]]:
@@ -39,9 +41,7 @@ def encode_pair(tokenizer: Tokenizer, prompt: str, response: str, max_length: in
 
     The prompt keeps at most half the context so that every example trains on some response.
     """
-    prompt_ids = chat_prompt(tokenizer, prompt)
-    if len(prompt_ids) > max_length // 2:  # keep the start of a long prompt, and its <|assistant|>
-        prompt_ids = [*prompt_ids[: max_length // 2 - 1], tokenizer.assistant_id]
+    prompt_ids = chat_prompt(tokenizer, prompt, max_length)
     response_ids = [*tokenizer.encode(response), tokenizer.end_id]
     ids = (prompt_ids + response_ids)[: max_length + 1]
     labels = ([IGNORE] * len(prompt_ids) + response_ids)[: max_length + 1]
@@ -49,15 +49,16 @@ def encode_pair(tokenizer: Tokenizer, prompt: str, response: str, max_length: in
 
 
 def sft_batches(sft_dir: Path, split: str, tokenizer: Tokenizer, max_length: int, batch_size: int, seed: int) -> Batches:
-    """Padded (input, target) rows of every pair in a split; padding targets are ignored by the loss."""
+    """Padded (input, target) rows of every pair in a split; padding targets are ignored by the loss.
+    Rows are held as int32 (half the memory) and widened per row when a batch is read."""
     pairs = read_pairs(sft_dir, split)
-    inputs = torch.full((len(pairs), max_length), tokenizer.eot_id, dtype=torch.long)
-    targets = torch.full((len(pairs), max_length), IGNORE, dtype=torch.long)
+    inputs = torch.full((len(pairs), max_length), tokenizer.eot_id, dtype=torch.int32)
+    targets = torch.full((len(pairs), max_length), IGNORE, dtype=torch.int32)
     for row, pair in enumerate(pairs):
         ids, labels = encode_pair(tokenizer, pair["prompt"], pair["response"], max_length)
         inputs[row, : len(ids) - 1] = torch.tensor(ids[:-1])
         targets[row, : len(labels) - 1] = torch.tensor(labels[1:])
-    return Batches(len(pairs), lambda i: (inputs[i], targets[i]), batch_size, seed)
+    return Batches(len(pairs), lambda i: (inputs[i].long(), targets[i].long()), batch_size, seed)
 
 
 def finetune(
@@ -81,10 +82,11 @@ def finetune(
                           f"pass --max-length <= {block}")
     max_length = max_length or block
     tracker.log_params({"finetune": asdict(config), "max_length": max_length, "base_model": str(base_model)})
+    inputs = {"base_model": file_digest(Path(base_model)), "sft_data": read_json(Path(sft_dir) / MANIFEST)["content_digest"]
+              if is_finished(Path(sft_dir)) else None, "max_length": max_length}
     if is_finished(out_dir):
         manifest = read_json(out_dir / MANIFEST)
-        if result_fields(TrainConfig(**manifest["train_config"])) != result_fields(config):
-            raise ConfigError(f"{out_dir} holds a fine-tuning run with other settings: pass another --out or the same settings")
+        require_same_run(out_dir, manifest["identity"], run_identity(model.config, config, inputs))
         log.info("finetune: %s is finished, reusing it", out_dir)
         return manifest
     tokenizer = Tokenizer.load(tokenizer_dir)
@@ -95,11 +97,11 @@ def finetune(
     tracker.log_metrics({"finetune/train_pairs": train_batches.num_rows, "finetune/validation_pairs": val_batches.num_rows})
     model.train()
     metrics = fit(model, train_batches, val_batches.in_order(config.eval_batches), config, out_dir / "checkpoints",
-                  tracker=tracker, stage="finetune")
+                  tracker=tracker, stage="finetune", sequence_length=max_length, inputs=inputs)
     save_model(out_dir / "model.pt", model.to("cpu"), extra={"chat": True})
     manifest = {"stage": "finetune", "model": "model.pt", "base_model": str(Path(base_model).resolve()),
                 "model_config": asdict(model.config), "train_config": asdict(config), "max_length": max_length,
-                "metrics": metrics, "tokenizer_dir": str(Path(tokenizer_dir).resolve()),
+                "metrics": metrics, "identity": run_identity(model.config, config, inputs), "tokenizer_dir": str(Path(tokenizer_dir).resolve()),
                 "sft_dir": str(Path(sft_dir).resolve())}
     atomic_write_json(out_dir / MANIFEST, manifest)
     return manifest
@@ -116,8 +118,11 @@ def main(argv: list[str] | None = None) -> None:
     args = vars(parser.parse_args(argv))
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     train_args = {k: v for k, v in args.items() if k in TrainConfig.__dataclass_fields__ and v is not None}
-    manifest = finetune(args["base"], args["tokenizer"], args["sft"], replace(TrainConfig(), **train_args),
-                        args["out"], args["max_length"])
+    try:
+        manifest = finetune(args["base"], args["tokenizer"], args["sft"], replace(TrainConfig(), **train_args),
+                            args["out"], args["max_length"])
+    except ConfigError as error:
+        parser.error(str(error))
     print({k: round(v, 4) for k, v in manifest["metrics"].items()})
 
 

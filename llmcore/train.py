@@ -25,6 +25,7 @@ import torch
 from llmcore.artifacts import MANIFEST, atomic_write_json, is_finished, read_json
 from llmcore.batches import Batches, token_windows
 from llmcore.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, save_model
+from llmcore.cli import add_config_flags
 from llmcore.device import require_device, resolve_device
 from llmcore.errors import ConfigError, require_non_negative, require_positive
 from llmcore.evaluate import token_loss
@@ -85,7 +86,24 @@ EXECUTION_FIELDS = ("device", "compile", "eval_interval", "eval_batches", "check
 
 def result_fields(config: TrainConfig) -> dict[str, Any]:
     """The config fields that determine the trained weights (for resume checks and cache keys)."""
-    return {k: v for k, v in asdict(config).items() if k not in EXECUTION_FIELDS}
+    ignored = EXECUTION_FIELDS + (("max_steps",) if config.max_tokens is not None else ())
+    return {k: v for k, v in asdict(config).items() if k not in ignored}
+
+
+def run_identity(model: GPTConfig, config: TrainConfig, inputs: dict[str, Any]) -> dict[str, Any]:
+    """What makes two runs the same run: model, recipe and input digests. Stored in every checkpoint
+    and manifest, and compared before resuming or reusing."""
+    return {"model": asdict(model), "train": result_fields(config), "inputs": inputs}
+
+
+def require_same_run(where: Path, stored: dict[str, Any], expected: dict[str, Any]) -> None:
+    """ConfigError if the checkpoint or finished run in `where` was made with another model, recipe or data."""
+    changed = [f"{part}.{key}" for part in expected
+               for key in sorted(set(expected[part]) | set(stored.get(part, {})))
+               if stored.get(part, {}).get(key) != expected[part].get(key)]
+    if changed:
+        raise ConfigError(f"{where} holds a run with different {', '.join(changed)}: pass another --out "
+                          "(or delete it) to start a new run, or the same settings and data to resume it")
 
 
 class TrainingDiverged(RuntimeError):
@@ -122,11 +140,17 @@ def fit(
     token_bytes: torch.Tensor | None = None,
     tracker: Tracker = NullTracker(),
     stage: str = "pretrain",
+    sequence_length: int | None = None,
+    inputs: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Train `model` in place for config.total_steps, resuming from checkpoint_dir; return final metrics."""
+    """Train `model` in place for config.total_steps, resuming from checkpoint_dir; return final metrics.
+
+    sequence_length (default: the model's context) sizes a token budget; `inputs` (digests of the data)
+    joins the model and recipe in the identity a checkpoint must match to be resumed.
+    """
     device = resolve_device(config.device)
-    total_steps = config.total_steps(model.config.block_size)
-    tokens_per_step = config.batch_size * config.grad_accum_steps * model.config.block_size
+    total_steps = config.total_steps(sequence_length or model.config.block_size)
+    identity = run_identity(model.config, config, inputs or {})
     model.to(device)
     decay = [p for p in model.parameters() if p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.dim() < 2]
@@ -139,7 +163,7 @@ def fit(
     latest = latest_checkpoint(checkpoint_dir)
     if latest is not None:
         state = load_checkpoint(latest, map_location="cpu")  # RNG states must stay CPU tensors
-        _require_same_run(latest, state["model_config"], asdict(model.config), state["train_config"], config)
+        require_same_run(latest, state["identity"], identity)
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         torch.set_rng_state(state["rng"]["torch"])
@@ -153,7 +177,8 @@ def fit(
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
     peak_flops = _peak_flops(device)
     metrics: dict[str, float] = dict(history)
-    started, tokens_done = time.perf_counter(), 0
+    started = time.perf_counter()
+    window_tokens, window_seconds = 0, 0.0  # throughput over the steps since the last log, evals excluded
 
     for step in range(start_step, total_steps):
         lr = learning_rate_at(step, total_steps, config)
@@ -162,9 +187,11 @@ def fit(
         step_started = time.perf_counter()
         model.train()
         loss_sum = torch.zeros((), device=device)
+        tokens = 0
         for micro in range(config.grad_accum_steps):
             x, y = train_batches.get(step * config.grad_accum_steps + micro)
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            tokens += x.numel()
             with autocast:
                 _, loss = forward(x, y)
             (loss / config.grad_accum_steps).backward()
@@ -176,19 +203,20 @@ def fit(
             kept = latest_checkpoint(checkpoint_dir)
             raise TrainingDiverged(
                 f"{stage}: loss became {loss_value} (grad norm {grad_norm}) at step {step}; last good checkpoint: "
-                f"{kept or 'none'}: lower --learning-rate or raise --warmup-steps and rerun to resume"
+                f"{kept or 'none'}: start a new run with a lower --learning-rate or more --warmup-steps"
             )
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         step_seconds = time.perf_counter() - step_started
-        tokens_done += tokens_per_step
+        window_tokens, window_seconds = window_tokens + tokens, window_seconds + step_seconds
         done = step + 1
 
         if done % config.log_interval == 0 or done == total_steps:
             elapsed = time.perf_counter() - started
-            metrics.update(loss=loss_value, lr=lr, grad_norm=grad_norm, tokens_per_second=tokens_done / elapsed)
+            metrics.update(loss=loss_value, lr=lr, grad_norm=grad_norm, tokens_per_second=window_tokens / window_seconds)
+            window_tokens, window_seconds = 0, 0.0
             if peak_flops:
                 metrics["mfu"] = model.flops_per_token() * metrics["tokens_per_second"] / peak_flops
             tracker.log_metrics({f"{stage}/{k}": v for k, v in metrics.items() if not k.startswith("val_")}, step=done)
@@ -206,25 +234,14 @@ def fit(
 
         if done % config.checkpoint_interval == 0 or done == total_steps:
             rng = {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}
-            state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": done, "rng": rng,
-                     "batch_index": done * config.grad_accum_steps, "metrics": metrics,
-                     "model_config": asdict(model.config), "train_config": asdict(config)}
-            save_checkpoint(checkpoint_dir, done, state, {"stage": stage, "metrics": metrics,
-                            "batch_index": done * config.grad_accum_steps}, keep=config.keep_checkpoints)
+            position = {"step": done, "batch_index": done * config.grad_accum_steps}  # the data position
+            state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "rng": rng, **position,
+                     "metrics": metrics, "identity": identity, "train_config": asdict(config)}
+            save_checkpoint(checkpoint_dir, done, state, {"stage": stage, "metrics": metrics, "identity": identity},
+                            keep=config.keep_checkpoints)
 
-    wall = time.perf_counter() - started
-    metrics.update(steps=total_steps, wall_seconds=wall, tokens_trained=total_steps * tokens_per_step)
+    metrics.update(steps=total_steps, wall_seconds=time.perf_counter() - started)
     return metrics
-
-
-def _require_same_run(where: Path, model_config: dict, expected_model: dict, train_config: dict,
-                      expected: TrainConfig) -> None:
-    """ConfigError if a checkpoint or finished run in `where` was made with another model or recipe."""
-    changed = [k for k in expected_model if model_config.get(k) != expected_model[k]]
-    changed += [k for k, v in result_fields(expected).items() if train_config.get(k) != v]
-    if changed:
-        raise ConfigError(f"{where} holds a run with different {', '.join(changed)}: pass another --out "
-                          "(or delete it) to start a new run, or the same settings to resume it")
 
 
 def _duration(seconds: float) -> str:
@@ -249,9 +266,11 @@ def pretrain(
     block = model_config.block_size
     tracker.log_params({"model": asdict(model_config), "train": asdict(config),
                         "derived": {"total_steps": config.total_steps(block)}})
+    tokens = read_json(Path(tokens_dir) / MANIFEST) if is_finished(Path(tokens_dir)) else {}
+    inputs = {"corpus_digest": tokens.get("corpus_digest"), "tokenizer_digest": tokens.get("tokenizer_digest")}
     if is_finished(out_dir):
         manifest = read_json(out_dir / MANIFEST)
-        _require_same_run(out_dir, manifest["model_config"], asdict(model_config), manifest["train_config"], config)
+        require_same_run(out_dir, manifest["identity"], run_identity(model_config, config, inputs))
         log.info("pretrain: %s is finished, reusing it", out_dir)
         return manifest
     tokenizer = Tokenizer.load(tokenizer_dir)
@@ -267,23 +286,15 @@ def pretrain(
              config.total_steps(block), config.batch_size * config.grad_accum_steps * block,
              resolve_device(config.device))
     tracker.log_metrics({"pretrain/num_params": model.num_params()})
-    metrics = fit(model, train_batches, val_batches, config, out_dir / "checkpoints",
+    metrics = fit(model, train_batches, val_batches, config, out_dir / "checkpoints", inputs=inputs,
                   token_bytes=torch.from_numpy(tokenizer.token_byte_lengths()), tracker=tracker, stage="pretrain")
     save_model(out_dir / "model.pt", model.to("cpu"))
     manifest = {"stage": "pretrain", "model": "model.pt", "model_config": asdict(model_config),
                 "train_config": asdict(config), "num_params": model.num_params(), "metrics": metrics,
-                "tokenizer_dir": str(Path(tokenizer_dir).resolve()), "tokens_dir": str(Path(tokens_dir).resolve()),
-                "tokens_digest": read_json(Path(tokens_dir) / MANIFEST).get("tokenizer_digest"),
-                "torch_version": torch.__version__}
+                "identity": run_identity(model_config, config, inputs), "torch_version": torch.__version__,
+                "tokenizer_dir": str(Path(tokenizer_dir).resolve()), "tokens_dir": str(Path(tokens_dir).resolve())}
     atomic_write_json(out_dir / MANIFEST, manifest)
     return manifest
-
-
-def add_config_flags(parser: argparse.ArgumentParser, config_class: type, skip: tuple[str, ...] = ()) -> None:
-    """One optional `--kebab-name` flag per int/float/str field of a config dataclass."""
-    for name, field in config_class.__dataclass_fields__.items():
-        if name not in skip and field.type in (int, float, str):
-            parser.add_argument("--" + name.replace("_", "-"), type=field.type)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -295,11 +306,14 @@ def main(argv: list[str] | None = None) -> None:
     add_config_flags(parser, TrainConfig)
     args = vars(parser.parse_args(argv))
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
-    tokenizer = Tokenizer.load(args["tokenizer"])
     model_args = {k: v for k, v in args.items() if k in GPTConfig.__dataclass_fields__ and v is not None}
     train_args = {k: v for k, v in args.items() if k in TrainConfig.__dataclass_fields__ and v is not None}
-    manifest = pretrain(args["tokenizer"], args["tokens"], GPTConfig(vocab_size=tokenizer.vocab_size, **model_args),
-                        replace(TrainConfig(), **train_args), args["out"])
+    try:
+        tokenizer = Tokenizer.load(args["tokenizer"])
+        manifest = pretrain(args["tokenizer"], args["tokens"], GPTConfig(vocab_size=tokenizer.vocab_size, **model_args),
+                            replace(TrainConfig(), **train_args), args["out"])
+    except ConfigError as error:
+        parser.error(str(error))
     print({k: round(v, 4) for k, v in manifest["metrics"].items()})
 
 

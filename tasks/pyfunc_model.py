@@ -23,6 +23,7 @@ class GPTGenerator(mlflow.pyfunc.PythonModel):
             self.chat = json.load(f)["chat"]
 
     def predict(self, context, model_input, params=None):
+        from llmcore.finetune import chat_prompt
         from llmcore.sampling import SamplingConfig, generate
 
         prompts = model_input["prompt"].tolist() if isinstance(model_input, pd.DataFrame) else list(model_input)
@@ -31,12 +32,11 @@ class GPTGenerator(mlflow.pyfunc.PythonModel):
         given["top_k"] = given.get("top_k") or None
         given["top_p"] = given["top_p"] if given.get("top_p", 1.0) < 1.0 else None
         config = SamplingConfig(**given)
-        tokenizer, completions = self.tokenizer, []
-        for prompt in prompts:
-            ids = tokenizer.encode(str(prompt))
-            if self.chat:
-                ids = [tokenizer.user_id, *ids, tokenizer.assistant_id]
-            stop = tokenizer.end_id if self.chat else tokenizer.eot_id
+        tokenizer, context = self.tokenizer, self.model.config.block_size
+        stop = tokenizer.end_id if self.chat else tokenizer.eot_id
+        completions = []
+        for prompt in map(str, prompts):
+            ids = chat_prompt(tokenizer, prompt, context) if self.chat else tokenizer.encode(prompt)
             completions.append(tokenizer.decode(generate(self.model, ids, config, stop_id=stop)))
         return completions
 

@@ -48,6 +48,17 @@ def _key(*parts: Any) -> str:
     return json_digest(parts)[:16]
 
 
+def _cache_key(name: str, *parts: Callable[[], Any]):
+    """A Prefect cache_key_fn over digests computed from the task's parameters. When an input is not
+    there (a ConfigError), no key: the task then runs and raises that error in one clean line."""
+    def key(context, parameters) -> str | None:
+        try:
+            return f"{name}-" + _key(*(part(parameters) for part in parts))
+        except ConfigError:
+            return None
+    return key
+
+
 def _reuse_or_build(out: Path, build: Callable[[], dict]) -> dict:
     """The finished folder's manifest, or build it (llmcore writes the folder atomically)."""
     return read_json(out / MANIFEST) if is_finished(out) else build()
@@ -63,7 +74,7 @@ DATA_TASK = dict(persist_result=True, retries=2, retry_delay_seconds=2, retry_co
 
 
 @task(name="ingest-corpus", **DATA_TASK,
-      cache_key_fn=lambda ctx, p: "ingest-" + _key(p["source_digest"], asdict(p["config"]), p["runs_dir"]))
+      cache_key_fn=_cache_key("ingest", lambda p: p["source_digest"], lambda p: asdict(p["config"]), lambda p: p["runs_dir"]))
 def ingest_corpus(config: corpus.CorpusConfig, source_digest: str, runs_dir: str) -> str:
     """Ingest the source (whose content digest the flow computed once) into runs/corpus/<key>."""
     out = Path(runs_dir) / "corpus" / _key(source_digest, asdict(config))
@@ -80,7 +91,8 @@ def log_corpus(corpus_dir: str, config: corpus.CorpusConfig, run_id: str | None)
 
 
 @task(name="train-tokenizer", **DATA_TASK,
-      cache_key_fn=lambda ctx, p: "tokenizer-" + _key(corpus.corpus_digest(p["corpus_dir"]), asdict(p["config"]), p["runs_dir"]))
+      cache_key_fn=_cache_key("tokenizer", lambda p: corpus.corpus_digest(p["corpus_dir"]), lambda p: asdict(p["config"]),
+                              lambda p: p["runs_dir"]))
 def train_tokenizer(corpus_dir: str, config: tokenizer.TokenizerConfig, runs_dir: str) -> str:
     out = Path(runs_dir) / "tokenizer" / _key(corpus.corpus_digest(corpus_dir), asdict(config))
     _reuse_or_build(out, lambda: tokenizer.train_tokenizer(Path(corpus_dir), out, config))
@@ -88,8 +100,8 @@ def train_tokenizer(corpus_dir: str, config: tokenizer.TokenizerConfig, runs_dir
 
 
 @task(name="encode-corpus", **DATA_TASK,
-      cache_key_fn=lambda ctx, p: "tokens-" + _key(corpus.corpus_digest(p["corpus_dir"]),
-                                                   _manifest(p["tokenizer_dir"], "tokenizer")["tokenizer_digest"], p["runs_dir"]))
+      cache_key_fn=_cache_key("tokens", lambda p: corpus.corpus_digest(p["corpus_dir"]),
+                              lambda p: _manifest(p["tokenizer_dir"], "tokenizer")["tokenizer_digest"], lambda p: p["runs_dir"]))
 def encode_corpus(corpus_dir: str, tokenizer_dir: str, runs_dir: str) -> str:
     out = Path(runs_dir) / "tokens" / _key(corpus.corpus_digest(corpus_dir), _manifest(tokenizer_dir, "tokenizer")["tokenizer_digest"])
     _reuse_or_build(out, lambda: tokenizer.encode_corpus(Path(corpus_dir), Path(tokenizer_dir), out))
@@ -138,11 +150,11 @@ def build_sft_data(config: sft_data.SFTDataConfig, corpus_dir: str, runs_dir: st
 @task(name="finetune", retries=0)
 def finetune_model(base_model: str, tokenizer_dir: str, sft_dir: str, config: TrainConfig, runs_dir: str,
                    max_length: int | None = None, run_id: str | None = None) -> str:
-    out = Path(runs_dir) / "finetune" / _key(file_digest(Path(base_model)), _manifest(sft_dir, "sft data")["content_digest"],
+    pairs = _manifest(sft_dir, "sft data")
+    out = Path(runs_dir) / "finetune" / _key(file_digest(Path(base_model)), pairs["content_digest"],
                                              result_fields(config), max_length)
     tracker = tracker_for(run_id)
-    tracker.log_metrics({f"sft_data/{k}": v for k, v in _manifest(sft_dir, "sft data")["counts"].items()
-                         if isinstance(v, (int, float))})
+    tracker.log_metrics({f"sft_data/{k}": v for k, v in pairs["counts"].items() if isinstance(v, (int, float))})
     manifest = finetune.finetune(Path(base_model), Path(tokenizer_dir), Path(sft_dir), config, out, max_length, tracker)
     tracker.log_metrics({f"finetune/final_{k}": v for k, v in manifest["metrics"].items()})
     tracker.log_artifact(out / "model.pt", "finetune")

@@ -10,11 +10,11 @@ ROOT = Path(__file__).parents[1]
 BLOCKED = "import sys, runpy; sys.modules.update(prefect=None, mlflow=None, datasets=None); "
 
 
-def llmcore(module: str, *args: str) -> str:
+def llmcore(module: str, *args: str, returncode: int = 0) -> str:
     code = BLOCKED + f"sys.argv = ['{module}', *sys.argv[1:]]; runpy.run_module('llmcore.{module}', run_name='__main__')"
     done = subprocess.run([sys.executable, "-c", code, *args], cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-3000:]
-    return done.stdout
+    assert done.returncode == returncode, done.stderr[-3000:]
+    return done.stdout if returncode == 0 else done.stderr
 
 
 def test_every_stage_runs_from_the_command_line_without_orchestration(tmp_path):
@@ -29,6 +29,11 @@ def test_every_stage_runs_from_the_command_line_without_orchestration(tmp_path):
     llmcore("sft_data", "--corpus", str(corpus), "--out", str(sft))
     llmcore("finetune", "--base", str(pre / "model.pt"), "--tokenizer", str(tok), "--sft", str(sft), "--out", str(tuned),
             "--max-steps", "3", "--batch-size", "4", "--eval-batches", "1", "--device", "cpu")
+    # the same output folder with other data or settings is refused, not silently reused
+    refused = llmcore("finetune", "--base", str(pre / "model.pt"), "--tokenizer", str(tok), "--sft", str(sft),
+                      "--out", str(tuned), "--max-steps", "3", "--batch-size", "4", "--max-length", "32",
+                      "--device", "cpu", returncode=2)
+    assert "inputs.max_length" in refused and "Traceback" not in refused
     report = json.loads(llmcore("evaluate", "--model", str(tuned / "model.pt"), "--tokenizer", str(tok),
                                 "--tokens", str(tokens), "--sft", str(sft), "--max-tokens", "2048", "--device", "cpu"))
     assert report["bpb"] > 0 and report["xz_bpb"] > 0 and report["response_loss"] > 0
