@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from llmcore.artifacts import atomic_write_bytes, atomic_write_json, read_json
+from llmcore.artifacts import atomic_write_bytes, atomic_write_json
 from llmcore.errors import ConfigError
 
 _NAME = re.compile(r"^step_(\d{6,})\.pt$")

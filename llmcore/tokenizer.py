@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import sentencepiece as spm
 
-from llmcore.artifacts import MANIFEST, atomic_output_dir, atomic_write_json, file_digest, is_finished, read_json
+from llmcore.artifacts import MANIFEST, atomic_output_dir, atomic_write_json, file_digest, is_finished
 from llmcore.corpus import SPLITS, corpus_digest, read_documents
 from llmcore.errors import ConfigError, require_choice, require_non_negative, require_positive
 from llmcore.shards import ShardWriter, token_dtype
