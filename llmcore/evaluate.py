@@ -92,8 +92,13 @@ def held_out_batches(tokens_dir: Path, block_size: int, config: EvalConfig):
     return windows.in_order(num_batches)
 
 
-def evaluate_model(model_path: Path, tokenizer_dir: Path, tokens_dir: Path, config: EvalConfig) -> dict[str, float]:
-    """Held-out loss, perplexity and bits per byte of one model, plus the compressors on the same text."""
+def evaluate_model(model_path: Path, tokenizer_dir: Path, tokens_dir: Path, config: EvalConfig,
+                   sft_dir: Path | None = None) -> dict[str, float]:
+    """Held-out loss, perplexity and bits per byte of one model, plus the compressors on the same text;
+    with `sft_dir`, also the loss on the response tokens of the held-out instruction pairs (the prompt
+    is context only)."""
+    from llmcore.finetune import sft_batches  # finetune -> train -> this module: import at call time
+
     device = resolve_device(config.device)
     model = load_model(model_path, device)
     tokenizer = Tokenizer.load(tokenizer_dir)
@@ -102,19 +107,11 @@ def evaluate_model(model_path: Path, tokenizer_dir: Path, tokens_dir: Path, conf
     result["perplexity"] = math.exp(min(result["loss"], 50.0))
     text = tokenizer.decode(torch.cat([y.flatten() for _, y in batches]).tolist()).encode("utf-8")
     result.update(compressor_bits_per_byte(text), text_bytes=float(len(text)))
+    if sft_dir is not None:
+        pairs = sft_batches(sft_dir, "validation", tokenizer, model.config.block_size, config.batch_size, seed=0)
+        num_batches = max(1, config.max_tokens // (model.config.block_size * config.batch_size))
+        result["response_loss"] = token_loss(model, pairs.in_order(num_batches), device)["loss"]
     return result
-
-
-def response_loss(model_path: Path, tokenizer_dir: Path, sft_dir: Path, config: EvalConfig) -> dict[str, float]:
-    """Loss on the response tokens of the held-out instruction pairs (the prompt is context only)."""
-    from llmcore.finetune import sft_batches  # finetune -> train -> this module: import at call time
-
-    device = resolve_device(config.device)
-    model = load_model(model_path, device)
-    batches = sft_batches(sft_dir, "validation", Tokenizer.load(tokenizer_dir), model.config.block_size,
-                          config.batch_size, seed=0)
-    num_batches = max(1, config.max_tokens // (model.config.block_size * config.batch_size))
-    return token_loss(model, batches.in_order(num_batches), device)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -127,9 +124,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--device", default="auto")
     args = parser.parse_args(argv)
     config = EvalConfig(max_tokens=args.max_tokens, device=args.device)
-    result = evaluate_model(args.model, args.tokenizer, args.tokens, config)
-    if args.sft:
-        result.update({f"response_{k}": v for k, v in response_loss(args.model, args.tokenizer, args.sft, config).items()})
+    result = evaluate_model(args.model, args.tokenizer, args.tokens, config, args.sft)
     print(json.dumps({"config": asdict(config), **result}, indent=2))
 
 

@@ -22,6 +22,7 @@ import numpy as np
 import sentencepiece as spm
 
 from llmcore.artifacts import MANIFEST, atomic_output_dir, atomic_write_json, file_digest, is_finished
+from llmcore.cli import add_config_flags
 from llmcore.corpus import SPLITS, corpus_digest, read_documents
 from llmcore.errors import ConfigError, require_choice, require_non_negative, require_positive
 from llmcore.shards import ShardWriter, token_dtype
@@ -329,9 +330,7 @@ def main(argv: list[str] | None = None) -> None:
     train = commands.add_parser("train", help="train a sentencepiece tokenizer on a corpus folder")
     train.add_argument("--corpus", type=Path, required=True, help="corpus folder (train.jsonl, validation.jsonl)")
     train.add_argument("--out", type=Path, required=True, help="tokenizer folder to write")
-    defaults = TokenizerConfig()
-    for field, value in asdict(defaults).items():
-        train.add_argument("--" + field.replace("_", "-"), type=type(value), default=value)
+    add_config_flags(train, TokenizerConfig)
     encode = commands.add_parser("encode", help="encode a corpus folder into token shards")
     encode.add_argument("--corpus", type=Path, required=True, help="corpus folder")
     encode.add_argument("--tokenizer", type=Path, required=True, help="tokenizer folder")
@@ -340,7 +339,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     try:
         if args.command == "train":
-            config = TokenizerConfig(**{field: getattr(args, field) for field in asdict(defaults)})
+            given = {field: getattr(args, field) for field in TokenizerConfig.__dataclass_fields__}
+            config = TokenizerConfig(**{k: v for k, v in given.items() if v is not None})
             manifest = train_tokenizer(args.corpus, args.out, config)
         else:
             manifest = encode_corpus(args.corpus, args.tokenizer, args.out, args.shard_tokens)

@@ -176,12 +176,10 @@ def evaluate_models(models: dict[str, str], tokenizer_dir: str, tokens_dir: str,
     the response-only loss of every model on held-out instruction pairs (the pretrained one is the baseline)."""
     metrics: dict[str, float] = {}
     for name, model_file in models.items():
-        result = evaluate.evaluate_model(Path(model_file), Path(tokenizer_dir), Path(tokens_dir), config)
+        result = evaluate.evaluate_model(Path(model_file), Path(tokenizer_dir), Path(tokens_dir), config, Path(sft_dir))
         for key in ("gzip_bpb", "bz2_bpb", "xz_bpb", "text_bytes"):
             metrics[key] = result.pop(key)
         metrics |= {f"{name}_{k}": v for k, v in result.items()}
-        response = evaluate.response_loss(Path(model_file), Path(tokenizer_dir), Path(sft_dir), config)
-        metrics[f"{name}_response_loss"] = response["loss"]
     tracker = tracker_for(run_id)
     tracker.log_params({"evaluation": asdict(config)})
     tracker.log_metrics(metrics)
