@@ -3,19 +3,23 @@
 `Batches` turns any indexable set of (input, target) rows into batches whose content is a pure function
 of (seed, batch index): one seeded permutation per epoch. A run's data position is therefore just its
 batch index, which is what makes resumed training bit-identical. `token_windows` makes the rows of
-pretraining and evaluation: non-overlapping windows of a token split. This module does not tokenize and
-does not move data to a device.
+pretraining and evaluation: non-overlapping windows of a token split; `sft_batches` those of fine-tuning:
+padded chat turns. This module does not train and does not move data to a device.
 """
 
 import bisect
 import math
 from collections.abc import Callable
+from pathlib import Path
 
 import numpy as np
 import torch
 
+from llmcore.chat import IGNORE, encode_pair
 from llmcore.errors import ConfigError
+from llmcore.sft_data import read_pairs
 from llmcore.shards import TokenSplit
+from llmcore.tokenizer import Tokenizer
 
 
 class Batches:
@@ -64,3 +68,16 @@ def token_windows(split: TokenSplit, block_size: int, batch_size: int, seed: int
         return window[:-1], window[1:]
 
     return Batches(ends[-1], row, batch_size, seed)
+
+
+def sft_batches(sft_dir: Path, split: str, tokenizer: Tokenizer, max_length: int, batch_size: int, seed: int) -> Batches:
+    """Padded (input, target) rows of every pair in a split; padding targets are ignored by the loss.
+    Rows are held as int32 (half the memory) and widened per row when a batch is read."""
+    pairs = read_pairs(sft_dir, split)
+    inputs = torch.full((len(pairs), max_length), tokenizer.eot_id, dtype=torch.int32)
+    targets = torch.full((len(pairs), max_length), IGNORE, dtype=torch.int32)
+    for row, pair in enumerate(pairs):
+        ids, labels = encode_pair(tokenizer, pair["prompt"], pair["response"], max_length)
+        inputs[row, : len(ids) - 1] = torch.tensor(ids[:-1])
+        targets[row, : len(labels) - 1] = torch.tensor(labels[1:])
+    return Batches(len(pairs), lambda i: (inputs[i].long(), targets[i].long()), batch_size, seed)

@@ -18,7 +18,7 @@ from llmcore.checkpoint import load_model
 from llmcore.corpus import read_documents
 from llmcore.device import resolve_device
 from llmcore.errors import ConfigError, require_positive
-from llmcore.finetune import chat_prompt
+from llmcore.chat import chat_prompt
 from llmcore.sampling import SamplingConfig, generate
 from llmcore.sft_data import read_pairs
 from llmcore.tokenizer import Tokenizer

@@ -10,26 +10,21 @@ does not depend on the tokenizer. This module does not train or sample.
 """
 
 import argparse
-import bz2
-import gzip
 import json
-import lzma
 import math
-from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 
-from llmcore.batches import token_windows
+from llmcore.baselines import compressor_bits_per_byte
+from llmcore.batches import sft_batches, token_windows
 from llmcore.checkpoint import load_model
 from llmcore.device import require_device, resolve_device
 from llmcore.errors import require_positive
+from llmcore.losses import token_loss
 from llmcore.shards import open_split
 from llmcore.tokenizer import Tokenizer
-
-LN2 = math.log(2)
-
 
 @dataclass(frozen=True)
 class EvalConfig:
@@ -41,48 +36,6 @@ class EvalConfig:
         require_positive("max_tokens", self.max_tokens)
         require_positive("batch_size", self.batch_size)
         require_device(self.device)
-
-
-@torch.no_grad()
-def token_loss(
-    model: torch.nn.Module,
-    batches: Sequence[tuple[torch.Tensor, torch.Tensor]],
-    device: torch.device,
-    token_bytes: torch.Tensor | None = None,
-) -> dict[str, float]:
-    """Mean loss per scored target token (targets of -100 are ignored), and bits per byte when the
-    byte length of every token id is given (targets standing for zero bytes, like end-of-text, are left
-    out of both sums, as their loss has no byte to charge it to)."""
-    was_training = model.training
-    model.eval()
-    loss_sum, tokens, bits_sum, byte_sum = 0.0, 0, 0.0, 0
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
-    for x, y in batches:
-        x, y = x.to(device), y.to(device)
-        with autocast:
-            _, losses = model(x, y, reduction="none")  # (B, T), 0 where ignored
-        valid = y != -100
-        loss_sum += float(losses[valid].float().sum())
-        tokens += int(valid.sum())
-        if token_bytes is not None:
-            nbytes = token_bytes.to(device)[y.clamp(min=0)] * valid
-            bits_sum += float((losses.float() * (nbytes > 0)).sum()) / LN2
-            byte_sum += int(nbytes.sum())
-    model.train(was_training)
-    result = {"loss": loss_sum / max(1, tokens), "tokens": float(tokens)}
-    if token_bytes is not None and byte_sum:
-        result.update(bpb=bits_sum / byte_sum, bytes=float(byte_sum))
-    return result
-
-
-def compressor_bits_per_byte(data: bytes) -> dict[str, float]:
-    """Bits per byte of gzip -9, bz2 -9 and xz -9 (preset 9) on `data`."""
-    n = max(1, len(data))
-    return {
-        "gzip_bpb": 8 * len(gzip.compress(data, compresslevel=9, mtime=0)) / n,
-        "bz2_bpb": 8 * len(bz2.compress(data, compresslevel=9)) / n,
-        "xz_bpb": 8 * len(lzma.compress(data, preset=9)) / n,
-    }
 
 
 def held_out_batches(tokens_dir: Path, block_size: int, config: EvalConfig):
@@ -97,8 +50,6 @@ def evaluate_model(model_path: Path, tokenizer_dir: Path, tokens_dir: Path, conf
     """Held-out loss, perplexity and bits per byte of one model, plus the compressors on the same text;
     with `sft_dir`, also the loss on the response tokens of the held-out instruction pairs (the prompt
     is context only)."""
-    from llmcore.finetune import sft_batches  # finetune -> train -> this module: import at call time
-
     device = resolve_device(config.device)
     model = load_model(model_path, device)
     tokenizer = Tokenizer.load(tokenizer_dir)

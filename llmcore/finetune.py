@@ -1,7 +1,6 @@
 """Supervised instruction fine-tuning: prompt/response pairs in, a fine-tuned model out.
 
-A pair becomes one sequence `<|user|> prompt <|assistant|> response <|end|>`, delimited by control
-symbols that raw text can never produce; the loss is taken on the response and its `<|end|>` only.
+A pair becomes one chat turn (`llmcore.chat`); the loss is taken on the response and its `<|end|>` only.
 Training reuses `llmcore.train.fit`, starting from the pretrained weights, and resumes like pretraining.
 Building the pairs is `llmcore.sft_data`'s job; this module only encodes and trains on them.
 
@@ -14,51 +13,16 @@ from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from llmcore.artifacts import MANIFEST, atomic_write_json, file_digest, is_finished, read_json
+from llmcore.batches import sft_batches
 from llmcore.checkpoint import load_model, save_model
 from llmcore.cli import add_config_flags
 from llmcore.errors import ConfigError
-from llmcore.sft_data import read_pairs
 from llmcore.tokenizer import Tokenizer
 from llmcore.tracking import NullTracker, Tracker
-from llmcore.batches import Batches
 from llmcore.train import TrainConfig, fit, require_same_run, run_identity
 
 log = logging.getLogger(__name__)
-IGNORE = -100
-
-
-def chat_prompt(tokenizer: Tokenizer, prompt: str, context: int) -> list[int]:
-    """`<|user|> prompt <|assistant|>`, what a fine-tuned model answers, in at most half of `context`
-    tokens: a long prompt keeps its start, so that training and generation see the same thing."""
-    return [tokenizer.user_id, *tokenizer.encode(prompt)[: max(0, context // 2 - 2)], tokenizer.assistant_id]
-
-
-def encode_pair(tokenizer: Tokenizer, prompt: str, response: str, max_length: int) -> tuple[list[int], list[int]]:
-    """Token ids of one chat turn and its labels (IGNORE on the prompt part), cut to max_length + 1.
-
-    The prompt keeps at most half the context so that every example trains on some response.
-    """
-    prompt_ids = chat_prompt(tokenizer, prompt, max_length)
-    response_ids = [*tokenizer.encode(response), tokenizer.end_id]
-    ids = (prompt_ids + response_ids)[: max_length + 1]
-    labels = ([IGNORE] * len(prompt_ids) + response_ids)[: max_length + 1]
-    return ids, labels
-
-
-def sft_batches(sft_dir: Path, split: str, tokenizer: Tokenizer, max_length: int, batch_size: int, seed: int) -> Batches:
-    """Padded (input, target) rows of every pair in a split; padding targets are ignored by the loss.
-    Rows are held as int32 (half the memory) and widened per row when a batch is read."""
-    pairs = read_pairs(sft_dir, split)
-    inputs = torch.full((len(pairs), max_length), tokenizer.eot_id, dtype=torch.int32)
-    targets = torch.full((len(pairs), max_length), IGNORE, dtype=torch.int32)
-    for row, pair in enumerate(pairs):
-        ids, labels = encode_pair(tokenizer, pair["prompt"], pair["response"], max_length)
-        inputs[row, : len(ids) - 1] = torch.tensor(ids[:-1])
-        targets[row, : len(labels) - 1] = torch.tensor(labels[1:])
-    return Batches(len(pairs), lambda i: (inputs[i].long(), targets[i].long()), batch_size, seed)
 
 
 def finetune(

@@ -28,7 +28,7 @@ from llmcore.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoi
 from llmcore.cli import add_config_flags
 from llmcore.device import require_device, resolve_device
 from llmcore.errors import ConfigError, require_non_negative, require_positive
-from llmcore.evaluate import token_loss
+from llmcore.losses import token_loss
 from llmcore.model import GPT, GPTConfig
 from llmcore.shards import open_split
 from llmcore.tokenizer import Tokenizer

@@ -23,7 +23,7 @@ class GPTGenerator(mlflow.pyfunc.PythonModel):
             self.chat = json.load(f)["chat"]
 
     def predict(self, context, model_input, params=None):
-        from llmcore.finetune import chat_prompt
+        from llmcore.chat import chat_prompt
         from llmcore.sampling import SamplingConfig, generate
 
         prompts = model_input["prompt"].tolist() if isinstance(model_input, pd.DataFrame) else list(model_input)

@@ -5,7 +5,8 @@ import math
 import pytest
 import torch
 
-from llmcore.evaluate import compressor_bits_per_byte, token_loss
+from llmcore.baselines import compressor_bits_per_byte
+from llmcore.losses import token_loss
 
 
 class UniformModel(torch.nn.Module):

@@ -2,7 +2,7 @@
 
 import pytest
 
-from llmcore.finetune import IGNORE, encode_pair
+from llmcore.chat import IGNORE, encode_pair
 
 
 class FakeTokenizer:
@@ -36,7 +36,7 @@ def test_ids_and_labels_always_align(length):
 def test_batches_shift_targets_and_ignore_padding(tmp_path):
     import json
 
-    from llmcore.finetune import sft_batches
+    from llmcore.batches import sft_batches
 
     for split in ("train", "validation"):
         (tmp_path / f"{split}.jsonl").write_text(json.dumps({"prompt": "hi", "response": "yes"}) + "\n")
