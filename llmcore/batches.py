@@ -26,8 +26,10 @@ class Batches:
     """Deterministic batches over `num_rows` rows: a seeded permutation per epoch, so batch i is a pure
     function of (seed, i) and the data position of a run is just its batch index."""
 
-    def __init__(self, num_rows: int, row: Callable[[int], tuple[torch.Tensor, torch.Tensor]], batch_size: int, seed: int):
+    def __init__(self, num_rows: int, row: Callable[[int], tuple[torch.Tensor, torch.Tensor]], batch_size: int, seed: int,
+                 info: dict[str, float] | None = None):
         self.num_rows, self.row, self.batch_size, self.seed = num_rows, row, batch_size, seed
+        self.info = info or {}  # facts about the rows, for logs and metrics
         self._epoch, self._order = -1, None
 
     def _index(self, sample: int) -> int:
@@ -72,12 +74,16 @@ def token_windows(split: TokenSplit, block_size: int, batch_size: int, seed: int
 
 def sft_batches(sft_dir: Path, split: str, tokenizer: Tokenizer, max_length: int, batch_size: int, seed: int) -> Batches:
     """Padded (input, target) rows of every pair in a split; padding targets are ignored by the loss.
-    Rows are held as int32 (half the memory) and widened per row when a batch is read."""
+    Rows are held as int32 (half the memory) and widened per row when a batch is read. `info` counts the
+    pairs cut to fit (`rows_cut`) and the share of positions that train (`trained_fraction`)."""
     pairs = read_pairs(sft_dir, split)
     inputs = torch.full((len(pairs), max_length), tokenizer.eot_id, dtype=torch.int32)
     targets = torch.full((len(pairs), max_length), IGNORE, dtype=torch.int32)
+    cut = 0
     for row, pair in enumerate(pairs):
-        ids, labels = encode_pair(tokenizer, pair["prompt"], pair["response"], max_length)
+        ids, labels, was_cut = encode_pair(tokenizer, pair["prompt"], pair["response"], max_length)
         inputs[row, : len(ids) - 1] = torch.tensor(ids[:-1])
         targets[row, : len(labels) - 1] = torch.tensor(labels[1:])
-    return Batches(len(pairs), lambda i: (inputs[i].long(), targets[i].long()), batch_size, seed)
+        cut += was_cut
+    info = {"rows_cut": cut, "trained_fraction": float((targets != IGNORE).float().mean()) if len(pairs) else 0.0}
+    return Batches(len(pairs), lambda i: (inputs[i].long(), targets[i].long()), batch_size, seed, info)

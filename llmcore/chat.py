@@ -6,6 +6,8 @@ and the response-loss evaluation all cut prompts with `chat_prompt`, so they see
 module does not train or batch.
 """
 
+from typing import NamedTuple
+
 from llmcore.tokenizer import Tokenizer
 
 IGNORE = -100  # target id the loss skips
@@ -17,13 +19,25 @@ def chat_prompt(tokenizer: Tokenizer, prompt: str, context: int) -> list[int]:
     return [tokenizer.user_id, *tokenizer.encode(prompt)[: max(0, context // 2 - 2)], tokenizer.assistant_id]
 
 
-def encode_pair(tokenizer: Tokenizer, prompt: str, response: str, max_length: int) -> tuple[list[int], list[int]]:
-    """Token ids of one chat turn and its labels (IGNORE on the prompt part), cut to max_length + 1.
+class Turn(NamedTuple):
+    """One encoded chat turn: token ids, labels (IGNORE on the prompt part), and whether it was cut."""
 
-    The prompt keeps at most half the context so that every example trains on some response.
+    ids: list[int]
+    labels: list[int]
+    cut: bool
+
+
+def encode_pair(tokenizer: Tokenizer, prompt: str, response: str, max_length: int) -> Turn:
+    """One chat turn as at most max_length + 1 token ids and labels.
+
+    The prompt keeps at most half the context, so that every example trains on some response. A response
+    too long for the rest is cut in tokens and still ends with `<|end|>`: a model must always see where an
+    answer stops.
     """
+    prompt_tokens = tokenizer.encode(prompt)
     prompt_ids = chat_prompt(tokenizer, prompt, max_length)
-    response_ids = [*tokenizer.encode(response), tokenizer.end_id]
-    ids = (prompt_ids + response_ids)[: max_length + 1]
-    labels = ([IGNORE] * len(prompt_ids) + response_ids)[: max_length + 1]
-    return ids, labels
+    response_tokens = tokenizer.encode(response)
+    room = max_length - len(prompt_ids)  # response tokens that fit before <|end|>
+    response_ids = [*response_tokens[:room], tokenizer.end_id]
+    cut = len(prompt_ids) < len(prompt_tokens) + 2 or len(response_tokens) > room
+    return Turn(prompt_ids + response_ids, [IGNORE] * len(prompt_ids) + response_ids, cut)

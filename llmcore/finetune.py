@@ -56,9 +56,12 @@ def finetune(
     tokenizer = Tokenizer.load(tokenizer_dir)
     train_batches = sft_batches(sft_dir, "train", tokenizer, max_length, config.batch_size, config.seed)
     val_batches = sft_batches(sft_dir, "validation", tokenizer, max_length, config.batch_size, config.seed)
-    log.info("finetune: %d train / %d validation pairs, %d steps", train_batches.num_rows, val_batches.num_rows,
-             config.total_steps(max_length))
-    tracker.log_metrics({"finetune/train_pairs": train_batches.num_rows, "finetune/validation_pairs": val_batches.num_rows})
+    log.info("finetune: %d train / %d validation pairs, %d steps; %d train pairs cut to %d tokens (end kept), "
+             "%.0f%% of positions train", train_batches.num_rows, val_batches.num_rows, config.total_steps(max_length),
+             train_batches.info["rows_cut"], max_length, 100 * train_batches.info["trained_fraction"])
+    tracker.log_metrics({"finetune/train_pairs": train_batches.num_rows, "finetune/validation_pairs": val_batches.num_rows,
+                         "finetune/train_pairs_cut": train_batches.info["rows_cut"],
+                         "finetune/trained_fraction": train_batches.info["trained_fraction"]})
     model.train()
     metrics = fit(model, train_batches, val_batches.in_order(config.eval_batches), config, out_dir / "checkpoints",
                   tracker=tracker, stage="finetune", sequence_length=max_length, inputs=inputs)

@@ -24,6 +24,7 @@ import torch
 
 from llmcore.artifacts import MANIFEST, atomic_write_json, is_finished, read_json
 from llmcore.batches import Batches, token_windows
+from llmcore.chat import IGNORE
 from llmcore.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, save_model
 from llmcore.cli import add_config_flags
 from llmcore.device import require_device, resolve_device
@@ -187,18 +188,20 @@ def fit(
         step_started = time.perf_counter()
         model.train()
         loss_sum = torch.zeros((), device=device)
-        tokens = 0
-        for micro in range(config.grad_accum_steps):
-            x, y = train_batches.get(step * config.grad_accum_steps + micro)
+        micro_batches = [train_batches.get(step * config.grad_accum_steps + m) for m in range(config.grad_accum_steps)]
+        # Every trained target weighs the same, however the step's targets fall into micro-batches: 2 x 4
+        # accumulation is one batch of 8 even when padding leaves micro-batches with different token counts.
+        tokens = sum(int((y != IGNORE).sum()) for _, y in micro_batches)
+        for x, y in micro_batches:
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-            tokens += x.numel()
             with autocast:
-                _, loss = forward(x, y)
-            (loss / config.grad_accum_steps).backward()
+                _, losses = forward(x, y, reduction="none")  # (B, T), 0 where ignored
+            loss = losses.float().sum() / max(1, tokens)
+            loss.backward()
             loss_sum += loss.detach()
         clip = config.grad_clip if config.grad_clip > 0 else float("inf")
         grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), clip))
-        loss_value = float(loss_sum) / config.grad_accum_steps
+        loss_value = float(loss_sum)
         if not (math.isfinite(loss_value) and math.isfinite(grad_norm)):
             kept = latest_checkpoint(checkpoint_dir)
             raise TrainingDiverged(

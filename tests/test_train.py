@@ -135,3 +135,23 @@ def test_non_finite_loss_stops_training_and_keeps_the_last_good_checkpoint(tmp_p
     good = load_checkpoint(tmp_path)
     assert good["step"] == 2
     assert all(torch.isfinite(t).all() for t in good["model"].values())
+
+
+def padded_rows(num_rows: int = 8):
+    """Rows whose trained targets differ in number (the rest ignored), like padded fine-tuning rows."""
+    from llmcore.batches import Batches
+
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randint(0, 64, (num_rows, MODEL.block_size), generator=generator)
+    y = torch.randint(0, 64, (num_rows, MODEL.block_size), generator=generator)
+    for row in range(num_rows):
+        y[row, 2 + 2 * row :] = -100  # row r trains 2 + 2r targets
+    return lambda batch_size: Batches(num_rows, lambda i: (x[i], y[i]), batch_size, seed=5)
+
+
+def test_accumulation_weights_every_trained_token_equally(tmp_path):
+    rows = padded_rows()
+    one, _ = run(tmp_path / "one", config(max_steps=1, batch_size=8, grad_accum_steps=1, grad_clip=0), rows(8))
+    two, _ = run(tmp_path / "two", config(max_steps=1, batch_size=4, grad_accum_steps=2, grad_clip=0), rows(4))
+    for (name, a), b in zip(one.state_dict().items(), two.state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
