@@ -31,7 +31,7 @@ import torch
 from llmcore.artifacts import MANIFEST, atomic_output_dir, atomic_write_json, file_digest, read_json
 from llmcore.errors import ConfigError
 from llmcore.model import GPTConfig
-from llmcore.tokenizer import END, EOT, MODEL_FILE, Tokenizer
+from llmcore.tokenizer import EOT, MODEL_FILE, Tokenizer
 
 _SPACE = "\u2581"  # sentencepiece's stand-in for a space
 
@@ -124,7 +124,8 @@ def tokenizer_json(sp: spm.SentencePieceProcessor) -> dict[str, Any]:
     """
     n = sp.get_piece_size()
     special = [i for i in range(n) if sp.is_control(i) or sp.is_unknown(i)]
-    normal = [i for i in range(n) if not (sp.is_control(i) or sp.is_unknown(i) or sp.is_byte(i) or sp.is_unused(i))]
+    normal = [i for i in range(n)
+              if not (sp.is_control(i) or sp.is_unknown(i) or sp.is_byte(i) or sp.is_unused(i))]
     pieces = [sp.id_to_piece(i) for i in range(n)]
     for i in normal:
         pieces[i] = pieces[i].replace(_SPACE, " ")
@@ -133,7 +134,8 @@ def tokenizer_json(sp: spm.SentencePieceProcessor) -> dict[str, Any]:
     for i in sorted(normal, key=lambda i: (-sp.get_score(i), i)):
         text = pieces[i]
         splits = [(text[:k], text[k:]) for k in range(1, len(text))]
-        merges += sorted(([a, b] for a, b in splits if a in ids and b in ids), key=lambda ab: (ids[ab[0]], ids[ab[1]]))
+        merges += sorted(([a, b] for a, b in splits if a in ids and b in ids),
+                         key=lambda ab: (ids[ab[0]], ids[ab[1]]))
     model = {"type": "BPE", "dropout": None, "unk_token": sp.id_to_piece(sp.unk_id()),
              "continuing_subword_prefix": None, "end_of_word_suffix": None, "fuse_unk": True,
              "byte_fallback": True, "ignore_merges": False, "vocab": {p: i for i, p in enumerate(pieces)},
@@ -171,10 +173,15 @@ def tokenizer_config(sp: spm.SentencePieceProcessor, block_size: int) -> dict[st
     }
 
 
-def _load_model_file(model_file: Path) -> tuple[GPTConfig, dict[str, torch.Tensor]]:
-    if not model_file.is_file():
+def check_sources(model_file: Path, tokenizer_dir: Path) -> None:
+    """Raise ConfigError, cheaply and before any work, unless both sources are there and exportable."""
+    if not Path(model_file).is_file():
         raise ConfigError(f"model file {model_file} does not exist: pass --model with a model.pt written by "
                           "pretraining or fine-tuning")
+    _require_bpe_tokenizer(Path(tokenizer_dir))
+
+
+def _load_model_file(model_file: Path) -> tuple[GPTConfig, dict[str, torch.Tensor]]:
     try:
         # weights_only: tensors, dicts and numbers come back; pickled code in the file never runs.
         saved = torch.load(model_file, map_location="cpu", weights_only=True)
@@ -191,7 +198,7 @@ def _load_model_file(model_file: Path) -> tuple[GPTConfig, dict[str, torch.Tenso
     return GPTConfig(**saved["model_config"]), saved["model"]
 
 
-def _tokenizer_model_type(tokenizer_dir: Path) -> str:
+def _require_bpe_tokenizer(tokenizer_dir: Path) -> None:
     manifest = tokenizer_dir / MANIFEST
     if not manifest.is_file():
         raise ConfigError(f"no finished tokenizer in {tokenizer_dir} (no {MANIFEST}): pass --tokenizer with a "
@@ -202,7 +209,6 @@ def _tokenizer_model_type(tokenizer_dir: Path) -> str:
         raise ConfigError(f"tokenizer {tokenizer_dir} is a {model_type} model, which Hugging Face's tokenizers "
                           "segment differently from sentencepiece on ties: export a model trained with a "
                           "--model-type bpe tokenizer")
-    return model_type
 
 
 def export_hf(model_file: Path, tokenizer_dir: Path, out_dir: Path) -> dict[str, Any]:
@@ -219,8 +225,8 @@ def export_hf(model_file: Path, tokenizer_dir: Path, out_dir: Path) -> dict[str,
         raise ConfigError("exporting needs the safetensors package: pip install 'llm-pipeline[export]'") from None
 
     model_file, tokenizer_dir, out_dir = Path(model_file), Path(tokenizer_dir), Path(out_dir)
+    check_sources(model_file, tokenizer_dir)
     config, state = _load_model_file(model_file)
-    model_type = _tokenizer_model_type(tokenizer_dir)
     tokenizer = Tokenizer.load(tokenizer_dir)
     if tokenizer.vocab_size != config.vocab_size:
         raise ConfigError(f"model vocab_size {config.vocab_size} != tokenizer's {tokenizer.vocab_size} in "
@@ -248,7 +254,6 @@ def export_hf(model_file: Path, tokenizer_dir: Path, out_dir: Path) -> dict[str,
             "source_model": str(model_file),
             "source_model_digest": file_digest(model_file),
             "tokenizer_digest": file_digest(tokenizer_dir / MODEL_FILE),
-            "tokenizer_model_type": model_type,
             "eot_id": tokenizer.eot_id,
             "end_id": tokenizer.end_id,
             "versions": {"torch": torch.__version__.split("+")[0], "sentencepiece": spm.__version__,
@@ -265,10 +270,10 @@ def _version(package: str) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m llmcore.export",
-                                     description="Export a model and its tokenizer as a Hugging Face Llama folder.")
+    parser = argparse.ArgumentParser(
+        prog="python -m llmcore.export", description="Export a model and its tokenizer as a Hugging Face Llama folder.")
     parser.add_argument("--model", type=Path, required=True, help="model.pt from pretraining or fine-tuning")
-    parser.add_argument("--tokenizer", type=Path, required=True, help="tokenizer folder the model was trained with")
+    parser.add_argument("--tokenizer", type=Path, required=True, help="tokenizer folder used in training")
     parser.add_argument("--out", type=Path, required=True, help="folder to write (replaced if it exists)")
     args = parser.parse_args(argv)
     try:

@@ -9,6 +9,7 @@ import json
 import random
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -23,7 +24,13 @@ from llmcore.export import export_hf
 from llmcore.model import GPT, GPTConfig
 from llmcore.sampling import SamplingConfig, generate
 from llmcore.tokenizer import Tokenizer, TokenizerConfig, train_tokenizer
-from tests.test_tokenizer import SNIPPETS, WHITESPACE, random_text, source_documents, write_corpus
+from tests.test_tokenizer import (
+    SNIPPETS,
+    WHITESPACE,
+    random_text,
+    source_documents,
+    write_corpus,
+)
 
 TRICKY = [
     "", " ", "  leading spaces", "trailing spaces   ", "a\tb\t\tc", "\t\tindented with tabs\n",
@@ -67,12 +74,18 @@ def exported(request, tokenizer_dir, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def hf_tokenizer(tokenizer_dir, tmp_path_factory):
-    """The exported tokenizer, from one export (the tokenizer files do not depend on the model)."""
-    root = tmp_path_factory.mktemp("export-hf-tok")
-    save_model(root / "model.pt", tiny_model(Tokenizer.load(tokenizer_dir).vocab_size, tie_embeddings=True))
+def tied_export(tokenizer_dir, tmp_path_factory):
+    """One export, for the tests that need only one (the tokenizer files do not depend on the model)."""
+    root = tmp_path_factory.mktemp("export-tied")
+    model = tiny_model(Tokenizer.load(tokenizer_dir).vocab_size, tie_embeddings=True)
+    save_model(root / "model.pt", model)
     export_hf(root / "model.pt", tokenizer_dir, root / "hf")
-    return AutoTokenizer.from_pretrained(root / "hf")
+    return model, root
+
+
+@pytest.fixture(scope="module")
+def hf_tokenizer(tied_export):
+    return AutoTokenizer.from_pretrained(tied_export[1] / "hf")
 
 
 def test_logits_equal_ours(exported):
@@ -80,7 +93,8 @@ def test_logits_equal_ours(exported):
     hf = AutoModelForCausalLM.from_pretrained(root / "hf").eval()
     assert type(hf).__name__ == "LlamaForCausalLM" and hf.dtype == torch.float32
     assert hf.config.num_key_value_heads == 2 and hf.config.tie_word_embeddings == model.config.tie_embeddings
-    idx = torch.randint(0, model.config.vocab_size, (3, model.config.block_size), generator=torch.Generator().manual_seed(1))
+    generator = torch.Generator().manual_seed(1)
+    idx = torch.randint(0, model.config.vocab_size, (3, model.config.block_size), generator=generator)
     with torch.no_grad():
         ours, _ = model(idx)
         theirs = hf(input_ids=idx).logits
@@ -150,8 +164,8 @@ def test_folder_files_and_manifest(exported, tokenizer_dir):
     assert not [p for p in root.iterdir() if p.name.startswith(".")]  # no temporary folder left
 
 
-def test_bad_inputs_fail_in_one_line_and_keep_the_old_folder(exported, tokenizer_dir, tmp_path):
-    model, root, _ = exported
+def test_bad_inputs_fail_in_one_line_and_keep_the_old_folder(tied_export, tokenizer_dir, tmp_path):
+    model, root = tied_export
     out = tmp_path / "hf"
     out.mkdir()
     (out / "keep.txt").write_text("old export")
@@ -163,7 +177,8 @@ def test_bad_inputs_fail_in_one_line_and_keep_the_old_folder(exported, tokenizer
     unigram.mkdir()
     (unigram / "tokenizer.model").write_bytes((tokenizer_dir / "tokenizer.model").read_bytes())
     meta = read_json(tokenizer_dir / "manifest.json")
-    (unigram / "manifest.json").write_text(json.dumps({**meta, "config": {**meta["config"], "model_type": "unigram"}}))
+    meta["config"]["model_type"] = "unigram"
+    (unigram / "manifest.json").write_text(json.dumps(meta))
     cases = [
         (tmp_path / "missing.pt", tokenizer_dir, "does not exist"),
         (tmp_path / "junk.pt", tokenizer_dir, "is not a llmcore model"),
@@ -179,17 +194,57 @@ def test_bad_inputs_fail_in_one_line_and_keep_the_old_folder(exported, tokenizer
     assert [p.name for p in out.iterdir()] == ["keep.txt"]
 
 
-def test_command_line_exports_without_transformers_and_fails_in_one_line(exported, tokenizer_dir, tmp_path):
-    _, root, _ = exported
+def test_command_line_exports_without_transformers_and_fails_in_one_line(tied_export, tokenizer_dir, tmp_path):
+    _, root = tied_export
     code = ("import sys; from llmcore.export import main; main(sys.argv[1:]); "
             "assert 'transformers' not in sys.modules, 'export imported transformers'")
     args = ["--model", str(root / "model.pt"), "--tokenizer", str(tokenizer_dir), "--out", str(tmp_path / "hf")]
-    done = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True)
+    done = subprocess.run([sys.executable, "-c", code, *args], check=False, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     assert json.loads(done.stdout)["source_model_digest"] == file_digest(root / "model.pt")
     assert (tmp_path / "hf" / "model.safetensors").is_file()
 
     args[1] = str(tmp_path / "missing.pt")
-    failed = subprocess.run([sys.executable, "-m", "llmcore.export", *args], capture_output=True, text=True)
+    failed = subprocess.run([sys.executable, "-m", "llmcore.export", *args], check=False, capture_output=True,
+                            text=True)
+    assert failed.returncode == 2
+    assert failed.stderr.count("\n") == 1 and "missing.pt does not exist" in failed.stderr, failed.stderr
+
+
+@pytest.mark.flow
+def test_flow_logs_the_folder_to_the_run_and_it_loads_from_there(prefect_harness, tied_export, tokenizer_dir,
+                                                                   tmp_path, monkeypatch):
+    from mlflow import MlflowClient
+    from mlflow.artifacts import download_artifacts
+
+    from flows.export import export_flow
+    from tasks.tracking import configure_tracking, experiment_id
+
+    model, root = tied_export
+    monkeypatch.chdir(tmp_path)  # mlruns/ and runs/ land here
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    configure_tracking()
+    run_id = MlflowClient().create_run(experiment_id("export-test")).info.run_id
+
+    result = export_flow(str(root / "model.pt"), str(tokenizer_dir), run_id=run_id)
+    assert result["artifact_uri"] == f"runs:/{run_id}/hf_export"
+    assert Path(result["hf_dir"]).parent == Path("runs") / "hf_export"
+    logged = {Path(f.path).name for f in MlflowClient().list_artifacts(run_id, "hf_export")}
+    assert {"config.json", "model.safetensors", "tokenizer.json", "manifest.json"} <= logged
+    downloaded = download_artifacts(result["artifact_uri"], dst_path=str(tmp_path / "downloaded"))
+    hf = AutoModelForCausalLM.from_pretrained(downloaded)  # from the tracking store, not the export folder
+    idx = torch.arange(16).view(1, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(hf(input_ids=idx).logits, model(idx)[0], rtol=0, atol=1e-5)
+
+    own = export_flow(str(root / "model.pt"), str(tokenizer_dir), out=str(tmp_path / "own"))  # no run given
+    assert own["hf_dir"] == str(tmp_path / "own") and "/hf_export" in own["artifact_uri"]
+    assert not (tmp_path / "mlflow.db").exists()
+
+
+def test_flow_command_line_fails_in_one_line(tokenizer_dir, tmp_path):
+    args = ["--model", str(tmp_path / "missing.pt"), "--tokenizer", str(tokenizer_dir)]
+    failed = subprocess.run([sys.executable, "-m", "flows.export", *args], check=False, capture_output=True,
+                            text=True, cwd=tmp_path)
     assert failed.returncode == 2
     assert failed.stderr.count("\n") == 1 and "missing.pt does not exist" in failed.stderr, failed.stderr
