@@ -16,8 +16,8 @@ from typing import Any
 
 import torch
 
-from llmcore.artifacts import MANIFEST, atomic_write_json, file_digest, is_finished, read_json
-from llmcore.checkpoint import load_model, save_model
+from llmcore.artifacts import MANIFEST, atomic_write_json, file_digest, is_finished, locks_folder, read_json
+from llmcore.checkpoint import load_model, save_model, verify_model
 from llmcore.cli import add_config_flags
 from llmcore.errors import ConfigError
 from llmcore.sft_data import read_pairs
@@ -61,6 +61,7 @@ def sft_batches(sft_dir: Path, split: str, tokenizer: Tokenizer, max_length: int
     return Batches(len(pairs), lambda i: (inputs[i].long(), targets[i].long()), batch_size, seed)
 
 
+@locks_folder("out_dir")
 def finetune(
     base_model: Path,
     tokenizer_dir: Path,
@@ -87,6 +88,7 @@ def finetune(
     if is_finished(out_dir):
         manifest = read_json(out_dir / MANIFEST)
         require_same_run(out_dir, manifest["identity"], run_identity(model.config, config, inputs))
+        verify_model(out_dir / "model.pt")
         log.info("finetune: %s is finished, reusing it", out_dir)
         return manifest
     tokenizer = Tokenizer.load(tokenizer_dir)
@@ -98,8 +100,8 @@ def finetune(
     model.train()
     metrics = fit(model, train_batches, val_batches.in_order(config.eval_batches), config, out_dir / "checkpoints",
                   tracker=tracker, stage="finetune", sequence_length=max_length, inputs=inputs)
-    save_model(out_dir / "model.pt", model.to("cpu"), extra={"chat": True})
-    manifest = {"stage": "finetune", "model": "model.pt", "base_model": str(Path(base_model).resolve()),
+    model_sha256 = save_model(out_dir / "model.pt", model.to("cpu"), extra={"chat": True})
+    manifest = {"stage": "finetune", "model": "model.pt", "model_sha256": model_sha256, "base_model": str(Path(base_model).resolve()),
                 "model_config": asdict(model.config), "train_config": asdict(config), "max_length": max_length,
                 "metrics": metrics, "identity": run_identity(model.config, config, inputs), "tokenizer_dir": str(Path(tokenizer_dir).resolve()),
                 "sft_dir": str(Path(sft_dir).resolve())}
