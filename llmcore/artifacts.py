@@ -48,8 +48,8 @@ def _temp_name(path: Path, kind: str = "tmp") -> Path:
 
 
 def _disk_full(path: Path, error: OSError) -> ConfigError:
-    return ConfigError(f"no space left to write {path} ({os.strerror(error.errno)}): free space on that disk "
-                       "or point the output (--out / --runs-dir) at a larger one, then rerun")
+    return ConfigError(f"disk full: could not write {path} ({os.strerror(error.errno)}): free space on that disk "
+                       "(or raise the file-size limit) or point the output at a larger one, then rerun")
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:

@@ -19,7 +19,14 @@ from typing import Any
 
 import torch
 
-from llmcore.artifacts import MANIFEST, atomic_write_bytes, atomic_write_json, read_json, remove_stale_temps, verify_digest
+from llmcore.artifacts import (
+    MANIFEST,
+    atomic_write_bytes,
+    atomic_write_json,
+    read_json,
+    remove_stale_temps,
+    verify_digest,
+)
 from llmcore.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -89,7 +96,8 @@ def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dic
     meta = path.with_suffix(".json")
     if meta.is_file():
         try:
-            verify_digest(path, read_json(meta).get("sha256"), meta, "it is ignored; resume from an earlier one")
+            verify_digest(path, read_json(meta).get("sha256"), meta,
+                          f"delete it and {meta.name} to resume from the checkpoint before it")
         except ConfigError as error:
             raise CorruptCheckpoint(str(error)) from None
     return _safe_load(path, map_location)
