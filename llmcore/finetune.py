@@ -13,9 +13,9 @@ from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
-from llmcore.artifacts import MANIFEST, atomic_write_json, file_digest, is_finished, read_json
+from llmcore.artifacts import MANIFEST, atomic_write_json, file_digest, is_finished, locks_folder, read_json
 from llmcore.batches import sft_batches
-from llmcore.checkpoint import load_model, save_model
+from llmcore.checkpoint import load_model, save_model, verify_model
 from llmcore.cli import add_config_flags
 from llmcore.errors import ConfigError
 from llmcore.tokenizer import Tokenizer
@@ -25,6 +25,7 @@ from llmcore.train import TrainConfig, fit, require_same_run, run_identity
 log = logging.getLogger(__name__)
 
 
+@locks_folder("out_dir")
 def finetune(
     base_model: Path,
     tokenizer_dir: Path,
@@ -51,6 +52,7 @@ def finetune(
     if is_finished(out_dir):
         manifest = read_json(out_dir / MANIFEST)
         require_same_run(out_dir, manifest["identity"], run_identity(model.config, config, inputs))
+        verify_model(out_dir / "model.pt")
         log.info("finetune: %s is finished, reusing it", out_dir)
         return manifest
     tokenizer = Tokenizer.load(tokenizer_dir)
@@ -65,8 +67,8 @@ def finetune(
     model.train()
     metrics = fit(model, train_batches, val_batches.in_order(config.eval_batches), config, out_dir / "checkpoints",
                   tracker=tracker, stage="finetune", sequence_length=max_length, inputs=inputs)
-    save_model(out_dir / "model.pt", model.to("cpu"), extra={"chat": True})
-    manifest = {"stage": "finetune", "model": "model.pt", "base_model": str(Path(base_model).resolve()),
+    model_sha256 = save_model(out_dir / "model.pt", model.to("cpu"), extra={"chat": True})
+    manifest = {"stage": "finetune", "model": "model.pt", "model_sha256": model_sha256, "base_model": str(Path(base_model).resolve()),
                 "model_config": asdict(model.config), "train_config": asdict(config), "max_length": max_length,
                 "metrics": metrics, "identity": run_identity(model.config, config, inputs), "tokenizer_dir": str(Path(tokenizer_dir).resolve()),
                 "sft_dir": str(Path(sft_dir).resolve())}

@@ -2,13 +2,15 @@
 
 A shards folder holds `{split}_{k:06d}.bin` files, each at most `shard_tokens` ids written with
 `ndarray.tofile` (no header, native byte order: little-endian on every machine we target), and one
-`manifest.json` giving the dtype and, per split, the files in order with their token counts (written by
-`llmcore.tokenizer.encode_corpus`). Documents are concatenated, each followed by the end-of-text id, so a
-shard boundary may fall inside a document. This module does not tokenize, batch or shuffle; a training
-data loader slices the memmaps that `open_split` returns.
+`manifest.json` giving the dtype and, per split, the files in order with their token counts and sha256
+digests (written by `llmcore.tokenizer.encode_corpus`; checked whenever a split is opened). Documents are
+concatenated, each followed by the end-of-text id, so a shard boundary may fall inside a document. This
+module does not tokenize, batch or shuffle; a training data loader slices the memmaps that `open_split`
+returns.
 """
 
 import argparse
+import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,7 +19,7 @@ from types import TracebackType
 import numpy as np
 import numpy.typing as npt
 
-from llmcore.artifacts import MANIFEST, is_finished, read_json
+from llmcore.artifacts import MANIFEST, is_finished, read_json, verify_digest
 from llmcore.errors import ConfigError, require_positive
 
 ENCODE_HINT = "python -m llmcore.tokenizer encode --corpus DIR --tokenizer DIR --out"
@@ -58,20 +60,26 @@ class ShardWriter:
                 name = f"{self.split}_{len(self._files):06d}.bin"
                 self._handle = open(self.folder / name, "wb")
                 self._files.append({"file": name, "tokens": 0})
+                self._digest = hashlib.sha256()
             shard = self._files[-1]
             room = self.shard_tokens - shard["tokens"]
             ids[:room].tofile(self._handle)
+            self._digest.update(ids[:room])
             shard["tokens"] += min(room, ids.size)
             ids = ids[room:]
             if shard["tokens"] == self.shard_tokens:
-                self._handle.close()
-                self._handle = None
+                self._close_file()
+
+    def _close_file(self) -> None:
+        self._handle.close()
+        self._handle = None
+        self._files[-1]["sha256"] = self._digest.hexdigest()
 
     def close(self) -> list[dict]:
-        """Close the last file; return `[{"file": name, "tokens": n}, ...]` in order. Safe to call twice."""
+        """Close the last file; return `[{"file": name, "tokens": n, "sha256": hex}, ...]` in order. Safe to
+        call twice."""
         if self._handle is not None:
-            self._handle.close()
-            self._handle = None
+            self._close_file()
         return [dict(f) for f in self._files]
 
     def __enter__(self) -> "ShardWriter":
@@ -105,6 +113,7 @@ def open_split(folder: Path, split: str) -> TokenSplit:
         size = entry["tokens"] * dtype.itemsize
         if not path.is_file() or path.stat().st_size != size:
             raise ConfigError(f"shard {path} is missing or not the {size} bytes its manifest says: rerun `{ENCODE_HINT} {folder}`")
+        verify_digest(path, entry.get("sha256"), folder / MANIFEST, f"rerun `{ENCODE_HINT} {folder}`")
         shards.append(np.memmap(path, dtype=dtype, mode="r"))
     return TokenSplit(shards=shards, num_tokens=sum(len(s) for s in shards))
 

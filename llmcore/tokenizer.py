@@ -21,7 +21,8 @@ from pathlib import Path
 import numpy as np
 import sentencepiece as spm
 
-from llmcore.artifacts import MANIFEST, atomic_output_dir, atomic_write_json, file_digest, is_finished
+from llmcore.artifacts import (MANIFEST, atomic_output_dir, atomic_write_json, file_digest, is_finished, read_json,
+                               verify_digest)
 from llmcore.cli import add_config_flags
 from llmcore.corpus import SPLITS, corpus_digest, read_documents
 from llmcore.errors import ConfigError, require_choice, require_non_negative, require_positive
@@ -99,12 +100,23 @@ class Tokenizer:
 
     @classmethod
     def load(cls, path: Path) -> "Tokenizer":
-        """Load from the `.model` file or the folder holding `tokenizer.model`."""
+        """Load from the `.model` file or the folder holding `tokenizer.model`.
+
+        When a tokenizer manifest sits beside the file, the file must match the digest it recorded; a file
+        that changed since, or that sentencepiece cannot parse, is a ConfigError naming it.
+        """
         path = Path(path)
         model = path / MODEL_FILE if path.is_dir() else path
+        retrain = f"retrain it with `python -m llmcore.tokenizer train --corpus DIR --out {model.parent}`"
         if not model.is_file():
             raise ConfigError(f"no tokenizer model at {model}: run `python -m llmcore.tokenizer train --corpus DIR --out DIR` first")
-        return cls(spm.SentencePieceProcessor(model_file=str(model)))
+        if (manifest := model.with_name(MANIFEST)).is_file():
+            verify_digest(model, read_json(manifest).get("tokenizer_digest"), manifest, retrain)
+        try:
+            processor = spm.SentencePieceProcessor(model_file=str(model))
+        except (RuntimeError, OSError) as error:
+            raise ConfigError(f"{model} is not a sentencepiece model ({str(error).splitlines()[0][:80]}): {retrain}") from None
+        return cls(processor)
 
     def encode(self, text: str) -> list[int]:
         return self.encode_batch([text])[0]

@@ -22,10 +22,10 @@ from typing import Any
 
 import torch
 
-from llmcore.artifacts import MANIFEST, atomic_write_json, is_finished, read_json
+from llmcore.artifacts import MANIFEST, atomic_write_json, is_finished, locks_folder, read_json
 from llmcore.batches import Batches, token_windows
 from llmcore.chat import IGNORE
-from llmcore.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, save_model
+from llmcore.checkpoint import latest_checkpoint, resume_state, save_checkpoint, save_model, verify_model
 from llmcore.cli import add_config_flags
 from llmcore.device import require_device, resolve_device
 from llmcore.errors import ConfigError, require_non_negative, require_positive
@@ -161,9 +161,9 @@ def fit(
     )
 
     start_step, history = 0, {}
-    latest = latest_checkpoint(checkpoint_dir)
-    if latest is not None:
-        state = load_checkpoint(latest, map_location="cpu")  # RNG states must stay CPU tensors
+    resumed = resume_state(checkpoint_dir, map_location="cpu")  # RNG states must stay CPU tensors
+    if resumed is not None:
+        latest, state = resumed
         require_same_run(latest, state["identity"], identity)
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
@@ -252,6 +252,7 @@ def _duration(seconds: float) -> str:
     return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
 
 
+@locks_folder("out_dir")
 def pretrain(
     tokenizer_dir: Path,
     tokens_dir: Path,
@@ -274,6 +275,7 @@ def pretrain(
     if is_finished(out_dir):
         manifest = read_json(out_dir / MANIFEST)
         require_same_run(out_dir, manifest["identity"], run_identity(model_config, config, inputs))
+        verify_model(out_dir / "model.pt")
         log.info("pretrain: %s is finished, reusing it", out_dir)
         return manifest
     tokenizer = Tokenizer.load(tokenizer_dir)
@@ -291,8 +293,8 @@ def pretrain(
     tracker.log_metrics({"pretrain/num_params": model.num_params()})
     metrics = fit(model, train_batches, val_batches, config, out_dir / "checkpoints", inputs=inputs,
                   token_bytes=torch.from_numpy(tokenizer.token_byte_lengths()), tracker=tracker, stage="pretrain")
-    save_model(out_dir / "model.pt", model.to("cpu"))
-    manifest = {"stage": "pretrain", "model": "model.pt", "model_config": asdict(model_config),
+    model_sha256 = save_model(out_dir / "model.pt", model.to("cpu"))
+    manifest = {"stage": "pretrain", "model": "model.pt", "model_sha256": model_sha256, "model_config": asdict(model_config),
                 "train_config": asdict(config), "num_params": model.num_params(), "metrics": metrics,
                 "identity": run_identity(model_config, config, inputs), "torch_version": torch.__version__,
                 "tokenizer_dir": str(Path(tokenizer_dir).resolve()), "tokens_dir": str(Path(tokens_dir).resolve())}

@@ -15,7 +15,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from prefect import task
+from prefect import get_run_logger, task
 from prefect.artifacts import create_table_artifact
 
 from llmcore import completions, corpus, evaluate, finetune, sft_data, tokenizer, train
@@ -24,6 +24,7 @@ from llmcore.errors import ConfigError
 from llmcore.evaluate import EvalConfig
 from llmcore.model import GPTConfig
 from llmcore.sampling import SamplingConfig
+from llmcore.shards import open_split
 from llmcore.tracking import MlflowTracker, NullTracker, Tracker
 from llmcore.train import TrainConfig, TrainingDiverged, result_fields
 from tasks.tracking import log_generator_model
@@ -59,9 +60,46 @@ def _cache_key(name: str, *parts: Callable[[], Any]):
     return key
 
 
-def _reuse_or_build(out: Path, build: Callable[[], dict]) -> dict:
-    """The finished folder's manifest, or build it (llmcore writes the folder atomically)."""
-    return read_json(out / MANIFEST) if is_finished(out) else build()
+def _reuse_or_build(out: Path, build: Callable[[], dict], verify: Callable[[Path], Any] | None = None) -> dict:
+    """The finished folder's manifest, or build it (llmcore writes the folder atomically).
+
+    A finished folder whose files no longer match the digests in its manifest (`verify` raises
+    ConfigError) is rebuilt, with one warning line: it holds derived data that its inputs rebuild exactly.
+    """
+    if is_finished(out):
+        try:
+            if verify is not None:
+                verify(out)
+            return read_json(out / MANIFEST)
+        except ConfigError as error:
+            get_run_logger().warning("%s; rebuilding %s", error, out)
+    return build()
+
+
+def _verify_tokenizer(out: Path) -> None:
+    tokenizer.Tokenizer.load(out)  # checks tokenizer.model against the manifest's digest, and parses it
+
+
+def _verify_tokens(out: Path) -> None:
+    for split in read_json(out / MANIFEST)["splits"]:
+        open_split(out, split)  # checks every shard against the manifest's size and digest
+
+
+def _intact(out: Path, verify: Callable[[Path], Any]) -> str:
+    """A cache-key part that raises ConfigError (so: no cache hit, the task runs and rebuilds) when the
+    finished folder a cached result names was changed since it was written."""
+    if is_finished(out):
+        verify(out)
+    return ""
+
+
+def _tokenizer_out(corpus_dir: str, config: tokenizer.TokenizerConfig, runs_dir: str) -> Path:
+    return Path(runs_dir) / "tokenizer" / _key(corpus.corpus_digest(corpus_dir), asdict(config))
+
+
+def _tokens_out(corpus_dir: str, tokenizer_dir: str, runs_dir: str) -> Path:
+    return Path(runs_dir) / "tokens" / _key(corpus.corpus_digest(corpus_dir),
+                                            _manifest(tokenizer_dir, "tokenizer")["tokenizer_digest"])
 
 
 def _manifest(folder: str | Path, stage: str) -> dict:
@@ -92,19 +130,20 @@ def log_corpus(corpus_dir: str, config: corpus.CorpusConfig, run_id: str | None)
 
 @task(name="train-tokenizer", **DATA_TASK,
       cache_key_fn=_cache_key("tokenizer", lambda p: corpus.corpus_digest(p["corpus_dir"]), lambda p: asdict(p["config"]),
-                              lambda p: p["runs_dir"]))
+                              lambda p: p["runs_dir"], lambda p: _intact(_tokenizer_out(**p), _verify_tokenizer)))
 def train_tokenizer(corpus_dir: str, config: tokenizer.TokenizerConfig, runs_dir: str) -> str:
-    out = Path(runs_dir) / "tokenizer" / _key(corpus.corpus_digest(corpus_dir), asdict(config))
-    _reuse_or_build(out, lambda: tokenizer.train_tokenizer(Path(corpus_dir), out, config))
+    out = _tokenizer_out(corpus_dir, config, runs_dir)
+    _reuse_or_build(out, lambda: tokenizer.train_tokenizer(Path(corpus_dir), out, config), _verify_tokenizer)
     return str(out)
 
 
 @task(name="encode-corpus", **DATA_TASK,
       cache_key_fn=_cache_key("tokens", lambda p: corpus.corpus_digest(p["corpus_dir"]),
-                              lambda p: _manifest(p["tokenizer_dir"], "tokenizer")["tokenizer_digest"], lambda p: p["runs_dir"]))
+                              lambda p: _manifest(p["tokenizer_dir"], "tokenizer")["tokenizer_digest"], lambda p: p["runs_dir"],
+                              lambda p: _intact(_tokens_out(**p), _verify_tokens)))
 def encode_corpus(corpus_dir: str, tokenizer_dir: str, runs_dir: str) -> str:
-    out = Path(runs_dir) / "tokens" / _key(corpus.corpus_digest(corpus_dir), _manifest(tokenizer_dir, "tokenizer")["tokenizer_digest"])
-    _reuse_or_build(out, lambda: tokenizer.encode_corpus(Path(corpus_dir), Path(tokenizer_dir), out))
+    out = _tokens_out(corpus_dir, tokenizer_dir, runs_dir)
+    _reuse_or_build(out, lambda: tokenizer.encode_corpus(Path(corpus_dir), Path(tokenizer_dir), out), _verify_tokens)
     return str(out)
 
 

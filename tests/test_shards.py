@@ -1,3 +1,5 @@
+import hashlib
+
 import numpy as np
 import pytest
 
@@ -31,12 +33,13 @@ def test_token_dtype_switches_above_65536():
 def test_writer_splits_files_at_shard_tokens_and_reads_back(tmp_path):
     chunks = [np.arange(7), list(range(7, 14)), np.arange(14, 25), []]
     files = write_split(tmp_path, "train", chunks, shard_tokens=10)
-    assert files == [
+    assert [{k: f[k] for k in ("file", "tokens")} for f in files] == [
         {"file": "train_000000.bin", "tokens": 10},
         {"file": "train_000001.bin", "tokens": 10},
         {"file": "train_000002.bin", "tokens": 5},
     ]
     assert [(tmp_path / f["file"]).stat().st_size for f in files] == [20, 20, 10]
+    assert [f["sha256"] for f in files] == [hashlib.sha256((tmp_path / f["file"]).read_bytes()).hexdigest() for f in files]
     write_manifest(tmp_path, {"train": files})
     split = open_split(tmp_path, "train")
     assert split.num_tokens == 25
