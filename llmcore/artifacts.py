@@ -189,9 +189,10 @@ def _holder(lock: Path) -> str:
 def folder_lock(folder: Path, what: str = "") -> Iterator[None]:
     """Hold an exclusive lock on `folder` (flock on `folder/.lock`) for the duration of the block.
 
-    When another process holds it, log one line saying who (pid, host, start time) and wait for it. The
-    kernel releases the lock when its holder exits, however it dies, so a killed run never blocks the
-    next. The lock file stays: deleting it would let two processes lock two different files.
+    When another process holds it, log one line saying who (pid, host, start time) and wait for it. Once
+    held, the temporary files that killed writers left in `folder` are removed. The kernel releases the
+    lock when its holder exits, however it dies, so a killed run never blocks the next. The lock file
+    stays: deleting it would let two processes lock two different files.
     """
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
@@ -206,6 +207,7 @@ def folder_lock(folder: Path, what: str = "") -> Iterator[None]:
         os.ftruncate(fd, 0)
         os.pwrite(fd, json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
                                   "since": time.strftime("%Y-%m-%d %H:%M:%S %Z")}).encode(), 0)
+        remove_stale_temps(folder)  # e.g. a model.pt half-written by a killed holder
         yield
     finally:
         os.close(fd)  # releases the lock

@@ -76,7 +76,7 @@ def _safe_load(path: Path, map_location: str | torch.device) -> Any:
         return torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as error:
         raise ConfigError(f"refusing to load {path}: it holds objects other than tensors and plain data, which "
-                          f"could run code ({str(error).splitlines()[0][:60]}): delete it and rerun the stage that "
+                          "could run code (torch's weights_only load refused it): delete it and rerun the stage that "
                           "wrote it, and do not load files from untrusted sources") from None
     except (RuntimeError, EOFError, OSError, ValueError) as error:
         raise CorruptCheckpoint(f"{path} is truncated or corrupt ({str(error).splitlines()[0][:80]}): delete it "
