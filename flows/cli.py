@@ -145,6 +145,10 @@ def explain(error: BaseException, log_file: Path, runs_dir: str) -> tuple[str, i
         if isinstance(cause, OSError) and cause.errno in (errno.ENOSPC, errno.EDQUOT):
             return (f"disk full writing {cause.filename or runs_dir}: free space there or pass --runs-dir on "
                     f"another disk {trace}"), 1
+        if "ephemeral Prefect API server" in str(cause):
+            return (f"Prefect's temporary server did not start in time: raise "
+                    f"PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS (a loaded machine) or start `prefect server "
+                    f"start` and set PREFECT_API_URL {trace}"), 1
         if isinstance(cause, PermissionError):
             return (f"permission denied on {cause.filename or runs_dir}: give this user access to it or pass "
                     f"another path {trace}"), 1
@@ -196,8 +200,11 @@ def run_stage_cli(flows: dict[str, Callable], argv: list[str]) -> None:
     stage_flow, debug = flows[args.pop("stage")], args.pop("debug")
 
     def run() -> None:
+        from tasks.tracking import configure_tracking
+
         kwargs = flow_arguments(stage_flow.fn, args)
         require_tracking_server()
+        configure_tracking()  # before any MlflowClient exists, or it tracks to ./mlflow.db
         print(stage_flow(**kwargs))
 
     run_command(run, args.get("runs_dir") or "runs", debug)

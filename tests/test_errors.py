@@ -51,7 +51,9 @@ def small_corpus(tmp_path_factory) -> Path:
 
 def command(module: str, *args: str, cwd: Path, prefect_home: Path, **env: str) -> subprocess.CompletedProcess:
     environ = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "PREFECT_API"))}
-    environ.update(PYTHONPATH=str(ROOT), PREFECT_HOME=str(prefect_home), **env)
+    # a fresh Prefect home migrates its database on the first start: slow on a loaded machine
+    environ.update(PYTHONPATH=str(ROOT), PREFECT_HOME=str(prefect_home),
+                   PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS="300", **env)
     return subprocess.run([sys.executable, "-m", module, *args], cwd=cwd, env=environ, capture_output=True,
                           text=True, timeout=600)
 
