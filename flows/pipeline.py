@@ -22,7 +22,7 @@ from prefect.artifacts import create_table_artifact
 from prefect.runtime import flow_run
 from pydantic import BaseModel, Field
 
-from flows.cli import fail
+from flows.cli import add_debug_flag, require_tracking_server, run_command
 from flows.stages import (
     EXPERIMENT,
     RUNS_DIR,
@@ -35,9 +35,10 @@ from flows.stages import (
 )
 from llmcore.artifacts import MANIFEST, read_json
 from llmcore.cli import add_flag
-from llmcore.corpus import describe_source
+from llmcore.corpus import CorpusConfig, describe_source
 from llmcore.device import resolve_device
 from llmcore.errors import ConfigError
+from llmcore.memory import require_fits
 from llmcore.presets import PRESETS, Preset, get_preset, with_vocab_size
 from llmcore.tracking import MlflowTracker
 from tasks.tracking import configure_tracking, experiment_id, mlflow_run
@@ -64,6 +65,7 @@ class PipelineParams(BaseModel):
     max_tokens: int | None = Field(None, description="pretraining token budget (overrides --max-steps)")
     batch_size: int | None = Field(None, description="sequences per micro-batch (pretraining and fine-tuning)")
     learning_rate: float | None = Field(None, description="peak pretraining learning rate")
+    warmup_steps: int | None = Field(None, description="pretraining steps of linear learning-rate warmup")
     finetune_steps: int | None = Field(None, description="fine-tuning optimizer steps")
     max_length: int | None = Field(None, description="longest fine-tuning sequence (<= block size)")
     device: str | None = Field(None, description="auto, cpu, cuda or cuda:N")
@@ -81,7 +83,8 @@ class PipelineParams(BaseModel):
                                              n_embd=self.n_embd))
         shared = _set(batch_size=self.batch_size, device=self.device, seed=self.seed)
         pretrain = replace(preset.pretrain, **shared, **_set(max_steps=self.max_steps, max_tokens=self.max_tokens,
-                                                             learning_rate=self.learning_rate))
+                                                             learning_rate=self.learning_rate,
+                                                             warmup_steps=self.warmup_steps))
         finetune = replace(preset.finetune, **shared, **_set(max_steps=self.finetune_steps))
         if self.max_length is not None and not 0 < self.max_length <= model.block_size:
             raise ConfigError(f"context length {self.max_length} does not fit the model, which supports "
@@ -161,25 +164,49 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m flows.pipeline", description=pipeline.fn.__doc__)
     for name, field in PipelineParams.model_fields.items():
         add_flag(parser, name, field.annotation, field.default, required=False, help=field.description)
-    values = {k: v for k, v in vars(parser.parse_args(argv)).items() if v is not None}
+    add_debug_flag(parser)
+    args = vars(parser.parse_args(argv))
+    debug = args.pop("debug")
+    values = {k: v for k, v in args.items() if v is not None}
     tracking_uri = os.environ.get("MLFLOW_TRACKING_URI")  # read before MLflow sets it for the local store
-    try:
+
+    def run() -> None:
         params = PipelineParams(**values)
         check_inputs(params.build())  # every config and input, before Prefect and MLflow start
-        summary = pipeline(params)
-    except ConfigError as error:  # raised inside a stage (e.g. a vocabulary the corpus cannot fill)
-        fail(error)
-    print_summary(summary, params.experiment, tracking_uri)
+        print_summary(pipeline(params), params.experiment, tracking_uri)
+
+    run_command(run, values.get("runs_dir", RUNS_DIR), debug)
 
 
 def check_inputs(preset: Preset) -> None:
-    """What can be checked before any work: the sources exist and the devices are there."""
+    """What can be checked before any work: the sources exist and can fill the vocabulary, the devices are
+    there, a training step fits in memory, and the MLflow server (if one is named) answers."""
     describe_source(preset.corpus)
+    corpus_bytes = _corpus_bytes_at_most(preset.corpus)
+    if corpus_bytes is not None and corpus_bytes < preset.tokenizer.vocab_size:
+        raise ConfigError(f"corpus {preset.corpus.source} has at most {corpus_bytes} bytes, fewer than vocab_size "
+                          f"{preset.tokenizer.vocab_size}: pass a larger --corpus (or --max-corpus-bytes) or "
+                          f"--vocab-size <= {corpus_bytes}")
     if preset.sft_data.kind == "file" and not Path(preset.sft_data.source).is_file():
         raise ConfigError(f"fine-tuning data {preset.sft_data.source} does not exist: pass --sft-data docstrings, "
                           "a .jsonl/.csv/.parquet file or hf:NAME")
     for device in {preset.pretrain.device, preset.finetune.device, preset.evaluation.device}:
         resolve_device(device)
+    for stage, config in (("pretraining", preset.pretrain), ("fine-tuning", preset.finetune)):
+        require_fits(preset.model, config.batch_size, preset.model.block_size, resolve_device(config.device), stage)
+    require_tracking_server()
+
+
+def _corpus_bytes_at_most(corpus: CorpusConfig) -> int | None:
+    """An upper bound on the corpus's text bytes where one is cheap: --max-corpus-bytes, or the size of a
+    local file or folder (every file counted); None for the stdlib, globs and hf: sources."""
+    bounds = [corpus.max_bytes] if corpus.max_bytes is not None else []
+    source = Path(corpus.source)
+    if corpus.kind == "path" and source.is_file():
+        bounds.append(source.stat().st_size)
+    elif corpus.kind == "path" and source.is_dir():
+        bounds.append(sum(p.stat().st_size for p in source.rglob("*") if p.is_file()))
+    return min(bounds, default=None)
 
 
 if __name__ == "__main__":

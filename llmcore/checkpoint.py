@@ -74,7 +74,7 @@ def _safe_load(path: Path, map_location: str | torch.device) -> Any:
     """torch.load of tensors and plain data only: a pickle that would build other objects is refused."""
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
-    except pickle.UnpicklingError as error:
+    except pickle.UnpicklingError:
         raise ConfigError(f"refusing to load {path}: it holds objects other than tensors and plain data, which "
                           "could run code (torch's weights_only load refused it): delete it and rerun the stage that "
                           "wrote it, and do not load files from untrusted sources") from None

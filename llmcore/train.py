@@ -30,6 +30,7 @@ from llmcore.cli import add_config_flags
 from llmcore.device import require_device, resolve_device
 from llmcore.errors import ConfigError, require_non_negative, require_positive
 from llmcore.losses import token_loss
+from llmcore.memory import require_fits
 from llmcore.model import GPT, GPTConfig
 from llmcore.shards import open_split
 from llmcore.tokenizer import Tokenizer
@@ -151,6 +152,7 @@ def fit(
     """
     device = resolve_device(config.device)
     total_steps = config.total_steps(sequence_length or model.config.block_size)
+    require_fits(model.config, config.batch_size, sequence_length or model.config.block_size, device, stage)
     identity = run_identity(model.config, config, inputs or {})
     model.to(device)
     decay = [p for p in model.parameters() if p.dim() >= 2]

@@ -10,6 +10,7 @@ MLflow logging of the data stages lives in the `log_*` functions, called by the 
 so that a cached (skipped) task still fills its stage's MLflow run.
 """
 
+import errno
 from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
@@ -26,18 +27,25 @@ from llmcore.model import GPTConfig
 from llmcore.sampling import SamplingConfig
 from llmcore.shards import open_split
 from llmcore.tracking import MlflowTracker, NullTracker, Tracker
-from llmcore.train import TrainConfig, TrainingDiverged, result_fields
+from llmcore.train import TrainConfig, result_fields
 from tasks.tracking import log_generator_model
 
 
+# OSErrors that fail the same way however often they are retried.
+PERMANENT_ERRNOS = {errno.ENOENT, errno.EACCES, errno.EPERM, errno.EISDIR, errno.ENOTDIR, errno.ENOSPC,
+                    errno.EDQUOT, errno.EROFS, errno.ELOOP, errno.ENAMETOOLONG, errno.ENOMEM}
+
+
 def retry_unless_bad_input(task, task_run, state) -> bool:
-    """Retry transient failures (I/O), never a bad config or a diverged loss: those fail the same again."""
+    """Retry transient I/O failures only (an OSError such as EIO, a timeout, a dropped connection). A bad
+    config, a diverged loss, a vocabulary sentencepiece refuses, out of memory, a missing, unreadable or
+    corrupt file fail the same way again: retrying them would repeat minutes of work for nothing."""
     try:
         state.result()
-    except (ConfigError, TrainingDiverged):
-        return False
+    except OSError as error:
+        return error.errno not in PERMANENT_ERRNOS
     except Exception:
-        return True
+        return False
     return False
 
 
