@@ -10,9 +10,9 @@ Files are recognised by content, not by name. A folder or glob takes every regul
 with "." and hidden folders are skipped, symlinked folders are not followed, so links cannot loop);
 `.jsonl`/`.csv`/`.parquet` files are tables, every other file is text if it decodes by this rule: UTF-8
 (a leading byte-order mark dropped), or UTF-16 when the file starts with a UTF-16 byte-order mark. Files
-with NUL bytes (outside UTF-16) are binary; binary, undecodable, unreadable (vanished, permission denied,
-a link loop) and non-regular files (FIFOs, devices) are skipped and counted by reason in the manifest,
-never fatal. Empty documents and duplicates are dropped and counted.
+with NUL bytes, or with more than 10% other control characters (tab, newlines and form feed aside), are
+binary. Binary, undecodable, unreadable (vanished, permission denied, a link loop) and non-regular files
+(FIFOs, devices) are skipped and counted by reason in the manifest, never fatal. Empty documents and duplicates are dropped and counted.
 
 Small corpora still get a validation split: when the hash split holds out less than `min_validation_bytes`
 (at most half the text), the training documents nearest to being held out are held out too, in a fixed
@@ -74,6 +74,9 @@ STDLIB_EXCLUDED_DIRS = frozenset({"site-packages", "dist-packages", "test", "tes
 MAX_LISTED_SKIPS = 50
 SOURCE_HINT = "pass --corpus stdlib, a file, folder or glob, or hf:NAME"
 HUB_PROBE_SECONDS = 3.0
+# C0 controls other than tab, newline, vertical tab, form feed and carriage return: text has few of them,
+# binary data many (and JSON writes each as six characters).
+CONTROL_CHARACTERS = tuple(chr(c) for c in range(32) if chr(c) not in "\t\n\v\f\r") + ("\x7f",)
 
 log = logging.getLogger(__name__)
 
@@ -141,20 +144,24 @@ def is_validation(digest_hex: str, fraction: float) -> bool:
 
 def decode_text(data: bytes) -> str:
     """The module's decoding rule: UTF-8 (BOM dropped), or UTF-16 after a UTF-16 BOM; UnreadableFileError
-    ("binary" for NUL bytes, "not_text" for other encodings) otherwise."""
+    ("binary" for NUL bytes or more than 10% control characters, "not_text" for other encodings) otherwise."""
+    text = None
     if data.startswith((b"\xff\xfe", b"\xfe\xff")) and not data.startswith(b"\xff\xfe\0\0"):  # not UTF-32
         try:
-            text = data.decode("utf-16")
+            text = data.decode("utf-16").removeprefix("\ufeff")
         except UnicodeDecodeError as e:
             raise UnreadableFileError("not_text", f"not UTF-16 despite its byte-order mark ({e.reason})") from e
-        if "\0" not in text:
-            return text.removeprefix("\ufeff")
-    if b"\0" in data:
+    if "\0" in (text or "") or (text is None and b"\0" in data):
         raise UnreadableFileError("binary", "contains NUL bytes")
-    try:
-        return data.decode("utf-8-sig")
-    except UnicodeDecodeError as e:
-        raise UnreadableFileError("not_text", f"not UTF-8 or UTF-16 ({e.reason} at byte {e.start})") from e
+    if text is None:
+        try:
+            text = data.decode("utf-8-sig")
+        except UnicodeDecodeError as e:
+            raise UnreadableFileError("not_text", f"not UTF-8 or UTF-16 ({e.reason} at byte {e.start})") from e
+    controls = sum(map(text.count, CONTROL_CHARACTERS))
+    if controls * 10 > len(text):
+        raise UnreadableFileError("binary", f"{controls} of {len(text)} characters are control characters")
+    return text
 
 
 def read_bytes(path: Path) -> bytes:
@@ -530,9 +537,10 @@ def ingest(config: CorpusConfig, out_dir: Path) -> dict:
     with atomic_output_dir(out_dir) as tmp, ExitStack() as stack:
         out = {split: stack.enter_context(open(tmp / f"{split}.jsonl", "w", encoding="utf-8")) for split in SPLITS}
 
-        def write(split: str, doc_id: str, source: str, text: str) -> None:
-            out[split].write(json.dumps({"id": doc_id, "source": source, "text": text}, ensure_ascii=False) + "\n")
-            nbytes[split] += len(text.encode("utf-8"))
+        def write(split: str, doc_id: str, source: str, text: str, size: int) -> None:
+            out[split].write(json.dumps({"id": doc_id, "source": source, "text": text}, ensure_ascii=False))
+            out[split].write("\n")  # not appended to the line: that would copy a long document once more
+            nbytes[split] += size
             written[split].append(doc_id)
 
         for source, text in documents(reread, []):
@@ -547,9 +555,11 @@ def ingest(config: CorpusConfig, out_dir: Path) -> dict:
                     raise ConfigError(f"corpus {description} is one document of {len(text)} characters, too little "
                                       "to hold out a validation tail: add text")
                 for split, part, name in (("train", text[:cut], source), ("validation", text[cut:], f"{source}#tail")):
-                    write(split, hashlib.sha256(part.encode("utf-8")).hexdigest(), name, part)
+                    encoded = part.encode("utf-8")
+                    write(split, hashlib.sha256(encoded).hexdigest(), name, part, len(encoded))
+                    del encoded
             else:
-                write(destination[doc_id], doc_id, source, text)
+                write(destination[doc_id], doc_id, source, text, kept[doc_id][1])
         stack.close()
         if sorted(reread) != sorted(digests) or sum(map(len, written.values())) != len(destination) + lone:
             raise ConfigError(f"corpus {description} changed while it was being ingested: run again when it is still")
