@@ -35,12 +35,14 @@ from flows.stages import (
 )
 from llmcore.artifacts import MANIFEST, read_json
 from llmcore.cli import add_flag
+from llmcore.completions import held_out_prompts
 from llmcore.corpus import CorpusConfig, describe_source
 from llmcore.device import resolve_device
 from llmcore.errors import ConfigError
 from llmcore.memory import require_fits
 from llmcore.presets import PRESETS, Preset, get_preset, with_vocab_size
 from llmcore.tracking import MlflowTracker
+from tasks.stages import build_sft_data
 from tasks.tracking import configure_tracking, experiment_id, mlflow_run
 
 log = logging.getLogger("llmcore.pipeline")
@@ -53,6 +55,9 @@ class PipelineParams(BaseModel):
     corpus: str | None = Field(None, description="stdlib, a file, folder or glob, or hf:NAME")
     text_column: str | None = Field(None, description="text column of jsonl/csv/parquet/HF data")
     max_corpus_bytes: int | None = Field(None, description="keep at most this many bytes of the corpus")
+    hf_config: str | None = Field(None, description="configuration of an hf: corpus")
+    hf_split: str | None = Field(None, description="split of an hf: corpus (default: train)")
+    hf_revision: str | None = Field(None, description="pinned revision (commit sha, tag, branch) of an hf: corpus")
     sft_data: str | None = Field(None, description="fine-tuning pairs: docstrings, a jsonl/csv/parquet file, or hf:NAME")
     experiment: str = Field(EXPERIMENT, description="MLflow experiment name")
     runs_dir: str = Field(RUNS_DIR, description="output folder for every stage's artifacts")
@@ -75,7 +80,8 @@ class PipelineParams(BaseModel):
         """The preset with this run's overrides applied; every config validated on the way."""
         preset = get_preset(self.preset)
         corpus = replace(preset.corpus, **_set(source=self.corpus, text_column=self.text_column,
-                                                      max_bytes=self.max_corpus_bytes))
+                                                      max_bytes=self.max_corpus_bytes, hf_config=self.hf_config,
+                                                      hf_split=self.hf_split, hf_revision=self.hf_revision))
         sft_data = replace(preset.sft_data, **_set(source=self.sft_data))
         if self.vocab_size is not None:
             preset = with_vocab_size(preset, self.vocab_size)
@@ -126,24 +132,51 @@ def pipeline(params: PipelineParams = PipelineParams()) -> list[dict[str, Any]]:
         common = {"runs_dir": runs, "experiment": experiment, "parent_run_id": parent}
         corpus_dir = timed("corpus", lambda: corpus_flow(preset.corpus, **common),
                            lambda d: ("documents", read_json(Path(d) / MANIFEST)["counts"]["documents"]))
+        skip_finetune = check_derived_inputs(preset, corpus_dir, runs, sft_data_given=params.sft_data is not None)
         tok = timed("tokenizer", lambda: tokenizer_flow(corpus_dir, preset.tokenizer, **common),
                     lambda r: ("bytes_per_token", round(read_json(Path(r["tokenizer_dir"]) / MANIFEST)["bytes_per_token"], 3)))
         pretrained = timed("pretrain", lambda: pretrain_flow(tok["tokenizer_dir"], tok["tokens_dir"], preset.model,
                                                              preset.pretrain, **common),
                            lambda m: ("val_bpb", round(read_json(Path(m).parent / MANIFEST)["metrics"]["val_bpb"], 4)))
-        tuned = timed("finetune", lambda: finetune_flow(pretrained, tok["tokenizer_dir"], corpus_dir, preset.sft_data,
-                                                        preset.finetune, params.max_length, **common),
-                      lambda r: ("val_loss", round(read_json(Path(r["model"]).parent / MANIFEST)["metrics"]["val_loss"], 4)))
+        if skip_finetune:
+            tuned = {"model": None, "sft_dir": None}
+            summary.append({"stage": "finetune", "seconds": 0.0, "metric": "skipped", "value": skip_finetune})
+        else:
+            tuned = timed("finetune", lambda: finetune_flow(pretrained, tok["tokenizer_dir"], corpus_dir, preset.sft_data,
+                                                            preset.finetune, params.max_length, **common),
+                          lambda r: ("val_loss", round(read_json(Path(r["model"]).parent / MANIFEST)["metrics"]["val_loss"], 4)))
         common.pop("runs_dir")
         scores = timed("evaluate", lambda: evaluate_flow(pretrained, tuned["model"], tok["tokenizer_dir"], tok["tokens_dir"],
                                                          tuned["sft_dir"], preset.evaluation, **common),
                        lambda m: ("pretrained_bpb / xz_bpb", f"{m['pretrained_bpb']:.3f} / {m['xz_bpb']:.3f}"))
         timed("sample", lambda: sample_flow(pretrained, tok["tokenizer_dir"], corpus_dir, tuned["model"], tuned["sft_dir"],
                                             preset.prompts, preset.sampling, preset.pretrain.device, **common),
-              lambda r: ("python_parse_rate (pretrained)", round(r.get("sample/pretrained_python_parse_rate", float("nan")), 3)))
+              _sample_metric)
         tracker.log_metrics(scores)  # the headline figures, on the parent run too
     create_table_artifact(summary, key="pipeline-summary", description=f"Pipeline ({preset.name}) stage timings")
     return summary
+
+
+def check_derived_inputs(preset: Preset, corpus_dir: str, runs_dir: str, sft_data_given: bool) -> str | None:
+    """Build what the later stages derive from the corpus (instruction pairs, sampling prompts) before any
+    training, so that no default can fail the run after pretraining. Returns why instruction tuning is
+    skipped (no pairs derived by default), or None; pairs from --sft-data that fail raise ConfigError."""
+    held_out_prompts(Path(corpus_dir), preset.prompts)
+    try:
+        build_sft_data.fn(preset.sft_data, corpus_dir, runs_dir)  # the fine-tuning stage reuses the folder
+    except ConfigError as error:
+        if sft_data_given:
+            raise
+        log.warning("pipeline: no instruction pairs derived by default (%s); instruction tuning skipped: pass "
+                    "--sft-data FILE with prompt/response columns to run it", error)
+        return f"no {preset.sft_data.source} pairs (pass --sft-data FILE)"
+    return None
+
+
+def _sample_metric(metrics: dict[str, Any]) -> tuple[str, Any]:
+    if "sample/pretrained_python_parse_rate" in metrics:
+        return "python_parse_rate (pretrained)", round(metrics["sample/pretrained_python_parse_rate"], 3)
+    return "completions", int(metrics["sample/num_completions"])
 
 
 def print_summary(summary: list[dict[str, Any]], experiment: str, tracking_uri: str | None) -> None:

@@ -85,13 +85,14 @@ def finetune_flow(base_model: str, tokenizer_dir: str, corpus_dir: str, data: SF
 
 
 @flow(name="evaluation")
-def evaluate_flow(pretrained: str, finetuned: str, tokenizer_dir: str, tokens_dir: str, sft_dir: str,
+def evaluate_flow(pretrained: str, finetuned: str | None, tokenizer_dir: str, tokens_dir: str, sft_dir: str | None,
                   config: EvalConfig = EvalConfig(), experiment: str = EXPERIMENT,
                   parent_run_id: str | None = None) -> dict[str, float]:
-    """Stage 5: held-out loss, perplexity, bits per byte (vs gzip/bz2/xz) and response-only loss."""
+    """Stage 5: held-out loss, perplexity, bits per byte (vs gzip/bz2/xz) and response-only loss (the
+    fine-tuned model and the response loss only where instruction tuning ran)."""
+    models = {"pretrained": pretrained} | ({"finetuned": finetuned} if finetuned else {})
     with mlflow_run(experiment, "evaluate", parent_run_id, _tags()) as run_id:
-        return stages.evaluate_models({"pretrained": pretrained, "finetuned": finetuned}, tokenizer_dir,
-                                      tokens_dir, sft_dir, config, run_id)
+        return stages.evaluate_models(models, tokenizer_dir, tokens_dir, sft_dir, config, run_id)
 
 
 @flow(name="generation-sampling")

@@ -50,8 +50,9 @@ def held_out_prompts(corpus_dir: Path, config: PromptConfig) -> list[str]:
     """Openings of evenly spaced validation documents, cut at a line boundary.
 
     A prompt ends at the document's first top-level `def`/`class` line (without its newline), with up to
-    prompt_lines lines before it, so code prompts ask for a body; a document without one gives its first
-    lines.
+    prompt_lines lines before it, so code prompts ask for a body; a document without one (prose, notes,
+    table rows) gives its opening lines, at most half of it and cut at a line or word boundary, so the
+    document itself says how it goes on.
     """
     documents = [d["text"] for d in read_documents(corpus_dir, "validation") if d["text"].strip()]
     if not documents:
@@ -61,7 +62,12 @@ def held_out_prompts(corpus_dir: Path, config: PromptConfig) -> list[str]:
     for text in picks:
         lines = text.splitlines(keepends=True)
         start = next((i for i, line in enumerate(lines) if line.startswith(("def ", "class "))), None)
-        chosen = lines[max(0, start - config.prompt_lines + 1) : start + 1] if start is not None else lines[: config.prompt_lines]
+        if start is None:
+            opening = "".join(lines[: config.prompt_lines])[: max(1, min(config.prompt_chars, len(text) // 2))]
+            cut = max(opening.rfind("\n"), opening.rfind(" "))
+            prompts.append((opening[:cut] if cut > 0 else opening).rstrip())
+            continue
+        chosen = lines[max(0, start - config.prompt_lines + 1) : start + 1]
         # No trailing newline: the tokenizer merges a newline with the indentation after it, so a prompt
         # ending in a bare newline token would ask the model to continue from a place it never saw.
         prompt = "".join(chosen).rstrip("\n")

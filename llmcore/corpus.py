@@ -1,38 +1,70 @@
 """Stage 1: ingest a text corpus into deduplicated train/validation JSONL files.
 
 Sources: the running interpreter's standard library (`stdlib`, the default: ~12 MB of Python that needs
-no download), a file, folder or glob of .txt/.md/.py/.jsonl/.csv/.parquet files, or a Hugging Face
-dataset (`hf:NAME`). A document is a whole text file or one table row. Its id is the sha256 of its text;
-documents are deduplicated and split into train/validation by that id, so a held-out document is always
-whole and stays held out when other documents are added. Files that are binary or not UTF-8 are skipped
-and listed in the manifest, never fatal. The output folder (`train.jsonl`, `validation.jsonl`,
-`manifest.json`) is written atomically.
+no download), a file, folder or glob, or a Hugging Face dataset (`hf:NAME`, a hub name at an optional
+pinned revision, a local data folder or a `save_to_disk` folder). A document is a whole text file or one
+table row. Its id is the sha256 of its text; documents are deduplicated and split into train/validation by
+that id, so a held-out document is always whole and stays held out when other documents are added.
 
-It does not clean, filter or tokenize text, and it holds the corpus in memory: it is meant for corpora of
-up to a few GB, not for sharded web-scale data.
+Files are recognised by content, not by name. A folder or glob takes every regular file (names starting
+with "." and hidden folders are skipped, symlinked folders are not followed, so links cannot loop);
+`.jsonl`/`.csv`/`.parquet` files are tables, every other file is text if it decodes by this rule: UTF-8
+(a leading byte-order mark dropped), or UTF-16 when the file starts with a UTF-16 byte-order mark. Files
+with NUL bytes, or with more than 10% other control characters (tab, newlines and form feed aside), are
+binary. Binary, undecodable, unreadable (vanished, permission denied, a link loop) and non-regular files
+(FIFOs, devices) are skipped and counted by reason in the manifest, never fatal. Empty documents and duplicates are dropped and counted.
+
+Small corpora still get a validation split: when the hash split holds out less than `min_validation_bytes`
+(at most half the text), the training documents nearest to being held out are held out too, in a fixed
+order; a corpus of one document holds out the tail of that document, cut at a line boundary.
+
+Ingestion reads the source twice (once to choose, once to write), so memory stays a small multiple of
+the largest file, not of the corpus; a `hf:` dataset is held in memory as a table. The output folder
+(`train.jsonl`, `validation.jsonl`, `manifest.json`) is written atomically. It does not clean, filter or
+tokenize text.
 """
 
 import argparse
+import fnmatch
 import glob
 import hashlib
 import io
 import json
+import logging
 import math
 import os
 import platform
+import socket
+import stat
 import sysconfig
+import threading
+import urllib.parse
 from collections.abc import Iterator
+from contextlib import ExitStack
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import pandas as pd
 
-from llmcore.artifacts import MANIFEST, atomic_output_dir, atomic_write_json, file_digest, is_finished, json_digest, read_json
-from llmcore.errors import ConfigError, flag, require_choice, require_fraction, require_positive
+from llmcore.artifacts import (
+    MANIFEST,
+    atomic_output_dir,
+    atomic_write_json,
+    is_finished,
+    json_digest,
+    read_json,
+)
+from llmcore.cli import add_config_flags
+from llmcore.errors import (
+    ConfigError,
+    flag,
+    require_choice,
+    require_fraction,
+    require_non_negative,
+    require_positive,
+)
 
-TEXT_SUFFIXES = (".txt", ".md", ".py")
 TABLE_SUFFIXES = (".jsonl", ".csv", ".parquet")
-SUPPORTED_SUFFIXES = TEXT_SUFFIXES + TABLE_SUFFIXES
 SPLITS = ("train", "validation")
 # Standard-library folders that hold tests, third-party packages or machine-generated tables (codec maps,
 # pydoc's topic dump) rather than human-written library code; generated near-duplicates on both sides of
@@ -41,10 +73,20 @@ STDLIB_EXCLUDED_DIRS = frozenset({"site-packages", "dist-packages", "test", "tes
                                   "encodings", "pydoc_data"})
 MAX_LISTED_SKIPS = 50
 SOURCE_HINT = "pass --corpus stdlib, a file, folder or glob, or hf:NAME"
+HUB_PROBE_SECONDS = 3.0
+# C0 controls other than tab, newline, vertical tab, form feed and carriage return: text has few of them,
+# binary data many (and JSON writes each as six characters).
+CONTROL_CHARACTERS = tuple(chr(c) for c in range(32) if chr(c) not in "\t\n\v\f\r") + ("\x7f",)
+
+log = logging.getLogger(__name__)
 
 
 class UnreadableFileError(Exception):
-    """A file that is binary, not UTF-8 or not a valid table: skipped by `ingest`, never fatal there."""
+    """A file that is skipped by `ingest`, never fatal there; `reason` is the manifest's count key."""
+
+    def __init__(self, reason: str, detail: str) -> None:
+        super().__init__(f"{reason}: {detail}")
+        self.reason = reason
 
 
 @dataclass(frozen=True)
@@ -55,6 +97,8 @@ class CorpusConfig:
     max_bytes: int | None = None  # keep at most this many bytes of text (documents taken in hash order), None = all
     hf_config: str | None = None  # HF dataset configuration name
     hf_split: str = "train"  # HF split to read
+    hf_revision: str | None = None  # HF hub revision to pin (a commit sha, tag or branch); None = the latest
+    min_validation_bytes: int = 4096  # hold out at least this much text (at most half the corpus), for small corpora
 
     def __post_init__(self) -> None:
         if not isinstance(self.source, str) or not self.source.strip():
@@ -67,11 +111,14 @@ class CorpusConfig:
             raise ConfigError("text_column is empty: pass --text-column with the name of the text column")
         if not self.hf_split:
             raise ConfigError("hf_split is empty: pass --hf-split with a split name such as train")
+        if self.hf_revision is not None and not self.hf_revision.strip():
+            raise ConfigError("hf_revision is empty: pass --hf-revision with a commit sha, tag or branch, or omit it")
         require_fraction("validation_fraction", self.validation_fraction)
         if self.max_bytes is not None:
             require_positive("max_bytes", self.max_bytes)
             if not isinstance(self.max_bytes, int):
                 raise ConfigError(f"max_bytes must be a whole number, got {self.max_bytes!r}: pass --max-bytes N")
+        require_non_negative("min_validation_bytes", self.min_validation_bytes)
 
     @property
     def kind(self) -> str:
@@ -81,23 +128,64 @@ class CorpusConfig:
         return "hf" if self.source.startswith("hf:") else "path"
 
 
-def is_validation(digest_hex: str, fraction: float) -> bool:
-    """Whether the item with this sha256 hex digest is held out: a pure function of the digest.
+def validation_score(digest_hex: str) -> float:
+    """Where the item with this sha256 hex digest falls in [0, 1): held out when below the fraction.
 
     It reads the last 16 hex digits: max_bytes takes documents in id order, which is by the first digits,
     and a split by those would hold out exactly the documents taken first.
     """
-    return int(digest_hex[-16:], 16) / 2**64 < fraction
+    return int(digest_hex[-16:], 16) / 2**64
+
+
+def is_validation(digest_hex: str, fraction: float) -> bool:
+    """Whether the item with this sha256 hex digest is held out: a pure function of the digest."""
+    return validation_score(digest_hex) < fraction
 
 
 def decode_text(data: bytes) -> str:
-    """Strict UTF-8 (a leading byte-order mark is dropped); UnreadableFileError for binary or other encodings."""
-    if b"\0" in data:
-        raise UnreadableFileError("binary (contains NUL bytes)")
+    """The module's decoding rule: UTF-8 (BOM dropped), or UTF-16 after a UTF-16 BOM; UnreadableFileError
+    ("binary" for NUL bytes or more than 10% control characters, "not_text" for other encodings) otherwise."""
+    text = None
+    if data.startswith((b"\xff\xfe", b"\xfe\xff")) and not data.startswith(b"\xff\xfe\0\0"):  # not UTF-32
+        try:
+            text = data.decode("utf-16").removeprefix("\ufeff")
+        except UnicodeDecodeError as e:
+            raise UnreadableFileError("not_text", f"not UTF-16 despite its byte-order mark ({e.reason})") from e
+    if "\0" in (text or "") or (text is None and b"\0" in data):
+        raise UnreadableFileError("binary", "contains NUL bytes")
+    if text is None:
+        try:
+            text = data.decode("utf-8-sig")
+        except UnicodeDecodeError as e:
+            raise UnreadableFileError("not_text", f"not UTF-8 or UTF-16 ({e.reason} at byte {e.start})") from e
+    controls = sum(map(text.count, CONTROL_CHARACTERS))
+    if controls * 10 > len(text):
+        raise UnreadableFileError("binary", f"{controls} of {len(text)} characters are control characters")
+    return text
+
+
+def read_bytes(path: Path) -> bytes:
+    """A regular file's bytes; UnreadableFileError for anything that cannot be read as one.
+
+    The file is opened without blocking and checked after opening, so a FIFO never hangs the read and a
+    file replaced by something else between listing and reading is caught.
+    """
+    with _open_regular(path) as f:
+        try:
+            return f.read()
+        except OSError as e:
+            raise UnreadableFileError("unreadable", e.strerror or type(e).__name__) from e
+
+
+def _open_regular(path: Path) -> io.BufferedReader:
     try:
-        return data.decode("utf-8-sig")
-    except UnicodeDecodeError as e:
-        raise UnreadableFileError(f"not UTF-8 ({e.reason} at byte {e.start})") from e
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+    except OSError as e:
+        raise UnreadableFileError("unreadable", e.strerror or type(e).__name__) from e
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise UnreadableFileError("not_regular", "not a regular file")
+    return open(fd, "rb", closefd=True)
 
 
 def first_line(error: BaseException) -> str:
@@ -107,7 +195,7 @@ def first_line(error: BaseException) -> str:
 
 def read_table(path: Path) -> pd.DataFrame:
     """A .jsonl/.csv/.parquet file as a DataFrame with text kept verbatim; UnreadableFileError if it is not one."""
-    return _parse_table(Path(path).read_bytes(), Path(path).suffix.lower())
+    return _parse_table(read_bytes(Path(path)), Path(path).suffix.lower())
 
 
 def _parse_table(data: bytes, suffix: str) -> pd.DataFrame:
@@ -124,7 +212,7 @@ def _parse_table(data: bytes, suffix: str) -> pd.DataFrame:
             # keep_default_na=False: otherwise cells reading "NA", "null" or "" become NaN.
             return pd.read_csv(io.StringIO(text), dtype=str, keep_default_na=False)
     except ValueError as e:  # pandas' parser errors and pyarrow's ArrowInvalid are ValueErrors
-        raise UnreadableFileError(f"not valid {suffix[1:]}: {first_line(e)}") from e
+        raise UnreadableFileError("invalid_table", f"not valid {suffix[1:]}: {first_line(e)}") from e
     except ImportError as e:  # parquet needs pyarrow (or fastparquet), which a minimal install lacks
         raise ConfigError(f"reading {suffix} files needs pyarrow ({first_line(e)}): pip install pyarrow") from e
     raise ConfigError(f"unsupported table file suffix {suffix!r}: pass a file ending in {', '.join(TABLE_SUFFIXES)}")
@@ -154,16 +242,45 @@ def _as_text(value: object) -> str:
     return str(value)
 
 
-def load_hf_table(name: str, hf_config: str | None = None, hf_split: str = "train") -> pd.DataFrame:
-    """One split of a Hugging Face dataset as a DataFrame: a hub name, a local data folder, or a folder
-    written by `save_to_disk`. Bad names or splits are ConfigErrors; network failures are not."""
-    import datasets  # only hf: sources need it
+def _hub_unreachable() -> str | None:
+    """Why the Hugging Face hub cannot be reached (None when it can, or when that cannot be told: a proxy,
+    or offline mode already on). A bare TCP connect, so an offline machine is told in seconds rather than
+    after datasets' minute of retries."""
+    if any(os.environ.get(v) for v in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "HTTPS_PROXY", "https_proxy")):
+        return None
+    url = urllib.parse.urlsplit(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
+    address = (url.hostname or "", url.port or (443 if url.scheme == "https" else 80))
+    outcome: list[str | None] = []
 
+    def probe() -> None:
+        try:
+            socket.create_connection(address, timeout=HUB_PROBE_SECONDS).close()
+            outcome.append(None)
+        except OSError as e:
+            outcome.append(f"{url.scheme}://{address[0]} unreachable: {e}")
+
+    thread = threading.Thread(target=probe, daemon=True)  # name resolution has no timeout of its own
+    thread.start()
+    thread.join(2 * HUB_PROBE_SECONDS)
+    return outcome[0] if outcome else f"{url.scheme}://{address[0]} did not answer in {2 * HUB_PROBE_SECONDS:.0f} s"
+
+
+def load_hf_table(name: str, hf_config: str | None = None, hf_split: str = "train",
+                  hf_revision: str | None = None) -> pd.DataFrame:
+    """One split of a Hugging Face dataset as a DataFrame: a hub name (at `hf_revision` when given), a local
+    data folder, or a folder written by `save_to_disk`. Bad names or splits and an unreachable hub are
+    ConfigErrors."""
     folder = Path(name)
     saved = (folder / "state.json").is_file() or (folder / "dataset_dict.json").is_file()
+    if not folder.exists() and (why := _hub_unreachable()):
+        raise ConfigError(f"hf dataset {name!r} needs the Hugging Face hub, and {why}: connect, set HF_HUB_OFFLINE=1 "
+                          "to use a cached copy, or pass --corpus hf:FOLDER written by Dataset.save_to_disk")
+    import datasets  # only hf: sources need it
+
     if folder.is_dir() and saved:
-        if hf_config is not None:
-            raise ConfigError(f"hf dataset {name} was saved by save_to_disk and has no configs: drop --hf-config")
+        if hf_config is not None or hf_revision is not None:
+            raise ConfigError(f"hf dataset {name} was saved by save_to_disk and has no configs or revisions: "
+                              "drop --hf-config and --hf-revision")
         loaded = datasets.load_from_disk(str(folder))
         if isinstance(loaded, datasets.DatasetDict):
             if hf_split not in loaded:
@@ -172,12 +289,21 @@ def load_hf_table(name: str, hf_config: str | None = None, hf_split: str = "trai
             loaded = loaded[hf_split]
     else:
         try:
-            loaded = datasets.load_dataset(name, hf_config, split=hf_split)
-        except (ValueError, FileNotFoundError) as e:  # unknown dataset, configuration or split
+            loaded = datasets.load_dataset(name, hf_config, split=hf_split, revision=hf_revision)
+        except (ValueError, FileNotFoundError, ConnectionError) as e:  # unknown dataset, config, split; offline
             raise ConfigError(
-                f"hf dataset {name!r} could not be loaded ({first_line(e)}): check the name, --hf-config and --hf-split"
+                f"hf dataset {name!r} could not be loaded ({first_line(e)}): check the name, --hf-config, "
+                "--hf-split and --hf-revision"
             ) from e
     return loaded.to_pandas()
+
+
+def _visible_files(root: Path) -> Iterator[Path]:
+    """Every file under `root` whose path has no part starting with ".", without following symlinked
+    folders (a link to a parent would loop). Symlinks to files are listed; reading them decides."""
+    for folder, subfolders, names in os.walk(root, followlinks=False):
+        subfolders[:] = sorted(d for d in subfolders if not d.startswith("."))  # .git, .venv: tooling
+        yield from (Path(folder) / name for name in sorted(names) if not name.startswith("."))
 
 
 def _stdlib_files() -> tuple[Path, list[Path]]:
@@ -186,53 +312,58 @@ def _stdlib_files() -> tuple[Path, list[Path]]:
     return root, files
 
 
-def _folder_files(folder: Path) -> list[Path]:
-    files = [p for p in folder.rglob("*") if p.suffix.lower() in SUPPORTED_SUFFIXES and p.is_file()]
-    # Hidden folders (.git, .venv) hold tooling, not corpus text.
-    return [p for p in files if not any(part.startswith(".") for part in p.relative_to(folder).parts)]
+def _matches(parts: tuple[str, ...], pattern: tuple[str, ...]) -> bool:
+    """Does a relative path match a glob pattern, part by part, with "**" for any number of folders?"""
+    if not pattern:
+        return not parts
+    if pattern[0] == "**":
+        return any(_matches(parts[i:], pattern[1:]) for i in range(len(parts) + 1))
+    return bool(parts) and fnmatch.fnmatchcase(parts[0], pattern[0]) and _matches(parts[1:], pattern[1:])
 
 
 def _glob_files(pattern: str) -> tuple[Path, list[Path]]:
+    """Files matching `pattern`, and every file under a matching folder. glob.glob is not used: its "**"
+    follows symlinked folders and never ends on a link loop."""
     parts = Path(pattern).parts
     plain = next(i for i, part in enumerate(parts) if glob.has_magic(part))
     root = Path(*parts[:plain]) if plain else Path(".")
-    files: list[Path] = []
-    for match in map(Path, glob.glob(pattern, recursive=True)):
-        if match.is_dir():
-            files += _folder_files(match)
-        elif match.suffix.lower() in SUPPORTED_SUFFIXES:
-            files.append(match)
+    wanted = parts[plain:]
+    files = []
+    for path in _visible_files(root) if root.is_dir() else []:
+        rel = path.relative_to(root).parts
+        if any(_matches(rel[:n], wanted) for n in range(1, len(rel) + 1)):
+            files.append(path)
     return root, files
 
 
 def _resolve(config: CorpusConfig) -> tuple[str, list[tuple[str, Path]]]:
     """A description of the source and its input files as (relative posix path, path), sorted; ConfigError
-    for a source that does not exist or holds no supported file. For hf: the files of a local folder."""
+    for a source that does not exist or holds no file. For hf: the files of a local folder."""
     if config.kind == "stdlib":
         root, files = _stdlib_files()
         description = f"stdlib ({root}, {len(files)} files)"
     elif config.kind == "hf":
         root = Path(config.source[3:])
-        files = [p for p in root.rglob("*") if p.is_file()] if root.is_dir() else []
-        return f"{config.source} (config {config.hf_config}, split {config.hf_split})", _relative(root, files)
+        files = list(_visible_files(root)) if root.is_dir() else []
+        revision = f", revision {config.hf_revision}" if config.hf_revision else ""
+        description = f"{config.source} (config {config.hf_config}, split {config.hf_split}{revision})"
+        return description, _relative(root, files)
     elif glob.has_magic(config.source) and not Path(config.source).exists():  # "data[1].txt" may be a real name
         root, files = _glob_files(config.source)
+        if not files:
+            raise ConfigError(f"corpus glob {config.source} matches no files: check the pattern and quote it "
+                              "so that the shell does not expand it")
         description = f"glob {config.source} ({len(files)} files)"
     else:
         root = Path(config.source)
         if not root.exists():
             raise ConfigError(f"corpus path {config.source} does not exist: {SOURCE_HINT}")
-        if root.is_file():
-            if root.suffix.lower() not in SUPPORTED_SUFFIXES:
-                suffixes = ", ".join(SUPPORTED_SUFFIXES)
-                raise ConfigError(
-                    f"corpus file {config.source} has an unsupported suffix: pass a file ending in {suffixes}"
-                )
+        if not root.is_dir():
             return f"file {config.source}", [(root.name, root)]
-        files = _folder_files(root)
+        files = list(_visible_files(root))
         description = f"folder {config.source} ({len(files)} files)"
     if not files:
-        raise ConfigError(f"corpus {config.source} has no {', '.join(SUPPORTED_SUFFIXES)} files: {SOURCE_HINT}")
+        raise ConfigError(f"corpus {config.source} has no files (names starting with '.' are skipped): {SOURCE_HINT}")
     return description, _relative(root, files)
 
 
@@ -244,11 +375,26 @@ def _source_digest(config: CorpusConfig, file_digests: list[tuple[str, str]]) ->
     return json_digest({"config": asdict(config), "files": sorted(file_digests)})
 
 
+def _file_digest(path: Path) -> str:
+    """sha256 of a regular file read in blocks, or why it cannot be read (so a digest never raises or
+    blocks on a FIFO, and a file that becomes readable changes it)."""
+    h = hashlib.sha256()
+    try:
+        with _open_regular(path) as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                h.update(block)
+    except UnreadableFileError as e:
+        return str(e)
+    except OSError as e:
+        return f"unreadable: {e.strerror}"
+    return h.hexdigest()
+
+
 def source_digest(config: CorpusConfig) -> str:
     """Content digest of the source and config, for caching: changes when any input file changes. For a hub
-    dataset it covers only the name, configuration and split (the hub content is not read)."""
+    dataset it covers only the name, configuration, split and revision (the hub content is not read)."""
     _, files = _resolve(config)
-    return _source_digest(config, [(rel, file_digest(path)) for rel, path in files])
+    return _source_digest(config, [(rel, _file_digest(path)) for rel, path in files])
 
 
 def describe_source(config: CorpusConfig) -> str:
@@ -256,49 +402,88 @@ def describe_source(config: CorpusConfig) -> str:
     return _resolve(config)[0]
 
 
-def _read_files(
-    files: list[tuple[str, Path]], text_column: str
-) -> tuple[list[tuple[str, str]], list[tuple[str, str]], list[dict]]:
-    """(source, text) documents, (relative path, sha256) of every file, and the skipped files with reasons."""
-    documents: list[tuple[str, str]] = []
-    digests: list[tuple[str, str]] = []
-    skipped: list[dict] = []
+def _file_documents(files: list[tuple[str, Path]], text_column: str, digests: list[tuple[str, str]],
+                    skipped: list[dict]) -> Iterator[tuple[str, str]]:
+    """(source, text) of every document, one file in memory at a time; fills `digests` with (relative path,
+    sha256) of every file and `skipped` with the files skipped and why."""
     for rel, path in files:
-        data = path.read_bytes()
-        digests.append((rel, hashlib.sha256(data).hexdigest()))
-        suffix = path.suffix.lower()
         try:
-            if suffix in TEXT_SUFFIXES:
-                documents.append((rel, decode_text(data)))
+            data = read_bytes(path)
+            digests.append((rel, hashlib.sha256(data).hexdigest()))
+            suffix = path.suffix.lower()
+            if suffix not in TABLE_SUFFIXES:
+                text = decode_text(data)
+                del data
+                yield rel, text
                 continue
             frame = _parse_table(data, suffix)
         except UnreadableFileError as e:
-            skipped.append({"path": rel, "reason": str(e)})
+            skipped.append({"path": rel, "reason": e.reason, "detail": str(e)})
             continue
+        del data
         rows = table_columns(frame, {"text_column": text_column}, f"corpus file {rel}")
-        documents += [(f"{rel}#{i}", text) for i, (text,) in enumerate(rows)]
-    return documents, digests, skipped
+        del frame
+        yield from ((f"{rel}#{i}", text) for i, (text,) in enumerate(rows))
+
+
+def _hold_out(selected: dict[str, int], fraction: float, min_bytes: int) -> tuple[list[str], list[str]]:
+    """(train ids, validation ids): the hash split, then, while validation has fewer than min_bytes and
+    train more than half the bytes, the train documents nearest to being held out move to validation."""
+    split = {"train": [], "validation": []}
+    for doc_id in selected:
+        split["validation" if is_validation(doc_id, fraction) else "train"].append(doc_id)
+    target = min(min_bytes, sum(selected.values()) // 2)
+    held = sum(selected[i] for i in split["validation"])
+    nearest = sorted(split["train"], key=validation_score)
+    while held < target and len(nearest) > 1 and selected[nearest[0]] <= sum(selected[i] for i in nearest) // 2:
+        moved = nearest.pop(0)
+        split["validation"].append(moved)
+        held += selected[moved]
+    if not split["validation"] and len(nearest) > 1:  # one document larger than the rest together
+        split["validation"].append(nearest.pop(0))
+    return nearest, split["validation"]
+
+
+def _tail_cut(text: str, fraction: float, min_bytes: int) -> int:
+    """Where to cut a lone document: the held-out tail holds about max(fraction, min_bytes) of it, at
+    most half, starting at a line when one starts near there."""
+    want = max(1, min(max(int(len(text) * fraction), min_bytes), len(text) // 2))
+    cut = len(text) - want
+    line = text.rfind("\n", 0, cut + 1) + 1  # the start of the line holding the cut
+    if line > 0 and text[:line].strip() and text[line:].strip():
+        return line
+    return cut
 
 
 def ingest(config: CorpusConfig, out_dir: Path) -> dict:
     """Read, deduplicate and split the source into `out_dir`; return the manifest. ConfigError, with nothing
-    written, when the source is missing or unreadable or a split would be empty."""
+    written, when the source is missing or holds no readable text or the split would leave train empty."""
     description, files = _resolve(config)
     versions = {"python": platform.python_version(), "pandas": pd.__version__}
     if config.kind == "hf":
         import datasets
 
         versions["datasets"] = datasets.__version__
-        frame = load_hf_table(config.source[3:], config.hf_config, config.hf_split)
+        frame = load_hf_table(config.source[3:], config.hf_config, config.hf_split, config.hf_revision)
         rows = table_columns(frame, {"text_column": config.text_column}, f"hf dataset {config.source[3:]}")
-        documents = [(f"{config.source}#{i}", text) for i, (text,) in enumerate(rows)]
-        digests, skipped = [(rel, file_digest(path)) for rel, path in files], []
-    else:
-        documents, digests, skipped = _read_files(files, config.text_column)
+        del frame
+        folder_digests = [(rel, _file_digest(path)) for rel, path in files]
 
-    kept: dict[str, tuple[str, str, int]] = {}  # id -> (source, text, UTF-8 bytes); the first copy wins
-    empty = duplicates = 0
-    for source, text in documents:
+        def documents(digests: list, skipped: list) -> Iterator[tuple[str, str]]:
+            digests += folder_digests
+            return ((f"{config.source}#{i}", text) for i, (text,) in enumerate(rows))
+    else:
+        def documents(digests: list, skipped: list) -> Iterator[tuple[str, str]]:
+            return _file_documents(files, config.text_column, digests, skipped)
+
+
+    # Pass 1: ids and sizes only. The first copy of a document wins.
+    kept: dict[str, tuple[str, int]] = {}  # id -> (source, UTF-8 bytes)
+    digests: list[tuple[str, str]] = []
+    skipped: list[dict] = []
+    documents_read = empty = duplicates = 0
+    for source, text in documents(digests, skipped):
+        documents_read += 1
         if not text.strip():
             empty += 1
             continue
@@ -306,71 +491,111 @@ def ingest(config: CorpusConfig, out_dir: Path) -> dict:
         doc_id = hashlib.sha256(encoded).hexdigest()
         if doc_id in kept:
             duplicates += 1
-            continue
-        kept[doc_id] = (source, text, len(encoded))
+        else:
+            kept[doc_id] = (source, len(encoded))
+    reasons: dict[str, int] = {}
+    for skip in skipped:
+        reasons[skip["reason"]] = reasons.get(skip["reason"], 0) + 1
     if not kept:
+        why = ", ".join(f"{n} {reason}" for reason, n in sorted(reasons.items())) or "none"
         raise ConfigError(
-            f"corpus {description} has no readable text ({len(skipped)} files skipped, {empty} empty documents): "
-            + SOURCE_HINT
+            f"corpus {description} has no readable text ({len(skipped)} files skipped: {why}; "
+            f"{empty} empty documents): {SOURCE_HINT}"
         )
 
     # The longest prefix in id order that fits: a pseudo-random sample that only grows as max_bytes grows.
-    selected, total = [], 0
+    selected: dict[str, int] = {}
+    total = 0
     for doc_id in sorted(kept):
-        total += kept[doc_id][2]
+        total += kept[doc_id][1]
         if config.max_bytes is not None and total > config.max_bytes:
             break
-        selected.append(doc_id)
+        selected[doc_id] = kept[doc_id][1]
     if not selected:
         raise ConfigError(
             f"max_bytes {config.max_bytes} keeps no document (the first in id order has {total} bytes): "
             "pass a larger --max-bytes"
         )
-    split_ids = {"train": [], "validation": []}
-    for doc_id in selected:
-        split_ids["validation" if is_validation(doc_id, config.validation_fraction) else "train"].append(doc_id)
-    if not split_ids["train"] or not split_ids["validation"]:
-        train, validation = len(split_ids["train"]), len(split_ids["validation"])
+    lone = len(selected) == 1
+    if lone:
+        train_ids, validation_ids, rule = list(selected), list(selected), "tail of the only document"
+    else:
+        train_ids, validation_ids = _hold_out(selected, config.validation_fraction, config.min_validation_bytes)
+        moved = sum(not is_validation(i, config.validation_fraction) for i in validation_ids)
+        rule = f"hash, {moved} more held out for min_validation_bytes" if moved else "hash"
+    if not train_ids:
         raise ConfigError(
-            f"splitting {len(selected)} documents gives {train} train and {validation} validation documents: "
-            f"add documents or change --validation-fraction (now {config.validation_fraction})"
+            f"splitting {len(selected)} documents gives 0 train and {len(validation_ids)} validation documents: "
+            f"add documents or lower --validation-fraction (now {config.validation_fraction})"
         )
 
-    with atomic_output_dir(out_dir) as tmp:
-        nbytes = {}
-        for split, ids in split_ids.items():
-            with open(tmp / f"{split}.jsonl", "w", encoding="utf-8") as f:
-                for doc_id in ids:
-                    source, text, _ = kept[doc_id]
-                    f.write(json.dumps({"id": doc_id, "source": source, "text": text}, ensure_ascii=False) + "\n")
-            nbytes[split] = sum(kept[doc_id][2] for doc_id in ids)
+    # Pass 2: read again and write each selected document (its first copy) to its split.
+    destination = {i: "train" for i in train_ids} | {i: "validation" for i in validation_ids}
+    nbytes = {split: 0 for split in SPLITS}
+    written: dict[str, list[str]] = {split: [] for split in SPLITS}
+    reread: list[tuple[str, str]] = []
+    with atomic_output_dir(out_dir) as tmp, ExitStack() as stack:
+        out = {split: stack.enter_context(open(tmp / f"{split}.jsonl", "w", encoding="utf-8")) for split in SPLITS}
+
+        def write(split: str, doc_id: str, source: str, text: str, size: int) -> None:
+            out[split].write(json.dumps({"id": doc_id, "source": source, "text": text}, ensure_ascii=False))
+            out[split].write("\n")  # not appended to the line: that would copy a long document once more
+            nbytes[split] += size
+            written[split].append(doc_id)
+
+        for source, text in documents(reread, []):
+            if not text.strip():
+                continue
+            doc_id = hashlib.sha256(text.encode("utf-8")).hexdigest()
+            if doc_id not in destination or kept[doc_id][0] != source:
+                continue
+            if lone:
+                cut = _tail_cut(text, config.validation_fraction, config.min_validation_bytes)
+                if not text[:cut].strip() or not text[cut:].strip():
+                    raise ConfigError(f"corpus {description} is one document of {len(text)} characters, too little "
+                                      "to hold out a validation tail: add text")
+                for split, part, name in (("train", text[:cut], source), ("validation", text[cut:], f"{source}#tail")):
+                    encoded = part.encode("utf-8")
+                    write(split, hashlib.sha256(encoded).hexdigest(), name, part, len(encoded))
+                    del encoded
+            else:
+                write(destination[doc_id], doc_id, source, text, kept[doc_id][1])
+        stack.close()
+        if sorted(reread) != sorted(digests) or sum(map(len, written.values())) != len(destination) + lone:
+            raise ConfigError(f"corpus {description} changed while it was being ingested: run again when it is still")
+        counts = {
+            "files_seen": len(files) if config.kind != "hf" else 0,
+            "documents_read": documents_read,
+            "documents": len(selected),
+            "train_documents": len(written["train"]),
+            "validation_documents": len(written["validation"]),
+            "duplicates_dropped": duplicates,
+            "empty_dropped": empty,
+            "max_bytes_dropped": len(kept) - len(selected),
+            "skipped_files": len(skipped),
+        }
         manifest = {
             "kind": config.kind,
             "source": description,
             "config": asdict(config),
             "source_digest": _source_digest(config, digests),
-            "counts": {
-                "files_seen": len(files) if config.kind != "hf" else 0,
-                "documents_read": len(documents),
-                "documents": len(selected),
-                "train_documents": len(split_ids["train"]),
-                "validation_documents": len(split_ids["validation"]),
-                "duplicates_dropped": duplicates,
-                "empty_dropped": empty,
-                "max_bytes_dropped": len(kept) - len(selected),
-                "skipped_files": len(skipped),
-            },
+            "counts": counts,
+            "skipped_by_reason": reasons,
+            "split": rule,
             "bytes": nbytes,
             "skipped": skipped[:MAX_LISTED_SKIPS],
-            "content_digest": json_digest(split_ids),
+            "content_digest": json_digest({split: sorted(ids) for split, ids in written.items()}),
             "versions": versions,
         }
         atomic_write_json(tmp / MANIFEST, manifest)
+    log.info("corpus: %d documents -> %d train / %d validation (%d / %d bytes; split: %s); %d files skipped %s",
+             len(selected), len(written["train"]), len(written["validation"]), nbytes["train"], nbytes["validation"], rule,
+             len(skipped), reasons or "")
     return manifest
 
 
 def read_documents(corpus_dir: Path, split: str) -> Iterator[dict]:
-    """The {"id", "source", "text"} documents of one split of a finished corpus folder, in id order."""
+    """The {"id", "source", "text"} documents of one split of a finished corpus folder, in source order."""
     require_choice("split", split, SPLITS)
     if not is_finished(corpus_dir):
         raise ConfigError(f"{corpus_dir} is not a finished corpus (no {MANIFEST}): run python -m llmcore.corpus first")
@@ -392,23 +617,19 @@ def _jsonl(path: Path) -> Iterator[dict]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    defaults = CorpusConfig()
     parser = argparse.ArgumentParser(prog="python -m llmcore.corpus", description="Ingest a corpus as JSONL.")
-    parser.add_argument("--source", "--corpus", default=defaults.source, help="stdlib, a file, folder, glob or hf:NAME")
+    parser.add_argument("--source", "--corpus", default=CorpusConfig.source, help="stdlib, a file, folder, glob or hf:NAME")
     parser.add_argument("--out", type=Path, required=True, help="output folder (replaced atomically)")
-    parser.add_argument("--text-column", default=defaults.text_column)
-    parser.add_argument("--validation-fraction", type=float, default=defaults.validation_fraction)
-    parser.add_argument("--max-bytes", type=int, default=defaults.max_bytes)
-    parser.add_argument("--hf-config", default=defaults.hf_config)
-    parser.add_argument("--hf-split", default=defaults.hf_split)
-    args = parser.parse_args(argv)
+    add_config_flags(parser, CorpusConfig, skip=("source",))
+    args = vars(parser.parse_args(argv))
     try:
-        fields = ("source", "text_column", "validation_fraction", "max_bytes", "hf_config", "hf_split")
-        manifest = ingest(CorpusConfig(**{name: getattr(args, name) for name in fields}), args.out)
+        fields = {f: args[f] for f in CorpusConfig.__dataclass_fields__ if args.get(f) is not None}
+        manifest = ingest(CorpusConfig(**fields), args["out"])
     except ConfigError as e:
-        parser.error(str(e))
+        parser.exit(2, f"error: {e}\n")
     print(manifest["source"])
-    print(json.dumps({**manifest["counts"], "bytes": manifest["bytes"]}, indent=2))
+    print(json.dumps({**manifest["counts"], "bytes": manifest["bytes"], "split": manifest["split"],
+                      "skipped_by_reason": manifest["skipped_by_reason"]}, indent=2))
 
 
 if __name__ == "__main__":

@@ -35,6 +35,7 @@ MIN_VOCAB_SIZE = 256 + 1 + len(CONTROL_SYMBOLS)  # byte pieces, <unk>, control s
 # Training "sentences" are chunks of whole lines up to this many UTF-8 bytes: sentencepiece silently drops
 # longer ones (max_sentence_length), and pieces cannot span two sentences.
 CHUNK_BYTES = 4096
+ENCODE_CHARS = 1 << 16  # longest piece of a document encoded at once (see _DocumentEncoder)
 _SPACE = "\u2581"  # "▁", sentencepiece's stand-in for a space
 
 # Fixed choices, each measured on the Python stdlib (10 MB train, 1.9 MB held out, BPE 4096).
@@ -167,6 +168,53 @@ def _batches(texts: Iterable[str], max_chars: int = 1 << 22) -> Iterator[list[st
             batch, size = [], 0
     if batch:
         yield batch
+
+
+def document_pieces(text: str) -> Iterator[tuple[str, bool]]:
+    """(piece, is last) for the pieces of at most ENCODE_CHARS characters that a document is encoded in, each
+    cut after a newline (a longer line anywhere); they join back into the document."""
+    start = 0
+    while True:
+        end = len(text)
+        if end - start > ENCODE_CHARS:
+            end = text.rfind("\n", start, start + ENCODE_CHARS) + 1 or start + ENCODE_CHARS
+        yield text[start:end], end == len(text)
+        if end == len(text):
+            return
+        start = end
+
+
+class _DocumentEncoder:
+    """Token ids of documents, each followed by end-of-text, as arrays of about `max_chars` characters' worth.
+
+    A long document is encoded in pieces of at most ENCODE_CHARS characters cut after a newline (a longer
+    line anywhere), so memory stays a small multiple of the text rather than ~45x it (Python ints for the
+    whole document); decoding the concatenated ids still gives the document exactly.
+    """
+
+    def __init__(self, tokenizer: Tokenizer, dtype: np.dtype, max_chars: int = 1 << 19) -> None:
+        self.tokenizer, self.dtype, self.max_chars = tokenizer, dtype, max_chars
+        self.pieces: list[str] = []
+        self.ends: list[bool] = []  # the piece ends a document: end-of-text follows it
+        self.size = 0
+
+    def add(self, text: str) -> Iterator[np.ndarray]:
+        for piece, last in document_pieces(text):
+            self.pieces.append(piece)
+            self.ends.append(last)
+            self.size += len(piece)
+            if self.size >= self.max_chars:
+                yield from self.flush()
+
+    def flush(self) -> Iterator[np.ndarray]:
+        if self.pieces:
+            eot = np.array([self.tokenizer.eot_id], dtype=self.dtype)
+            ids = self.tokenizer.encode_batch(self.pieces)
+            parts = [part for piece, end in zip(ids, self.ends)
+                     for part in ((np.array(piece, dtype=self.dtype), eot) if end else (np.array(piece, dtype=self.dtype),))]
+            del ids
+            self.pieces, self.ends, self.size = [], [], 0
+            yield np.concatenate(parts)
 
 
 def _training_chunks(text: str) -> Iterator[str]:
@@ -306,20 +354,20 @@ def encode_corpus(corpus_dir: Path, tokenizer_dir: Path, out_dir: Path, shard_to
         raise ConfigError(f"no finished tokenizer in {tokenizer_dir}: run `python -m llmcore.tokenizer train --corpus {corpus_dir} --out {tokenizer_dir}` first")
     tokenizer = Tokenizer.load(tokenizer_dir)
     dtype = token_dtype(tokenizer.vocab_size)
+    encoder = _DocumentEncoder(tokenizer, dtype)
     splits = {}
     start = time.perf_counter()
     with atomic_output_dir(out_dir) as tmp:
         for split in SPLITS:
             documents = n_bytes = 0
             with ShardWriter(tmp, split, dtype, shard_tokens) as writer:
-                for batch in _batches(_texts(corpus_dir, split)):
-                    flat: list[int] = []
-                    for ids in tokenizer.encode_batch(batch):
-                        flat += ids
-                        flat.append(tokenizer.eot_id)
-                    writer.write(flat)
-                    documents += len(batch)
-                    n_bytes += sum(len(t.encode()) for t in batch)
+                for text in _texts(corpus_dir, split):
+                    documents += 1
+                    n_bytes += len(text.encode())
+                    for ids in encoder.add(text):
+                        writer.write(ids)
+                for ids in encoder.flush():
+                    writer.write(ids)
                 files = writer.close()
             splits[split] = {"files": files, "tokens": sum(f["tokens"] for f in files), "documents": documents, "bytes": n_bytes}
         manifest = {

@@ -217,21 +217,22 @@ def log_model(run_id: str, model_file: str, tokenizer_dir: str, chat: bool, name
 
 
 @task(name="evaluate")
-def evaluate_models(models: dict[str, str], tokenizer_dir: str, tokens_dir: str, sft_dir: str, config: EvalConfig,
-                    run_id: str | None = None) -> dict[str, float]:
+def evaluate_models(models: dict[str, str], tokenizer_dir: str, tokens_dir: str, sft_dir: str | None,
+                    config: EvalConfig, run_id: str | None = None) -> dict[str, float]:
     """Held-out loss, perplexity and bits per byte of every model, the compressors on the same text, and
     the response-only loss of every model on held-out instruction pairs (the pretrained one is the baseline)."""
     metrics: dict[str, float] = {}
     for name, model_file in models.items():
-        result = evaluate.evaluate_model(Path(model_file), Path(tokenizer_dir), Path(tokens_dir), config, Path(sft_dir))
+        result = evaluate.evaluate_model(Path(model_file), Path(tokenizer_dir), Path(tokens_dir), config,
+                                         Path(sft_dir) if sft_dir else None)
         for key in ("gzip_bpb", "bz2_bpb", "xz_bpb", "text_bytes"):
             metrics[key] = result.pop(key)
         metrics |= {f"{name}_{k}": v for k, v in result.items()}
     tracker = tracker_for(run_id)
     tracker.log_params({"evaluation": asdict(config)})
     tracker.log_metrics(metrics)
-    rows = [{"model": name, **{k: round(metrics[f"{name}_{k}"], 4) for k in ("loss", "perplexity", "bpb", "response_loss")}}
-            for name in models]
+    rows = [{"model": name, **{k: round(metrics[f"{name}_{k}"], 4) for k in ("loss", "perplexity", "bpb", "response_loss")
+                               if f"{name}_{k}" in metrics}} for name in models]
     rows += [{"model": key.removesuffix("_bpb") + " -9", "bpb": round(metrics[key], 4)} for key in ("gzip_bpb", "bz2_bpb", "xz_bpb")]
     create_table_artifact(rows, key="held-out-evaluation", description="Held-out bits per byte, models vs compressors")
     return metrics

@@ -21,9 +21,19 @@ def test_prompts_end_at_the_first_definition_without_its_newline(tmp_path):
     prose = "line one\nline two\nline three\n"
     folder = corpus(tmp_path / "c", [("a.py", code), ("b.md", prose)])
     prompts = held_out_prompts(folder, PromptConfig(num_prompts=2, prompt_lines=3))
-    assert prompts == ["X = 1\n\ndef area(r):", "line one\nline two\nline three"]
+    assert prompts == ["X = 1\n\ndef area(r):", "line one\nline"]  # prose: at most half, at a boundary
     assert not is_python_corpus(corpus(tmp_path / "d", [("a.md", prose), ("b.md", prose), ("c.py", code)]))
     assert is_python_corpus(folder) is False  # one of two is not a majority
+
+
+def test_prose_prompts_are_document_openings_that_leave_text_to_continue(tmp_path):
+    notes = [(f"note{i}", f"Note {i}. " + "The river rose after the long rain and the mill stopped. " * (i + 1))
+             for i in range(4)]
+    prompts = held_out_prompts(corpus(tmp_path / "c", notes), PromptConfig(num_prompts=4, prompt_chars=80))
+    for prompt, (_, text) in zip(prompts, notes):
+        assert text.startswith(prompt) and prompt.strip() == prompt
+        assert 0 < len(prompt) <= min(80, len(text) // 2)
+        assert text[len(prompt)] in " \n"  # cut between words
 
 
 def test_parse_rate_counts_only_completions_that_finish_a_line():

@@ -1,11 +1,20 @@
 import json
+import os
 from collections.abc import Callable
 from pathlib import Path
 
 import pandas as pd
 import pytest
 
-from llmcore.corpus import CorpusConfig, describe_source, ingest, is_validation, main, read_documents, source_digest
+from llmcore.corpus import (
+    CorpusConfig,
+    describe_source,
+    ingest,
+    is_validation,
+    main,
+    read_documents,
+    source_digest,
+)
 from llmcore.errors import ConfigError
 
 
@@ -29,7 +38,8 @@ def assert_nothing_written(out: Path) -> None:
 
 @pytest.fixture
 def mixed(tmp_path: Path) -> Path:
-    """One file of every supported kind, plus a duplicate, empty, binary, latin-1 and ignored files."""
+    """One file of every kind: text with and without suffixes, tables, a duplicate, empty, binary, latin-1,
+    UTF-16 and hidden files, a dangling link, a FIFO and a link back to the folder."""
     d = tmp_path / "mixed"
     (d / "sub").mkdir(parents=True)
     (d / ".hidden").mkdir()
@@ -40,7 +50,12 @@ def mixed(tmp_path: Path) -> Path:
     (d / "empty.txt").write_text("")
     (d / "binary.txt").write_bytes(b"\x00\x01\x02binary")
     (d / "latin1.txt").write_bytes("café au lait".encode("latin-1"))
-    (d / "image.png").write_bytes(b"\x89PNG")  # unsupported suffix: ignored in a folder
+    (d / "image.png").write_bytes(b"\x89PNG")  # read by content: not text, skipped
+    (d / "LICENSE").write_text("license text without a suffix")
+    (d / "utf16.dat").write_bytes("utf sixteen text".encode("utf-16"))  # with its byte-order mark
+    (d / "sub" / "gone.txt").symlink_to(d / "missing.txt")  # dangling: unreadable, skipped
+    os.mkfifo(d / "pipe")  # reading it would block: skipped as not a regular file
+    (d / "sub" / "loop").symlink_to(d)  # a link back up: not followed
     (d / ".hidden" / "secret.txt").write_text("hidden text")  # hidden folder: ignored
     rows = [{"text": "row one"}, {"text": "row two"}, {"text": "123"}, {"text": None}]
     (d / "rows.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
@@ -54,13 +69,16 @@ def test_folder_of_every_kind_gives_exact_counts(mixed: Path, tmp_path: Path) ->
     out = tmp_path / "out"
     manifest = ingest(CorpusConfig(source=str(mixed), validation_fraction=0.5), out)
     counts = manifest["counts"]
-    assert counts["files_seen"] == 11
-    assert counts["skipped_files"] == 2
-    assert sorted(s["path"] for s in manifest["skipped"]) == ["binary.txt", "latin1.txt"]
-    assert counts["documents_read"] == 14  # 5 text files + 5 jsonl rows + 2 csv rows + 2 parquet rows
+    assert counts["files_seen"] == 16
+    assert counts["skipped_files"] == 5
+    reasons = {s["path"]: s["reason"] for s in manifest["skipped"]}
+    assert reasons == {"binary.txt": "binary", "latin1.txt": "not_text", "image.png": "not_text",
+                       "sub/gone.txt": "unreadable", "pipe": "not_regular"}
+    assert manifest["skipped_by_reason"] == {"binary": 1, "not_text": 2, "unreadable": 1, "not_regular": 1}
+    assert counts["documents_read"] == 16  # 7 text files + 5 jsonl rows + 2 csv rows + 2 parquet rows
     assert counts["empty_dropped"] == 2  # empty.txt and the jsonl null
     assert counts["duplicates_dropped"] == 2  # sub/dup.txt and the parquet copy of a.txt
-    assert counts["documents"] == 10 == counts["train_documents"] + counts["validation_documents"]
+    assert counts["documents"] == 12 == counts["train_documents"] + counts["validation_documents"]
     docs = [d for split in all_documents(out).values() for d in split]
     by_text = {d["text"]: d["source"] for d in docs}
     assert by_text["alpha text"] == "a.txt"  # the first copy in path order is kept
@@ -69,6 +87,8 @@ def test_folder_of_every_kind_gives_exact_counts(mixed: Path, tmp_path: Path) ->
     assert by_text["NA"] == "table.csv#1"  # pandas' NA parsing is off
     assert by_text["parquet one"] == "table.parquet#0"
     assert by_text["def f():\n    return 1\n"] == "code.py"
+    assert by_text["license text without a suffix"] == "LICENSE"
+    assert by_text["utf sixteen text"] == "utf16.dat"
     assert manifest["bytes"]["train"] + manifest["bytes"]["validation"] == sum(len(t.encode()) for t in by_text)
     assert json.loads((out / "manifest.json").read_text()) == json.loads(json.dumps(manifest, default=str))
 
@@ -122,7 +142,7 @@ def test_hf_dataset_dict_split_and_local_data_folder(tmp_path: Path, monkeypatch
 
 def test_split_is_by_whole_document_and_stable_when_documents_are_added(tmp_path: Path) -> None:
     texts = write_docs(tmp_path / "c", 60)
-    config = CorpusConfig(source=str(tmp_path / "c"), validation_fraction=0.3)
+    config = CorpusConfig(source=str(tmp_path / "c"), validation_fraction=0.3, min_validation_bytes=0)  # hash only
     ingest(config, tmp_path / "first")
     first = all_documents(tmp_path / "first")
     assert first["validation"] and first["train"]
@@ -181,7 +201,14 @@ def test_source_digest_follows_content_and_config(tmp_path: Path) -> None:
 
 def _folder_without_text(tmp_path: Path) -> str:
     (tmp_path / "src").mkdir()
-    (tmp_path / "src" / "blob.bin").write_bytes(b"data")
+    (tmp_path / "src" / "blob.bin").write_bytes(b"\x00data")
+    (tmp_path / "src" / ".hidden.txt").write_text("hidden")
+    return str(tmp_path / "src")
+
+
+def _empty_folder(tmp_path: Path) -> str:
+    (tmp_path / "src" / ".git").mkdir(parents=True)
+    (tmp_path / "src" / ".git" / "HEAD").write_text("ref")
     return str(tmp_path / "src")
 
 
@@ -192,9 +219,14 @@ def _folder_only_unreadable(tmp_path: Path) -> str:
     return str(tmp_path / "src")
 
 
-def _file_with_other_suffix(tmp_path: Path) -> str:
-    (tmp_path / "data.json").write_text("{}")
-    return str(tmp_path / "data.json")
+def _binary_file(tmp_path: Path) -> str:
+    (tmp_path / "model.bin").write_bytes(bytes(range(256)))
+    return str(tmp_path / "model.bin")
+
+
+def _one_tiny_document(tmp_path: Path) -> str:
+    (tmp_path / "one.txt").write_text("x")
+    return str(tmp_path / "one.txt")
 
 
 def _jsonl_without_column(tmp_path: Path) -> str:
@@ -214,12 +246,13 @@ def _two_docs(tmp_path: Path) -> str:
         (lambda p: "s3://bucket/data", {}, "unsupported corpus source"),
         (lambda p: "", {}, "empty"),
         (lambda p: "hf:", {}, "hf:NAME"),
-        (_folder_without_text, {}, "has no .txt"),
-        (lambda p: str(p / "nothing" / "*.txt"), {}, "has no .txt"),
+        (_folder_without_text, {}, r"no readable text \(1 files skipped: 1 binary"),
+        (_empty_folder, {}, "has no files"),
+        (lambda p: str(p / "nothing" / "*.txt"), {}, "matches no files: check the pattern"),
         (_folder_only_unreadable, {}, "no readable text"),
-        (_file_with_other_suffix, {}, "pass a file ending in .txt"),
+        (_binary_file, {}, "no readable text"),
+        (_one_tiny_document, {}, "too little to hold out a validation tail: add text"),
         (_jsonl_without_column, {}, r"columns: content, title\): pass --text-column"),
-        (_two_docs, {"validation_fraction": 1e-9}, "0 validation documents: add documents or change --validation-frac"),
         (_two_docs, {"validation_fraction": 1 - 1e-9}, "0 train .*--validation-fraction"),
         (_two_docs, {"max_bytes": 3}, "--max-bytes"),
         (_two_docs, {"max_bytes": 0}, "--max-bytes"),
@@ -254,3 +287,64 @@ def test_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit):
         main(["--corpus", str(tmp_path / "missing"), "--out", str(tmp_path / "bad")])
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_small_folder_holds_out_the_documents_nearest_the_cut(tmp_path: Path) -> None:
+    texts = write_docs(tmp_path / "notes", 40)  # ~1.6 KB: the 5% hash split alone may hold out nothing
+    config = CorpusConfig(source=str(tmp_path / "notes"), min_validation_bytes=400)
+    manifest = ingest(config, tmp_path / "a")
+    docs = all_documents(tmp_path / "a")
+    held = manifest["bytes"]["validation"]
+    assert 400 <= held <= sum(len(t) for t in texts.values()) // 2 + max(map(len, texts.values()))
+    assert manifest["counts"]["validation_documents"] == len(docs["validation"]) >= 1
+    assert manifest["split"].startswith("hash")
+    moved = [d["id"] for d in docs["validation"] if not is_validation(d["id"], config.validation_fraction)]
+    if moved:
+        assert manifest["split"] == f"hash, {len(moved)} more held out for min_validation_bytes"
+        scores = lambda ds: [int(d["id"][-16:], 16) for d in ds]
+        assert max(scores([d for d in docs["validation"] if d["id"] in moved])) < min(scores(docs["train"]))
+    assert ingest(config, tmp_path / "b")["content_digest"] == manifest["content_digest"]  # deterministic
+
+
+def test_two_documents_give_one_each_and_a_folder_of_duplicates_one_split_document(tmp_path: Path) -> None:
+    write_docs(tmp_path / "two", 2)
+    manifest = ingest(CorpusConfig(source=str(tmp_path / "two"), validation_fraction=1e-9), tmp_path / "a")
+    assert (manifest["counts"]["train_documents"], manifest["counts"]["validation_documents"]) == (1, 1)
+    (tmp_path / "dups").mkdir()
+    text = "".join(f"line {i} of the only note\n" for i in range(100))
+    for i in range(5):
+        (tmp_path / "dups" / f"copy{i}").write_text(text)
+    manifest = ingest(CorpusConfig(source=str(tmp_path / "dups"), min_validation_bytes=300), tmp_path / "b")
+    assert manifest["counts"]["duplicates_dropped"] == 4 and manifest["counts"]["documents"] == 1
+    assert manifest["split"] == "tail of the only document"
+    docs = all_documents(tmp_path / "b")
+    (head,), (tail,) = docs["train"], docs["validation"]
+    assert head["text"] + tail["text"] == text  # cut at a line boundary, nothing lost
+    assert head["text"].endswith("\n") and tail["source"] == "copy0#tail"
+    assert 300 <= len(tail["text"]) <= len(text) // 2
+
+
+def test_symlink_loops_end_and_a_file_replaced_after_listing_is_skipped(tmp_path: Path, monkeypatch) -> None:
+    from llmcore import corpus
+
+    root = tmp_path / "loops"
+    write_docs(root / "a", 20)
+    (root / "a" / "up").symlink_to(root)  # would loop forever if followed
+    (root / "a" / "self").symlink_to(root / "a" / "self")  # a link to itself: ELOOP on reading
+    for pattern in (str(root), str(root / "**" / "*")):
+        manifest = ingest(CorpusConfig(source=pattern), tmp_path / "out")
+        assert manifest["counts"]["documents"] == 20
+        assert manifest["skipped_by_reason"] == {"unreadable": 1}
+    listed = corpus._resolve
+
+    def resolve_then_replace(config):  # a file becomes a folder between listing and reading
+        description, files = listed(config)
+        victim = root / "a" / "doc003.txt"
+        victim.unlink()
+        victim.mkdir()
+        return description, files
+
+    monkeypatch.setattr(corpus, "_resolve", resolve_then_replace)
+    manifest = ingest(CorpusConfig(source=str(root)), tmp_path / "out2")
+    assert manifest["counts"]["documents"] == 19
+    assert manifest["skipped_by_reason"] == {"unreadable": 1, "not_regular": 1}

@@ -210,7 +210,9 @@ def test_encode_corpus_writes_every_document_then_eot(trained, tok, tmp_path):
         info = manifest["splits"][split]
         assert info["documents"] == len(docs)
         assert info["bytes"] == sum(len(d.encode()) for d in docs)
-        assert info["tokens"] == sum(len(tok.encode(d)) for d in docs) + len(docs)
+        pieces = [piece for d in docs for piece, _ in tokenizer_module.document_pieces(d)]  # long documents
+        assert "".join(pieces) == "".join(docs) and (split == "validation" or len(pieces) > len(docs))
+        assert info["tokens"] == sum(len(tok.encode(p)) for p in pieces) + len(docs)
         data = open_split(tmp_path / "shards", split)
         assert data.num_tokens == info["tokens"]
         assert all(len(s) <= 5000 for s in data.shards)
@@ -238,3 +240,23 @@ def test_cli_train_then_encode(tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(["train", "--corpus", str(corpus), "--out", str(tmp_path / "x"), "--vocab-size", "100"])
     assert exit_info.value.code == 2 and "pass --vocab-size >= 261" in capsys.readouterr().err
+
+
+def test_a_long_document_is_encoded_in_pieces_exactly_and_in_bounded_memory(trained, tok, tmp_path):
+    import tracemalloc
+
+    _, tokenizer_dir, _ = trained
+    text = "".join(source_documents()) * 12  # real code and some other scripts, ~3.6 MB
+    text += "x" * (tokenizer_module.ENCODE_CHARS + 10)  # one line longer than a piece: cut anywhere
+    corpus = write_corpus(tmp_path / "corpus", [text], ["a short held-out document"])
+    tracemalloc.start()
+    try:
+        encode_corpus(corpus, tokenizer_dir, tmp_path / "shards")
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    size = len(text.encode())
+    assert size > 3_000_000 and peak < 10 * size, (peak, size)  # unchunked: ~45x (Python ints per token)
+    ids = np.concatenate(open_split(tmp_path / "shards", "train").shards)
+    assert ids[-1] == tok.eot_id and tok.eot_id not in ids[:-1]
+    assert tok.decode(ids[:-1].tolist()) == text
