@@ -167,7 +167,7 @@ def print_summary(summary: list[dict[str, Any]], experiment: str, tracking_uri: 
         return
     print(f"\nMLflow experiment {experiment!r}. Open the UI with:\n"
           "  .venv/bin/mlflow server --backend-store-uri sqlite:///mlruns/mlflow.db "
-          "--default-artifact-root mlruns/artifacts --host 127.0.0.1 --port 5000\n"
+          "--serve-artifacts --artifacts-destination mlruns/artifacts --host 127.0.0.1 --port 5000\n"
           "then browse http://127.0.0.1:5000")
 
 

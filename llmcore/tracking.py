@@ -118,8 +118,8 @@ class MlflowTracker:
         if left:
             self._spill(left)
         if self.undelivered:
-            log.warning("MLflow was unreachable (%s): %d tracking records of run %s written to %s",
-                        self.last_error, self.undelivered, self.run_id, self.fallback)
+            log.warning("%d tracking records of run %s could not be sent to MLflow (last error: %s); written to %s",
+                        self.undelivered, self.run_id, str(self.last_error).splitlines()[0][:200], self.fallback)
         return self.undelivered
 
     def _relative(self, value: Any) -> str:
@@ -170,6 +170,16 @@ class MlflowTracker:
         else:
             self.client.log_artifact(self.run_id, batch[0][1], batch[0][2])
 
+    def _send_each(self, batch: list[tuple]) -> None:
+        """Send a refused batch record by record, so that one bad record does not take the others along."""
+        for op in batch:
+            try:
+                self._send([op])
+            except Exception as error:  # noqa: BLE001 - filed, never raised
+                log.warning("MLflow refused a tracking record of run %s: %s", self.run_id, error)
+                with self._cond:
+                    self._spill([op])
+
     def _send_loop(self) -> None:
         delay = 1.0
         while True:
@@ -186,15 +196,14 @@ class MlflowTracker:
             except Exception as error:  # noqa: BLE001 - a tracking failure is retried or filed, never raised
                 self.last_error = error
                 refused = getattr(error, "error_code", None) in _REFUSED
+                if refused:  # the server answered no: sending it again would get the same answer
+                    self._send_each(self._in_flight)
                 with self._cond:
-                    if refused:  # the server answered no: sending it again would get the same answer
-                        self._spill(self._in_flight)
-                    elif not self._give_up.is_set():
+                    if not refused and not self._give_up.is_set():
                         self._pending.extendleft(reversed(self._in_flight))
                     self._in_flight = []
                     self._cond.notify_all()
                 if refused:
-                    log.warning("MLflow refused a tracking record of run %s: %s", self.run_id, error)
                     continue
                 log.warning("MLflow unreachable, retrying in %.0f s: %s", delay, str(error).splitlines()[0][:200])
                 if self._give_up.wait(delay):

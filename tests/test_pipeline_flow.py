@@ -126,3 +126,33 @@ def test_logged_pyfunc_model_generates_in_a_fresh_process(pipeline_run, tmp_path
     done = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True, timeout=180)
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.startswith("OK")
+
+
+def test_a_rerun_links_to_the_runs_it_reuses_and_stores_no_new_model(pipeline_run):
+    import mlflow
+    from mlflow import MlflowClient
+
+    workdir, _, _ = pipeline_run
+    mlflow.set_tracking_uri(f"sqlite:///{workdir / 'mlruns' / 'mlflow.db'}")
+    client = MlflowClient()
+    experiment = client.get_experiment_by_name("flow-test").experiment_id
+    assert client.get_experiment(experiment).tags["mlflow.experimentKind"] == "custom_model_development"
+    runs = client.search_runs([experiment], order_by=["attributes.start_time ASC"])
+    first, second = [r for r in runs if r.data.tags.get("stage") == "pipeline"]
+    assert first.info.run_name == second.info.run_name and first.info.run_name.startswith("pipeline-smoke-stdlib-")
+
+    def stage_runs(parent):
+        return {r.data.tags["stage"]: r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id}
+
+    made, reused = stage_runs(first), stage_runs(second)
+    for stage, folder in (("corpus", "corpus"), ("tokenizer", "tokenizer"), ("tokenizer", "tokens"),
+                          ("pretrain", "pretrain"), ("finetune", "finetune"), ("finetune", "sft_data")):
+        assert reused[stage].data.tags[f"reused.{folder}"] == made[stage].info.run_id, folder
+    curve = client.get_metric_history(reused["pretrain"].info.run_id, "pretrain/loss")
+    assert [m.value for m in curve] == [m.value for m in client.get_metric_history(made["pretrain"].info.run_id,
+                                                                                    "pretrain/loss")]
+    models = mlflow.search_logged_models(experiment_ids=[experiment], output_format="list")
+    assert sorted(m.name for m in models) == ["finetuned", "pretrained"]  # the rerun stored no new copy
+    assert reused["pretrain"].data.tags["reused.model.pretrained"] in {m.model_id for m in models}
+    inputs = {(i.dataset.name, i.tags[0].value) for i in made["tokenizer"].inputs.dataset_inputs}
+    assert inputs == {("corpus", "training"), ("tokens", "output")}
