@@ -108,6 +108,22 @@ def test_metrics_survive_a_server_outage_and_what_cannot_be_sent_is_filed(tmp_pa
         server.stop()
 
 
+def test_queued_records_are_delivered_before_a_failed_run_is_ended(local_store):
+    from mlflow import MlflowClient
+
+    from llmcore.tracking import MlflowTracker
+    from tasks.tracking import mlflow_run
+
+    with pytest.raises(RuntimeError), mlflow_run("tracking-test", "fails") as run_id:
+        tracker = MlflowTracker(run_id)
+        for step in range(1, 51):
+            tracker.log_metrics({"pretrain/loss": 1.0 / step}, step=step)
+        raise RuntimeError("diverged")
+    client = MlflowClient()
+    assert client.get_run(run_id).info.status == "FAILED"
+    assert len(client.get_metric_history(run_id, "pretrain/loss")) == 50
+
+
 def test_git_tags_name_the_commit_and_dirty_flag_and_nothing_outside_a_checkout(tmp_path):
     from tasks.tracking import git_tags
 
@@ -187,7 +203,7 @@ def test_pipeline_survives_an_mlflow_outage_mid_training_and_leaks_no_secret(ser
     from mlflow import MlflowClient
 
     root, server, prefect_api = servers
-    process = _pipeline(root, server, prefect_api, ["--max-steps", "400", "--seed", "1"], "outage")
+    process = _pipeline(root, server, prefect_api, ["--max-steps", "1500", "--seed", "1"], "outage")
     lines: list[str] = []
     try:
         _wait_for_line(process, "pretrain step", lines)
@@ -201,6 +217,7 @@ def test_pipeline_survives_an_mlflow_outage_mid_training_and_leaks_no_secret(ser
     finally:
         if process.poll() is None:
             os.killpg(process.pid, signal.SIGKILL)
+    assert any("MLflow unreachable" in line for line in lines), "the outage missed the training run"
     assert not (root / "outage" / "mlruns" / "fallback").exists()  # everything reached the server after all
 
     mlflow.set_tracking_uri(server.url)
@@ -218,7 +235,7 @@ def test_pipeline_survives_an_mlflow_outage_mid_training_and_leaks_no_secret(ser
     steps = [m.step for m in client.get_metric_history(pretrain.info.run_id, "pretrain/loss")]
     assert steps == sorted({s for s in range(every, total + 1, every)} | {total})  # the whole curve, outage included
     assert any(key.startswith("system/") for key in pretrain.data.metrics)
-    assert parent.data.tags["corpus"].startswith("stdlib") and parent.data.params["pretrain.max_steps"] == "400"
+    assert parent.data.tags["corpus"].startswith("stdlib") and parent.data.params["pretrain.max_steps"] == "1500"
     assert not any(v == "None" for r in runs for v in r.data.params.values())
 
     # No planted secret in any param, tag, metric name, artifact or logged model: read every stored byte.
