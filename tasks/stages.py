@@ -31,6 +31,7 @@ from llmcore.train import TrainConfig, TrainingDiverged, result_fields
 from tasks.tracking import (
     log_dataset,
     log_generator_model,
+    producer_of,
     record_or_link,
     system_metrics,
 )
@@ -140,7 +141,8 @@ def log_tokenizer(tokenizer_dir: str, tokens_dir: str, config: tokenizer.Tokeniz
                          "tokenizer/bytes_per_token": manifest["bytes_per_token"]} |
                         {f"tokens/{split}_{k}": v for split, info in tokens["splits"].items()
                          for k, v in info.items() if isinstance(v, (int, float))})
-    tracker.log_artifact(Path(tokenizer_dir), "tokenizer")
+    if producer_of(tokenizer_dir) in (None, run_id):  # a reused tokenizer stays with the run that made it
+        tracker.log_artifact(Path(tokenizer_dir), "tokenizer")
     tracker.log_artifact(Path(tokens_dir) / MANIFEST, "tokens")
     if corpus_dir:
         log_corpus_dataset(run_id, corpus_dir, "training")
