@@ -1,7 +1,8 @@
 """The whole pipeline as one Prefect flow: the six stage flows in order, as subflows.
 
 It opens a parent MLflow run (tagged with the Prefect flow run id) in one experiment per pipeline
-name; each stage flow opens a child run. Stages exchange paths and run ids. At the end it prints a
+name; each stage flow opens a child run. The Prefect flow runs and MLflow runs are named alike:
+`pipeline-<label>` and `<stage>-<label>`, the label being preset, corpus and a digest of every config. Stages exchange paths and run ids. At the end it prints a
 summary (stage, wall time, key metric) and how to open the MLflow UI.
 
     python -m flows.pipeline --preset smoke
@@ -33,7 +34,7 @@ from flows.stages import (
     sample_flow,
     tokenizer_flow,
 )
-from llmcore.artifacts import MANIFEST, read_json
+from llmcore.artifacts import MANIFEST, json_digest, read_json
 from llmcore.cli import add_flag
 from llmcore.completions import held_out_prompts
 from llmcore.corpus import CorpusConfig, describe_source
@@ -105,7 +106,19 @@ def _set(**values: Any) -> dict[str, Any]:
     return {k: v for k, v in values.items() if v is not None}
 
 
-@flow(name="pipeline")
+def run_label(preset: Preset) -> str:
+    """`<preset>-<corpus short name>-<digest of all configs>`: tells runs apart in both UIs."""
+    source = preset.corpus.source.rstrip("/")
+    corpus = source if preset.corpus.kind == "stdlib" else Path(source.removeprefix("hf:").split("*")[0].rstrip("/")).name
+    corpus = "".join(c if c.isalnum() or c in "._" else "-" for c in corpus).strip("-")[:24] or "corpus"
+    return f"{preset.name}-{corpus}-{json_digest(asdict(preset))[:6]}"
+
+
+def _pipeline_run_name() -> str:
+    return "pipeline-" + run_label(PipelineParams.model_validate(flow_run.parameters["params"]).build())
+
+
+@flow(name="pipeline", flow_run_name=_pipeline_run_name)
 def pipeline(params: PipelineParams = PipelineParams()) -> list[dict[str, Any]]:
     """Corpus -> tokenizer -> pretraining -> fine-tuning -> evaluation -> sampling, tracked in MLflow."""
     preset = params.build()
@@ -120,16 +133,17 @@ def pipeline(params: PipelineParams = PipelineParams()) -> list[dict[str, Any]]:
         seconds = time.perf_counter() - started
         name, value = metric(result)
         summary.append({"stage": stage, "seconds": round(seconds, 1), "metric": name, "value": value})
-        tracker.log_metrics({f"seconds/{stage}": seconds})
+        tracker.log_metrics({f"pipeline/seconds_{stage}": seconds})
         log.info("pipeline: %s done in %.1f s (%s = %s)", stage, seconds, name, value)
         return result
 
-    with mlflow_run(experiment, f"pipeline-{preset.name}", tags={"prefect.flow_run_id": str(flow_run.id),
-                                                                  "preset": preset.name}) as parent:
-        tracker = MlflowTracker(parent)
+    label = run_label(preset)
+    with mlflow_run(experiment, f"pipeline-{label}", tags={"preset": preset.name, "stage": "pipeline",
+                                                          "corpus": describe_source(preset.corpus)}) as parent:
+        tracker = MlflowTracker(parent, relative_to=Path(runs))
         tracker.log_params({"preset": preset.name, **{k: asdict(v) for k, v in vars(preset).items()
                                                       if hasattr(v, "__dataclass_fields__")}})
-        common = {"runs_dir": runs, "experiment": experiment, "parent_run_id": parent}
+        common = {"runs_dir": runs, "experiment": experiment, "parent_run_id": parent, "run_label": label}
         corpus_dir = timed("corpus", lambda: corpus_flow(preset.corpus, **common),
                            lambda d: ("documents", read_json(Path(d) / MANIFEST)["counts"]["documents"]))
         skip_finetune = check_derived_inputs(preset, corpus_dir, runs, sft_data_given=params.sft_data is not None)
@@ -152,7 +166,7 @@ def pipeline(params: PipelineParams = PipelineParams()) -> list[dict[str, Any]]:
         timed("sample", lambda: sample_flow(pretrained, tok["tokenizer_dir"], corpus_dir, tuned["model"], tuned["sft_dir"],
                                             preset.prompts, preset.sampling, preset.pretrain.device, **common),
               _sample_metric)
-        tracker.log_metrics(scores)  # the headline figures, on the parent run too
+        tracker.log_metrics({f"evaluate/{k}": v for k, v in scores.items()})  # headline figures, on the parent too
     create_table_artifact(summary, key="pipeline-summary", description=f"Pipeline ({preset.name}) stage timings")
     return summary
 
@@ -189,7 +203,7 @@ def print_summary(summary: list[dict[str, Any]], experiment: str, tracking_uri: 
         return
     print(f"\nMLflow experiment {experiment!r}. Open the UI with:\n"
           "  .venv/bin/mlflow server --backend-store-uri sqlite:///mlruns/mlflow.db "
-          "--default-artifact-root mlruns/artifacts --host 127.0.0.1 --port 5000\n"
+          "--serve-artifacts --artifacts-destination mlruns/artifacts --host 127.0.0.1 --port 5000\n"
           "then browse http://127.0.0.1:5000")
 
 

@@ -46,7 +46,7 @@ def finetune(
         raise ConfigError(f"context length {max_length} does not fit the model, which supports 1..{block}: "
                           f"pass --max-length <= {block}")
     max_length = max_length or block
-    tracker.log_params({"finetune": asdict(config), "max_length": max_length, "base_model": str(base_model)})
+    tracker.log_params({"finetune": asdict(config) | {"max_length": max_length, "base_model": str(base_model)}})
     inputs = {"base_model": file_digest(Path(base_model)), "sft_data": read_json(Path(sft_dir) / MANIFEST)["content_digest"]
               if is_finished(Path(sft_dir)) else None, "max_length": max_length}
     if is_finished(out_dir):

@@ -270,8 +270,7 @@ def pretrain(
     """
     out_dir = Path(out_dir)
     block = model_config.block_size
-    tracker.log_params({"model": asdict(model_config), "train": asdict(config),
-                        "derived": {"total_steps": config.total_steps(block)}})
+    tracker.log_params({"model": asdict(model_config), "pretrain": asdict(config) | {"total_steps": config.total_steps(block)}})
     tokens = read_json(Path(tokens_dir) / MANIFEST) if is_finished(Path(tokens_dir)) else {}
     inputs = {"corpus_digest": tokens.get("corpus_digest"), "tokenizer_digest": tokens.get("tokenizer_digest")}
     if is_finished(out_dir):

@@ -7,7 +7,9 @@ content-addressed under `runs_dir`, keyed only on what determines their content,
 lands in the same place and a killed training run resumes there. Every task takes and returns paths.
 
 MLflow logging of the data stages lives in the `log_*` functions, called by the flows after the task,
-so that a cached (skipped) task still fills its stage's MLflow run.
+so that a cached (skipped) task still fills its stage's MLflow run. Every stage folder is claimed by the
+first run that logs it (`tasks.tracking.record_or_link`); a later run reusing it links to that run.
+Params are named `<config>.<field>` as in the presets, metrics `<stage>/<name>` (README, "Metric keys").
 """
 
 import errno
@@ -28,7 +30,13 @@ from llmcore.sampling import SamplingConfig
 from llmcore.shards import open_split
 from llmcore.tracking import MlflowTracker, NullTracker, Tracker
 from llmcore.train import TrainConfig, result_fields
-from tasks.tracking import log_generator_model
+from tasks.tracking import (
+    log_dataset,
+    log_generator_model,
+    producer_of,
+    record_or_link,
+    system_metrics,
+)
 
 
 # OSErrors that fail the same way however often they are retried.
@@ -49,8 +57,13 @@ def retry_unless_bad_input(task, task_run, state) -> bool:
     return False
 
 
-def tracker_for(run_id: str | None) -> Tracker:
-    return MlflowTracker(run_id) if run_id else NullTracker()
+def tracker_for(run_id: str | None, runs_dir: str | None = None) -> Tracker:
+    """Paths under runs_dir are logged relative to it."""
+    return MlflowTracker(run_id, relative_to=Path(runs_dir) if runs_dir else None) if run_id else NullTracker()
+
+
+def _tokens_digest(tokens: dict) -> str:
+    return json_digest([tokens["corpus_digest"], tokens["tokenizer_digest"]])
 
 
 def _key(*parts: Any) -> str:
@@ -130,10 +143,22 @@ def ingest_corpus(config: corpus.CorpusConfig, source_digest: str, runs_dir: str
 
 def log_corpus(corpus_dir: str, config: corpus.CorpusConfig, run_id: str | None) -> None:
     manifest, tracker = _manifest(corpus_dir, "corpus"), tracker_for(run_id)
-    tracker.log_params({"corpus": asdict(config), "source_description": manifest.get("source", "")})
+    tracker.log_params({"corpus": asdict(config)})
     tracker.log_metrics({f"corpus/{k}": v for k, v in manifest["counts"].items()} |
                         {f"corpus/bytes_{k}": v for k, v in manifest["bytes"].items()})
     tracker.log_artifact(Path(corpus_dir) / MANIFEST, "corpus")
+    if run_id:
+        from mlflow import MlflowClient
+
+        MlflowClient().set_tag(run_id, "corpus", manifest.get("source", ""))
+    log_corpus_dataset(run_id, corpus_dir, "output")
+    record_or_link(corpus_dir, run_id, "corpus")
+
+
+def log_corpus_dataset(run_id: str | None, corpus_dir: str, context: str) -> None:
+    manifest = _manifest(corpus_dir, "corpus")
+    log_dataset(run_id, corpus_dir, context, "corpus", manifest["content_digest"],
+                {"source": manifest.get("source", ""), **manifest["counts"], **{f"bytes_{k}": v for k, v in manifest["bytes"].items()}})
 
 
 @task(name="train-tokenizer", **DATA_TASK,
@@ -155,15 +180,37 @@ def encode_corpus(corpus_dir: str, tokenizer_dir: str, runs_dir: str) -> str:
     return str(out)
 
 
-def log_tokenizer(tokenizer_dir: str, tokens_dir: str, config: tokenizer.TokenizerConfig, run_id: str | None) -> None:
+def log_tokenizer(tokenizer_dir: str, tokens_dir: str, config: tokenizer.TokenizerConfig, run_id: str | None,
+                  corpus_dir: str | None = None) -> None:
     manifest, tokens, tracker = _manifest(tokenizer_dir, "tokenizer"), _manifest(tokens_dir, "tokens"), tracker_for(run_id)
     tracker.log_params({"tokenizer": asdict(config)})
     tracker.log_metrics({"tokenizer/vocab_size": manifest["vocab_size"], "tokenizer/train_seconds": manifest["train_seconds"],
                          "tokenizer/bytes_per_token": manifest["bytes_per_token"]} |
                         {f"tokens/{split}_{k}": v for split, info in tokens["splits"].items()
                          for k, v in info.items() if isinstance(v, (int, float))})
-    tracker.log_artifact(Path(tokenizer_dir), "tokenizer")
+    if producer_of(tokenizer_dir) in (None, run_id):  # a reused tokenizer stays with the run that made it
+        tracker.log_artifact(Path(tokenizer_dir), "tokenizer")
     tracker.log_artifact(Path(tokens_dir) / MANIFEST, "tokens")
+    if corpus_dir:
+        log_corpus_dataset(run_id, corpus_dir, "training")
+    log_tokens_dataset(run_id, tokens_dir, "output")
+    record_or_link(tokenizer_dir, run_id, "tokenizer")
+    record_or_link(tokens_dir, run_id, "tokens")
+
+
+def log_tokens_dataset(run_id: str | None, tokens_dir: str, context: str) -> None:
+    tokens = _manifest(tokens_dir, "tokens")
+    log_dataset(run_id, tokens_dir, context, "tokens", _tokens_digest(tokens),
+                {f"{split}_{k}": v for split, info in tokens["splits"].items() for k, v in info.items()
+                 if isinstance(v, (int, float))})
+
+
+def log_sft_dataset(run_id: str | None, sft_dir: str | None, context: str) -> None:
+    if sft_dir is None:  # instruction tuning skipped
+        return
+    pairs = _manifest(sft_dir, "sft data")
+    log_dataset(run_id, sft_dir, context, "sft_data", pairs["content_digest"],
+                {k: v for k, v in pairs["counts"].items() if isinstance(v, (int, float))})
 
 
 @task(name="pretrain", retries=0)
@@ -173,11 +220,13 @@ def pretrain(tokenizer_dir: str, tokens_dir: str, model: GPTConfig, config: Trai
     tokens = _manifest(tokens_dir, "tokens")
     out = Path(runs_dir) / "pretrain" / _key(tokens["corpus_digest"], tokens["tokenizer_digest"], asdict(model),
                                              result_fields(config))
-    tracker = tracker_for(run_id)
-    manifest = train.pretrain(Path(tokenizer_dir), Path(tokens_dir), model, config, out, tracker)
+    tracker = tracker_for(run_id, runs_dir)
+    log_tokens_dataset(run_id, tokens_dir, "training")
+    with system_metrics(run_id):
+        manifest = train.pretrain(Path(tokenizer_dir), Path(tokens_dir), model, config, out, tracker)
     tracker.log_metrics({f"pretrain/final_{k}": v for k, v in manifest["metrics"].items()})
-    tracker.log_artifact(out / "model.pt", "pretrain")
-    tracker.log_artifact(out / MANIFEST, "pretrain")
+    tracker.log_artifact(out / MANIFEST, "pretrain")  # the weights are logged once, in the pyfunc model
+    record_or_link(out, run_id, "pretrain")
     return str(out / "model.pt")
 
 
@@ -200,13 +249,16 @@ def finetune_model(base_model: str, tokenizer_dir: str, sft_dir: str, config: Tr
     pairs = _manifest(sft_dir, "sft data")
     out = Path(runs_dir) / "finetune" / _key(file_digest(Path(base_model)), pairs["content_digest"],
                                              result_fields(config), max_length)
-    tracker = tracker_for(run_id)
+    tracker = tracker_for(run_id, runs_dir)
     tracker.log_metrics({f"sft_data/{k}": v for k, v in pairs["counts"].items() if isinstance(v, (int, float))})
-    manifest = finetune.finetune(Path(base_model), Path(tokenizer_dir), Path(sft_dir), config, out, max_length, tracker)
+    log_sft_dataset(run_id, sft_dir, "training")
+    with system_metrics(run_id):
+        manifest = finetune.finetune(Path(base_model), Path(tokenizer_dir), Path(sft_dir), config, out, max_length, tracker)
     tracker.log_metrics({f"finetune/final_{k}": v for k, v in manifest["metrics"].items()})
-    tracker.log_artifact(out / "model.pt", "finetune")
-    tracker.log_artifact(out / MANIFEST, "finetune")
+    tracker.log_artifact(out / MANIFEST, "finetune")  # the weights are logged once, in the pyfunc model
     tracker.log_artifact(Path(sft_dir) / MANIFEST, "sft_data")
+    record_or_link(sft_dir, run_id, "sft_data")
+    record_or_link(out, run_id, "finetune")
     return str(out / "model.pt")
 
 
@@ -230,7 +282,9 @@ def evaluate_models(models: dict[str, str], tokenizer_dir: str, tokens_dir: str,
         metrics |= {f"{name}_{k}": v for k, v in result.items()}
     tracker = tracker_for(run_id)
     tracker.log_params({"evaluation": asdict(config)})
-    tracker.log_metrics(metrics)
+    tracker.log_metrics({f"evaluate/{k}": v for k, v in metrics.items()})
+    log_tokens_dataset(run_id, tokens_dir, "evaluation")
+    log_sft_dataset(run_id, sft_dir, "evaluation")
     rows = [{"model": name, **{k: round(metrics[f"{name}_{k}"], 4) for k in ("loss", "perplexity", "bpb", "response_loss")
                                if f"{name}_{k}" in metrics}} for name in models]
     rows += [{"model": key.removesuffix("_bpb") + " -9", "bpb": round(metrics[key], 4)} for key in ("gzip_bpb", "bz2_bpb", "xz_bpb")]
@@ -265,4 +319,5 @@ def sample(pretrained: str, finetuned: str | None, tokenizer_dir: str, corpus_di
         tracker = MlflowTracker(run_id)
         tracker.log_params({"prompts": asdict(prompts), "sampling": asdict(sampling)})
         tracker.log_metrics(metrics)
+        log_corpus_dataset(run_id, corpus_dir, "evaluation")
     return metrics

@@ -48,7 +48,7 @@ def test_pipeline_logs_a_parent_run_with_one_child_per_stage(pipeline_run):
     parent = parents[0]
     assert parent.data.tags["prefect.flow_run_id"] and parent.info.status == "FINISHED"
     assert parent.data.params["preset"] == "smoke" and parent.data.params["model.vocab_size"] == "1024"
-    children = {r.info.run_name: r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id}
+    children = {r.data.tags["stage"]: r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id}
     assert set(children) == set(STAGES)
 
     corpus = children["corpus"].data
@@ -56,11 +56,11 @@ def test_pipeline_logs_a_parent_run_with_one_child_per_stage(pipeline_run):
     tokenizer = children["tokenizer"].data
     assert tokenizer.metrics["tokenizer/vocab_size"] == 1024 and tokenizer.metrics["tokenizer/bytes_per_token"] > 1.5
     pretrain = children["pretrain"]
-    assert pretrain.data.params["train.max_steps"] == "30"
+    assert pretrain.data.params["pretrain.max_steps"] == "30"
     history = client.get_metric_history(pretrain.info.run_id, "pretrain/loss")
     assert len(history) == 3 and history[-1].value < history[0].value  # step metrics, and learning
     assert "pretrain/tokens_per_second" in pretrain.data.metrics
-    evaluation = children["evaluate"].data.metrics
+    evaluation = {k.removeprefix("evaluate/"): v for k, v in children["evaluate"].data.metrics.items()}
     for key in ("pretrained_bpb", "finetuned_bpb", "gzip_bpb", "bz2_bpb", "xz_bpb", "finetuned_response_loss",
                 "pretrained_response_loss", "pretrained_perplexity"):
         assert key in evaluation, key
@@ -70,14 +70,14 @@ def test_pipeline_logs_a_parent_run_with_one_child_per_stage(pipeline_run):
         assert 0 <= children["sample"].data.metrics[f"sample/{model}_python_parse_rate"] <= 1
 
     # the rerun's stages were skipped or reused, yet every child run still carries its record
-    rerun = {r.info.run_name: r for r in runs if r.data.tags.get("mlflow.parentRunId") == parents[1].info.run_id}
+    rerun = {r.data.tags["stage"]: r for r in runs if r.data.tags.get("mlflow.parentRunId") == parents[1].info.run_id}
     assert set(rerun) == set(STAGES)
     for stage, run in rerun.items():
         assert run.data.params and run.data.metrics and run.info.status == "FINISHED", stage
     assert rerun["tokenizer"].data.metrics["tokenizer/bytes_per_token"] == tokenizer.metrics["tokenizer/bytes_per_token"]
 
     artifacts = {a.path for a in client.list_artifacts(pretrain.info.run_id, "pretrain")}
-    assert {"pretrain/model.pt", "pretrain/manifest.json"} <= artifacts
+    assert artifacts == {"pretrain/manifest.json"}  # the weights live in the logged model only
     tokenizer_files = {a.path for a in client.list_artifacts(children["tokenizer"].info.run_id, "tokenizer")}
     assert "tokenizer/tokenizer.model" in tokenizer_files
     samples = client.download_artifacts(children["sample"].info.run_id, "samples.json", str(workdir))
@@ -126,3 +126,33 @@ def test_logged_pyfunc_model_generates_in_a_fresh_process(pipeline_run, tmp_path
     done = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True, timeout=180)
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.startswith("OK")
+
+
+def test_a_rerun_links_to_the_runs_it_reuses_and_stores_no_new_model(pipeline_run):
+    import mlflow
+    from mlflow import MlflowClient
+
+    workdir, _, _ = pipeline_run
+    mlflow.set_tracking_uri(f"sqlite:///{workdir / 'mlruns' / 'mlflow.db'}")
+    client = MlflowClient()
+    experiment = client.get_experiment_by_name("flow-test").experiment_id
+    assert client.get_experiment(experiment).tags["mlflow.experimentKind"] == "custom_model_development"
+    runs = client.search_runs([experiment], order_by=["attributes.start_time ASC"])
+    first, second = [r for r in runs if r.data.tags.get("stage") == "pipeline"]
+    assert first.info.run_name == second.info.run_name and first.info.run_name.startswith("pipeline-smoke-stdlib-")
+
+    def stage_runs(parent):
+        return {r.data.tags["stage"]: r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id}
+
+    made, reused = stage_runs(first), stage_runs(second)
+    for stage, folder in (("corpus", "corpus"), ("tokenizer", "tokenizer"), ("tokenizer", "tokens"),
+                          ("pretrain", "pretrain"), ("finetune", "finetune"), ("finetune", "sft_data")):
+        assert reused[stage].data.tags[f"reused.{folder}"] == made[stage].info.run_id, folder
+    curve = client.get_metric_history(reused["pretrain"].info.run_id, "pretrain/loss")
+    assert [m.value for m in curve] == [m.value for m in client.get_metric_history(made["pretrain"].info.run_id,
+                                                                                    "pretrain/loss")]
+    models = mlflow.search_logged_models(experiment_ids=[experiment], output_format="list")
+    assert sorted(m.name for m in models) == ["finetuned", "pretrained"]  # the rerun stored no new copy
+    assert reused["pretrain"].data.tags["reused.model.pretrained"] in {m.model_id for m in models}
+    inputs = {(i.dataset.name, i.tags[0].value) for i in made["tokenizer"].inputs.dataset_inputs}
+    assert inputs == {("corpus", "training"), ("tokens", "output")}
