@@ -25,7 +25,12 @@ from llmcore.corpus import CorpusConfig
 from llmcore.evaluate import EvalConfig, held_out_text, score_text
 from llmcore.sampling import SamplingConfig
 from llmcore.tracking import MlflowTracker
-from tasks.registry import CHAMPION, HELD_OUT_BYTES_PER_TOKEN, download_version, version_by_alias
+from tasks.registry import (
+    CHAMPION,
+    HELD_OUT_BYTES_PER_TOKEN,
+    download_version,
+    version_by_alias,
+)
 from tasks.tracking import configure_tracking, mlflow_run
 
 

@@ -23,6 +23,7 @@ import torch
 
 from llmcore.batches import token_windows
 from llmcore.checkpoint import load_model
+from llmcore.corpus import read_documents
 from llmcore.device import require_device, resolve_device
 from llmcore.errors import ConfigError, require_positive
 from llmcore.shards import open_split
@@ -116,8 +117,6 @@ def evaluate_model(model_path: Path, tokenizer_dir: Path, tokens_dir: Path, conf
 
 def held_out_text(corpus_dir: Path, max_bytes: int) -> list[str]:
     """The corpus's validation documents, in id order, up to about `max_bytes` UTF-8 bytes (the last one cut)."""
-    from llmcore.corpus import read_documents  # corpus is a sibling stage; only this helper needs it
-
     texts, total = [], 0
     for document in read_documents(corpus_dir, "validation"):
         data = document["text"].encode("utf-8")[: max_bytes - total]

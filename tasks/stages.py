@@ -16,8 +16,8 @@ from pathlib import Path
 from typing import Any
 
 from prefect import task
-from prefect.concurrency.sync import concurrency
 from prefect.artifacts import create_table_artifact
+from prefect.concurrency.sync import concurrency
 
 from llmcore import completions, corpus, evaluate, finetune, sft_data, tokenizer, train
 from llmcore.artifacts import MANIFEST, file_digest, is_finished, json_digest, read_json
