@@ -59,14 +59,14 @@ def prefect(services, *args: str, timeout: float = 120) -> subprocess.CompletedP
                           capture_output=True, text=True, timeout=timeout)
 
 
-def trigger_and_wait(services, **params) -> tuple[str, float]:
-    """Run the nightly deployment with `params` overriding its defaults; return (final state, seconds)."""
+def trigger_and_wait(services, deployment_name: str = "pipeline/nightly-cpu", **params) -> tuple[str, float]:
+    """Run a deployment with `params` overriding its defaults; return (final state name, seconds)."""
     from prefect.client.orchestration import get_client
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
     started = time.monotonic()
     with temporary_settings({PREFECT_API_URL: services["api"]}), get_client(sync_client=True) as client:
-        deployment = client.read_deployment_by_name("pipeline/nightly-cpu")
+        deployment = client.read_deployment_by_name(deployment_name)
         run = client.create_flow_run_from_deployment(deployment.id, parameters=params)
         while True:
             state = client.read_flow_run(run.id).state
@@ -129,6 +129,21 @@ def test_two_runs_register_and_gate_the_champion(services, two_runs):
     assert instruct.version == "1"
 
 
+def test_weekly_champion_evaluation_and_ad_hoc_sampling_deployments(services, two_runs, tmp_path):
+    import mlflow
+    from mlflow import MlflowClient
+
+    evaluated, _ = trigger_and_wait(services, "champion-evaluation/weekly-champion", runs_dir=str(tmp_path),
+                                    corpus={"source": "stdlib", "max_bytes": 1_000_000}, evaluation={"max_tokens": 2048})
+    sampled, _ = trigger_and_wait(services, "sample-registered-model/sample", prompts=["Open a file."],
+                                  sampling={"max_new_tokens": 8})
+    assert evaluated == sampled == "Completed"
+    mlflow.set_tracking_uri(services["mlflow"])
+    champion = MlflowClient().get_model_version_by_alias(f"{EXPERIMENT}-pretrained", "champion")
+    weekly = [k for k in champion.tags if k.startswith("weekly.") and k.endswith(".bpb")]
+    assert weekly and 0 < float(champion.tags[weekly[0]]) < 10
+
+
 def test_prefect_shows_artifacts_and_forwarded_training_logs(services, two_runs):
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import (
@@ -147,6 +162,7 @@ def test_prefect_shows_artifacts_and_forwarded_training_logs(services, two_runs)
         assert progress and max(float(a.data) for a in progress) == 100.0
         logs = client.read_logs(log_filter=LogFilter(name=LogFilterName(any_=["llmcore.train", "llmcore.pipeline"])))
         assert logs, "the llmcore loggers did not reach the Prefect API"
+        assert client.read_global_concurrency_limit_by_name("gpu").limit == 1  # two trainings never share a GPU
 
 
 @pytest.mark.parametrize("params, message", [
