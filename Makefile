@@ -8,9 +8,11 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 TORCH_SPEC ?=
 PRESET ?= smoke
+PREFECT_PORT ?= 4200
+MLFLOW_PORT ?= 5000
 export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
 
-.PHONY: run test install clean-runs
+.PHONY: run test install clean-runs serve down
 
 install: $(VENV)/.installed
 
@@ -26,6 +28,13 @@ run: install
 
 test: install
 	$(PY) -m pytest -q
+
+# Prefect server, MLflow server, process pool + worker and every deployment, on 127.0.0.1; Ctrl-C stops them.
+serve: install
+	$(PY) deployments/serve.py up --prefect-port $(PREFECT_PORT) --mlflow-port $(MLFLOW_PORT)
+
+down:
+	$(PY) deployments/serve.py down
 
 clean-runs:
 	rm -rf runs

@@ -10,18 +10,19 @@ summary (stage, wall time, key metric) and how to open the MLflow UI.
 """
 
 import argparse
+import inspect
 import logging
 import os
 import sys
 import time
 from dataclasses import asdict, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from prefect import flow
-from prefect.artifacts import create_table_artifact
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.runtime import flow_run
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from flows.cli import add_debug_flag, require_tracking_server, run_command
 from flows.stages import (
@@ -44,15 +45,26 @@ from llmcore.memory import require_fits
 from llmcore.presets import PRESETS, Preset, get_preset, with_vocab_size
 from llmcore.tracking import MlflowTracker
 from tasks.stages import build_sft_data
+from tasks.registry import PROMOTION_METRICS, Candidate, PromotionMetric, register_and_promote
 from tasks.tracking import configure_tracking, experiment_id, mlflow_run
 
 log = logging.getLogger("llmcore.pipeline")
 
 
-class PipelineParams(BaseModel):
-    """What a user turns: a preset, the data, and overrides of the preset's most used knobs."""
+PresetName = Literal[tuple(PRESETS)]  # a choice in the Prefect UI and the deployment schema
 
-    preset: str = Field("smoke", description=f"one of {', '.join(PRESETS)}")
+
+class PipelineParams(BaseModel):
+    """What a user turns: a preset, the data, and overrides of the preset's most used knobs.
+
+    The single place the pipeline's parameters are declared: the command line has one flag per field and
+    the flow one top-level parameter per field (so a deployment run's overrides merge key by key with
+    the deployment's defaults). Unknown names and ill-typed values are one-line ConfigErrors.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    preset: PresetName = Field("smoke", description=f"one of {', '.join(PRESETS)}")
     corpus: str | None = Field(None, description="stdlib, a file, folder or glob, or hf:NAME")
     text_column: str | None = Field(None, description="text column of jsonl/csv/parquet/HF data")
     max_corpus_bytes: int | None = Field(None, description="keep at most this many bytes of the corpus")
@@ -76,6 +88,16 @@ class PipelineParams(BaseModel):
     max_length: int | None = Field(None, description="longest fine-tuning sequence (<= block size)")
     device: str | None = Field(None, description="auto, cpu, cuda or cuda:N")
     seed: int | None = Field(None, description="seed for model init, data order and sampling")
+    registry_prefix: str | None = Field(None, description="registered models are PREFIX-pretrained and "
+                                        "PREFIX-instruct (default: the experiment name)")
+    promotion_metric: PromotionMetric = Field("bpb", description="held-out metric that gates the champion alias: "
+                                              + ", ".join(f"{k} ({v} is better)" for k, v in PROMOTION_METRICS.items()))
+
+    def __init__(self, **values: Any):
+        try:
+            super().__init__(**values)
+        except ValidationError as error:
+            raise ConfigError(_one_line(error)) from None
 
     def build(self) -> Preset:
         """The preset with this run's overrides applied; every config validated on the way."""
@@ -101,6 +123,18 @@ class PipelineParams(BaseModel):
                        sampling=replace(preset.sampling, **_set(seed=self.seed)))
 
 
+def _one_line(error: ValidationError) -> str:
+    """The first problem of a validation error as one line naming the parameter, its flag and the fix."""
+    first = error.errors()[0]
+    name = ".".join(map(str, first["loc"])) or "parameters"
+    if first["type"] == "extra_forbidden":
+        return f"unknown pipeline parameter {name!r}: pass one of {', '.join(PipelineParams.model_fields)}"
+    if name == "preset":
+        return f"unknown preset {first['input']!r}: pass --preset (parameter preset) one of {', '.join(PRESETS)}"
+    return (f"pipeline parameter {name} = {first['input']!r}: {first['msg']}: pass --{name.replace('_', '-')} "
+            f"(parameter {name}) with a valid value")
+
+
 def _set(**values: Any) -> dict[str, Any]:
     """Only the overrides the user actually gave."""
     return {k: v for k, v in values.items() if v is not None}
@@ -115,12 +149,13 @@ def run_label(preset: Preset) -> str:
 
 
 def _pipeline_run_name() -> str:
-    return "pipeline-" + run_label(PipelineParams.model_validate(flow_run.parameters["params"]).build())
+    return "pipeline-" + run_label(PipelineParams(**flow_run.parameters).build())
 
 
-@flow(name="pipeline", flow_run_name=_pipeline_run_name)
-def pipeline(params: PipelineParams = PipelineParams()) -> list[dict[str, Any]]:
-    """Corpus -> tokenizer -> pretraining -> fine-tuning -> evaluation -> sampling, tracked in MLflow."""
+def _pipeline(**values: Any) -> list[dict[str, Any]]:
+    """Corpus -> tokenizer -> pretraining -> fine-tuning -> evaluation -> sampling, tracked in MLflow;
+    then the models are registered and the champion alias is gated."""
+    params = PipelineParams(**values)
     preset = params.build()
     configure_tracking()
     experiment_id(params.experiment)  # create the experiment once, before any stage races for it
@@ -167,7 +202,18 @@ def pipeline(params: PipelineParams = PipelineParams()) -> list[dict[str, Any]]:
                                             preset.prompts, preset.sampling, preset.pretrain.device, **common),
               _sample_metric)
         tracker.log_metrics({f"evaluate/{k}": v for k, v in scores.items()})  # headline figures, on the parent too
+        candidates = [Candidate("pretrained", "pretrained", pretrained, tok["tokenizer_dir"], _prefixed(scores, "pretrained"))]
+        if tuned and tuned.get("model"):  # fine-tuning may have been skipped
+            candidates.append(Candidate("instruct", "finetuned", tuned["model"], tok["tokenizer_dir"],
+                                        _prefixed(scores, "finetuned")))
+        decisions = timed("promote", lambda: register_and_promote(
+            candidates, experiment_id(experiment), parent, corpus_dir, params.registry_prefix or experiment,
+            params.promotion_metric, preset.evaluation, {"preset": preset.name, "pipeline_run_id": parent}),
+            lambda ds: ("champion", "; ".join(f"{d['model']}: {d['decision']}" for d in ds)))
+        tracker.log_params({"promotion": {d["model"]: d["decision"] for d in decisions}})
     create_table_artifact(summary, key="pipeline-summary", description=f"Pipeline ({preset.name}) stage timings")
+    create_markdown_artifact(run_report(preset.name, summary, scores, decisions, parent), key="pipeline-report",
+                             description=f"Pipeline ({preset.name}): stages, metrics, promotion, MLflow links")
     return summary
 
 
@@ -191,6 +237,44 @@ def _sample_metric(metrics: dict[str, Any]) -> tuple[str, Any]:
     if "sample/pretrained_python_parse_rate" in metrics:
         return "python_parse_rate (pretrained)", round(metrics["sample/pretrained_python_parse_rate"], 3)
     return "completions", int(metrics["sample/num_completions"])
+
+
+def _prefixed(scores: dict[str, float], model: str) -> dict[str, float]:
+    return {k.removeprefix(f"{model}_"): v for k, v in scores.items() if k.startswith(f"{model}_")}
+
+
+def run_report(preset: str, summary: list[dict[str, Any]], scores: dict[str, float], decisions: list[dict[str, Any]],
+               parent_run_id: str) -> str:
+    """The markdown artifact of one pipeline run: what ran, how long, what it scored, what was promoted."""
+    import mlflow
+    from mlflow import MlflowClient
+
+    uri = mlflow.get_tracking_uri()
+    web = uri.startswith("http")
+    run = MlflowClient().get_run(parent_run_id)
+    link = (f"[{run.info.run_name}]({uri}/#/experiments/{run.info.experiment_id}/runs/{parent_run_id})" if web
+            else f"run `{parent_run_id}` in `{uri}`")
+    lines = [f"# Pipeline run ({preset})", "", f"MLflow: {link}", "", "| stage | seconds | key metric |", "|---|---|---|"]
+    lines += [f"| {r['stage']} | {r['seconds']} | {r['metric']} = {r['value']} |" for r in summary]
+    lines += ["", "| held-out metric | value |", "|---|---|"]
+    lines += [f"| {k} | {v:.4f} |" for k, v in sorted(scores.items()) if k.endswith(("bpb", "loss"))]
+    lines += ["", "## Promotion", ""]
+    for d in decisions:
+        model = f"[{d['model']}]({uri}/#/models/{d['model']})" if web else d["model"]
+        champion = "none" if d["champion"] is None else f"v{d['champion_version']} {d['champion']:.4f}"
+        lines.append(f"- {model}: {d['metric']} challenger v{d['version']} {d['challenger']:.4f}, "
+                     f"champion {champion} -> **{d['decision']}**")
+    return "\n".join(lines)
+
+
+# The flow takes one top-level keyword parameter per PipelineParams field, with its type, default and
+# description, so Prefect's schema, UI form and deployment overrides see each field on its own.
+_pipeline.__signature__ = inspect.Signature(
+    [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=field.default, annotation=field.annotation)
+     for name, field in PipelineParams.model_fields.items()], return_annotation=list[dict[str, Any]])
+_pipeline.__doc__ += "\n\n    Args:\n" + "".join(
+    f"        {name}: {field.description}\n" for name, field in PipelineParams.model_fields.items())
+pipeline = flow(name="pipeline", flow_run_name=_pipeline_run_name)(_pipeline)
 
 
 def print_summary(summary: list[dict[str, Any]], experiment: str, tracking_uri: str | None) -> None:
@@ -220,7 +304,7 @@ def main(argv: list[str] | None = None) -> None:
     def run() -> None:
         params = PipelineParams(**values)
         check_inputs(params.build())  # every config and input, before Prefect and MLflow start
-        print_summary(pipeline(params), params.experiment, tracking_uri)
+        print_summary(pipeline(**values), params.experiment, tracking_uri)
 
     run_command(run, values.get("runs_dir", RUNS_DIR), debug)
 

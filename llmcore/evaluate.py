@@ -12,6 +12,7 @@ does not depend on the tokenizer. This module does not train or sample.
 import argparse
 import json
 import math
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -20,8 +21,9 @@ import torch
 from llmcore.baselines import compressor_bits_per_byte
 from llmcore.batches import sft_batches, token_windows
 from llmcore.checkpoint import load_model
+from llmcore.corpus import read_documents
 from llmcore.device import require_device, resolve_device
-from llmcore.errors import require_positive
+from llmcore.errors import ConfigError, require_positive
 from llmcore.losses import token_loss
 from llmcore.shards import open_split
 from llmcore.tokenizer import Tokenizer
@@ -62,6 +64,48 @@ def evaluate_model(model_path: Path, tokenizer_dir: Path, tokens_dir: Path, conf
         pairs = sft_batches(sft_dir, "validation", tokenizer, model.config.block_size, config.batch_size, seed=0)
         num_batches = max(1, config.max_tokens // (model.config.block_size * config.batch_size))
         result["response_loss"] = token_loss(model, pairs.in_order(num_batches), device)["loss"]
+    return result
+
+
+def held_out_text(corpus_dir: Path, max_bytes: int) -> list[str]:
+    """The corpus's validation documents, in id order, up to about `max_bytes` UTF-8 bytes (the last one cut)."""
+    texts, total = [], 0
+    for document in read_documents(corpus_dir, "validation"):
+        data = document["text"].encode("utf-8")[: max_bytes - total]
+        texts.append(data.decode("utf-8", errors="ignore"))
+        total += len(data)
+        if total >= max_bytes:
+            break
+    return texts
+
+
+def score_text(model_path: Path, tokenizer_dir: Path, texts: Sequence[str], config: EvalConfig) -> dict[str, float]:
+    """Loss, perplexity and bits per byte of one model on `texts`, encoded with the model's own tokenizer.
+
+    Models with different tokenizers (or context lengths) are compared on exactly the same bytes: the
+    texts are joined by end-of-text into one stream and every token after the first is scored, in
+    non-overlapping windows of the model's context. Loss and perplexity are per token of the model's
+    tokenizer; bits per byte is the figure that compares across tokenizers.
+    """
+    device = resolve_device(config.device)
+    model = load_model(model_path, device)
+    tokenizer = Tokenizer.load(tokenizer_dir)
+    ids = [i for ids in tokenizer.encode_batch(list(texts)) for i in (*ids, tokenizer.eot_id)]
+    if len(ids) < 2:
+        raise ConfigError("no held-out text to score: the corpus has an empty validation split")
+    block = model.config.block_size
+    windows = [torch.tensor(ids[start : start + block + 1]) for start in range(0, len(ids) - 1, block)]
+    batches = []
+    for first in range(0, len(windows), config.batch_size):
+        chunk = windows[first : first + config.batch_size]
+        width = max(len(w) for w in chunk) - 1
+        x = torch.zeros(len(chunk), width, dtype=torch.long)
+        y = torch.full((len(chunk), width), -100, dtype=torch.long)  # a short last window: its tail is ignored
+        for row, w in enumerate(chunk):
+            x[row, : len(w) - 1], y[row, : len(w) - 1] = w[:-1], w[1:]
+        batches.append((x, y))
+    result = token_loss(model, batches, device, torch.from_numpy(tokenizer.token_byte_lengths()))
+    result["perplexity"] = math.exp(min(result["loss"], 50.0))
     return result
 
 

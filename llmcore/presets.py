@@ -1,5 +1,6 @@
 """Named presets, as code: one bundle of per-stage configs for each way we run the pipeline.
 
+- `tiny`: seconds per stage, for the tests that run real servers and deployments.
 - `smoke`: all six stages in minutes on a 2-core CPU; what `make run` and CI exercise.
 - `cpu`: a real CPU run of about half an hour on the standard library, meant to beat xz on bits per byte.
 - `gpu`: a GPT-2-small-sized model (~124M parameters) for one GPU and a real corpus.
@@ -39,6 +40,25 @@ class Preset:
         if self.model.vocab_size != self.tokenizer.vocab_size:
             raise ConfigError(f"preset {self.name}: model vocab_size {self.model.vocab_size} != tokenizer "
                               f"vocab_size {self.tokenizer.vocab_size}: set both with --vocab-size")
+
+
+def tiny() -> Preset:
+    tokenizer = TokenizerConfig(vocab_size=1024)
+    return Preset(
+        name="tiny",
+        description="every stage in seconds on 1 MB of the standard library: deployment and server tests",
+        corpus=CorpusConfig(source="stdlib", max_bytes=1_000_000),
+        tokenizer=tokenizer,
+        model=GPTConfig(vocab_size=tokenizer.vocab_size, block_size=64, n_layer=1, n_head=2, n_embd=64),
+        pretrain=TrainConfig(max_steps=30, batch_size=8, learning_rate=3e-3, warmup_steps=5,
+                             eval_interval=15, eval_batches=2, checkpoint_interval=15, log_interval=5),
+        sft_data=SFTDataConfig(max_response_chars=600),
+        finetune=TrainConfig(max_steps=6, batch_size=8, learning_rate=1e-3, warmup_steps=2,
+                             eval_interval=6, eval_batches=2, checkpoint_interval=6, log_interval=2),
+        evaluation=EvalConfig(max_tokens=4096),
+        prompts=PromptConfig(num_prompts=2),
+        sampling=SamplingConfig(max_new_tokens=16, temperature=0.8),
+    )
 
 
 def smoke() -> Preset:
@@ -100,7 +120,7 @@ def gpu() -> Preset:
     )
 
 
-PRESETS = {"smoke": smoke, "cpu": cpu, "gpu": gpu}
+PRESETS = {"tiny": tiny, "smoke": smoke, "cpu": cpu, "gpu": gpu}
 
 
 def get_preset(name: str) -> Preset:

@@ -1,6 +1,6 @@
 """The MLflow pyfunc model (models-from-code) that wraps a trained GPT for `predict`.
 
-Input: a DataFrame with a `prompt` column (or a list of strings); output: one completion per prompt.
+Input: a list of prompt strings (or a DataFrame with a `prompt` column); output: one completion per prompt.
 Sampling settings come from `params` (max_new_tokens, temperature, top_k, top_p, seed; top_k 0
 and top_p 1.0 turn those filters off). The weights,
 tokenizer and a small JSON config travel as artifacts; `llmcore` travels as a code path.
@@ -26,7 +26,11 @@ class GPTGenerator(mlflow.pyfunc.PythonModel):
         from llmcore.chat import chat_prompt
         from llmcore.sampling import SamplingConfig, generate
 
-        prompts = model_input["prompt"].tolist() if isinstance(model_input, pd.DataFrame) else list(model_input)
+        if isinstance(model_input, pd.DataFrame):  # MLflow turns a list of strings into a one-column frame
+            column = "prompt" if "prompt" in model_input.columns else model_input.columns[0]
+            prompts = model_input[column].tolist()
+        else:
+            prompts = list(model_input)
         given = {k: v for k, v in (params or {}).items() if k in SamplingConfig.__dataclass_fields__}
         # The signature needs concrete defaults: top_k 0 and top_p 1.0 mean "no filtering".
         given["top_k"] = given.get("top_k") or None

@@ -20,6 +20,7 @@ from typing import Any
 
 from prefect import get_run_logger, task
 from prefect.artifacts import create_table_artifact
+from prefect.concurrency.sync import concurrency
 
 from llmcore import completions, corpus, evaluate, finetune, sft_data, tokenizer, train
 from llmcore.artifacts import MANIFEST, file_digest, is_finished, json_digest, read_json
@@ -30,6 +31,7 @@ from llmcore.sampling import SamplingConfig
 from llmcore.shards import open_split
 from llmcore.tracking import MlflowTracker, NullTracker, Tracker
 from llmcore.train import TrainConfig, result_fields
+from tasks.progress import ProgressTracker
 from tasks.tracking import (
     log_dataset,
     log_generator_model,
@@ -129,6 +131,11 @@ def _manifest(folder: str | Path, stage: str) -> dict:
     return read_json(Path(folder) / MANIFEST)
 
 
+# Training holds the "gpu" global concurrency limit (created by deployments/serve.py with limit 1), so two
+# trainings never share one accelerator; without that limit (ad-hoc runs) it does not wait. A hung
+# training fails after TRAINING_TIMEOUT_S instead of holding the slot forever.
+GPU_SLOT = "gpu"
+TRAINING_TIMEOUT_S = 24 * 3600
 DATA_TASK = dict(persist_result=True, retries=2, retry_delay_seconds=2, retry_condition_fn=retry_unless_bad_input)
 
 
@@ -213,16 +220,17 @@ def log_sft_dataset(run_id: str | None, sft_dir: str | None, context: str) -> No
                 {k: v for k, v in pairs["counts"].items() if isinstance(v, (int, float))})
 
 
-@task(name="pretrain", retries=0)
+@task(name="pretrain", retries=0, timeout_seconds=TRAINING_TIMEOUT_S)
 def pretrain(tokenizer_dir: str, tokens_dir: str, model: GPTConfig, config: TrainConfig, runs_dir: str,
              run_id: str | None = None) -> str:
     """Train (or resume, or reuse) the model for exactly this data, model and recipe; return model.pt."""
     tokens = _manifest(tokens_dir, "tokens")
     out = Path(runs_dir) / "pretrain" / _key(tokens["corpus_digest"], tokens["tokenizer_digest"], asdict(model),
                                              result_fields(config))
-    tracker = tracker_for(run_id, runs_dir)
+    tracker = ProgressTracker(tracker_for(run_id, runs_dir), config.total_steps(model.block_size), "pretrain-progress",
+                              "Pretraining: optimizer steps done")
     log_tokens_dataset(run_id, tokens_dir, "training")
-    with system_metrics(run_id):
+    with concurrency(GPU_SLOT, occupy=1), system_metrics(run_id):
         manifest = train.pretrain(Path(tokenizer_dir), Path(tokens_dir), model, config, out, tracker)
     tracker.log_metrics({f"pretrain/final_{k}": v for k, v in manifest["metrics"].items()})
     tracker.log_artifact(out / MANIFEST, "pretrain")  # the weights are logged once, in the pyfunc model
@@ -243,17 +251,19 @@ def build_sft_data(config: sft_data.SFTDataConfig, corpus_dir: str, runs_dir: st
     return str(out)
 
 
-@task(name="finetune", retries=0)
+@task(name="finetune", retries=0, timeout_seconds=TRAINING_TIMEOUT_S)
 def finetune_model(base_model: str, tokenizer_dir: str, sft_dir: str, config: TrainConfig, runs_dir: str,
                    max_length: int | None = None, run_id: str | None = None) -> str:
     pairs = _manifest(sft_dir, "sft data")
     out = Path(runs_dir) / "finetune" / _key(file_digest(Path(base_model)), pairs["content_digest"],
                                              result_fields(config), max_length)
-    tracker = tracker_for(run_id, runs_dir)
+    tracker = ProgressTracker(tracker_for(run_id, runs_dir), config.max_steps, "finetune-progress",
+                              "Fine-tuning: optimizer steps done")
     tracker.log_metrics({f"sft_data/{k}": v for k, v in pairs["counts"].items() if isinstance(v, (int, float))})
     log_sft_dataset(run_id, sft_dir, "training")
-    with system_metrics(run_id):
-        manifest = finetune.finetune(Path(base_model), Path(tokenizer_dir), Path(sft_dir), config, out, max_length, tracker)
+    with concurrency(GPU_SLOT, occupy=1), system_metrics(run_id):
+        manifest = finetune.finetune(Path(base_model), Path(tokenizer_dir), Path(sft_dir), config, out, max_length,
+                                     tracker)
     tracker.log_metrics({f"finetune/final_{k}": v for k, v in manifest["metrics"].items()})
     tracker.log_artifact(out / MANIFEST, "finetune")  # the weights are logged once, in the pyfunc model
     tracker.log_artifact(Path(sft_dir) / MANIFEST, "sft_data")

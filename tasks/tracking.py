@@ -235,13 +235,12 @@ def _pinned(*packages: str) -> list[str]:
 def log_generator_model(run_id: str, model_file: Path, tokenizer_dir: Path, chat: bool, name: str) -> str:
     """Log a pyfunc model bundling weights, tokenizer and config; return its models:/ URI.
 
-    `mlflow.pyfunc.load_model(uri).predict(pd.DataFrame({"prompt": [...]}))` then generates text in a
-    fresh process with nothing else installed from this project. A model whose weights, tokenizer and
-    kind were logged before in the experiment is not stored again: the run is linked to that one.
+    `mlflow.pyfunc.load_model(uri).predict(["def f(x):", ...])` then generates text in a fresh process
+    with nothing else installed from this project. A model whose weights, tokenizer and kind were logged
+    before in the experiment is not stored again: the run is linked to that one.
     """
     import tempfile
 
-    import pandas as pd
     from mlflow.entities import LoggedModelOutput
     from mlflow.models import infer_signature
 
@@ -259,7 +258,8 @@ def log_generator_model(run_id: str, model_file: Path, tokenizer_dir: Path, chat
         client.set_tag(run_id, f"reused.model.{name}", ready[0].model_id)
         return ready[0].model_uri
 
-    signature = infer_signature(pd.DataFrame({"prompt": ["def add(a, b):"]}), ["    return a + b"],
+    # An unnamed string column: predict takes a list of prompts, or a DataFrame (its "prompt" column).
+    signature = infer_signature(["def add(a, b):"], ["    return a + b"],
                                 params={"max_new_tokens": 128, "temperature": 0.8, "top_k": 0, "top_p": 1.0, "seed": 0})
     with tempfile.TemporaryDirectory() as tmp:
         config = Path(tmp) / "generator.json"

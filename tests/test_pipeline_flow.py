@@ -25,8 +25,8 @@ def pipeline_run(prefect_harness, tmp_path_factory):
     try:
         params = PipelineParams(preset="smoke", experiment="flow-test", max_corpus_bytes=1_500_000, vocab_size=1024,
                                 max_steps=30, finetune_steps=6, batch_size=8, device="cpu", seed=7)
-        summary = pipeline(params)
-        rerun = pipeline(params)  # unchanged inputs: cached stages, finished training reused
+        summary = pipeline(**params.model_dump())
+        rerun = pipeline(**params.model_dump())  # unchanged inputs: cached stages, finished training reused
     finally:
         os.chdir(previous)
     return workdir, summary, rerun
@@ -37,7 +37,7 @@ def test_pipeline_logs_a_parent_run_with_one_child_per_stage(pipeline_run):
     from mlflow import MlflowClient
 
     workdir, summary, _ = pipeline_run
-    assert [row["stage"] for row in summary] == list(STAGES)
+    assert [row["stage"] for row in summary] == [*STAGES, "promote"]
     mlflow.set_tracking_uri(f"sqlite:///{workdir / 'mlruns' / 'mlflow.db'}")
     client = MlflowClient()
     experiment = client.get_experiment_by_name("flow-test")
