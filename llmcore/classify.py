@@ -292,9 +292,9 @@ class SequenceClassifier(nn.Module):
         super().__init__()
         self.trunk = trunk
         self.config: GPTConfig = trunk.config  # fit keys checkpoints on it
-        self.head = nn.Linear(trunk.config.n_embd, num_classes)
-        nn.init.normal_(self.head.weight, mean=0.0, std=0.02)
-        nn.init.zeros_(self.head.bias)
+        self.label_head = nn.Linear(trunk.config.n_embd, num_classes)
+        nn.init.normal_(self.label_head.weight, mean=0.0, std=0.02)
+        nn.init.zeros_(self.label_head.bias)
         weights = torch.ones(num_classes) if class_weights is None else class_weights.float()
         self.register_buffer("class_weights", weights, persistent=False)  # a training choice, not saved
 
@@ -319,7 +319,7 @@ class SequenceClassifier(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         lengths = (idx != PAD).sum(dim=1).clamp(min=1)  # (B,)
         longest = int(lengths.max())  # padding past the longest row is not run at all
-        logits = self.head(self.pool(idx[:, :longest].clamp(min=0), lengths)).float()  # (B, classes)
+        logits = self.label_head(self.pool(idx[:, :longest].clamp(min=0), lengths)).float()  # (B, classes)
         if targets is None:
             return logits, None
         return logits, F.cross_entropy(logits, targets, weight=self.class_weights, reduction=reduction)
@@ -383,7 +383,7 @@ def predict_proba(
         for i in range(0, len(rows), batch_size)
     ]
     model.train(was_training)
-    return torch.cat(out) if out else torch.zeros(0, model.head.out_features)
+    return torch.cat(out) if out else torch.zeros(0, model.label_head.out_features)
 
 
 # ---------------------------------------------------------------- metrics
@@ -501,7 +501,7 @@ def train_classifier(
     weights = _class_weights(train_y.tolist(), num_classes) if config.class_weights else None
     model: nn.Module = SequenceClassifier(trunk, num_classes, weights)
     if adapter.finetune_method == "lora":
-        model = apply_lora(model, adapter, modules_to_save=("head",))
+        model = apply_lora(model, adapter, modules_to_save=("label_head",))
     elif config.freeze_trunk:
         trunk.requires_grad_(False)
     counts = parameter_counts(model)
@@ -533,7 +533,7 @@ def train_classifier(
     if adapter.finetune_method == "lora":
         save_adapter(model, out_dir / "adapter")
         model = merge(model)
-    model = model.to("cpu")
+    save_classifier(out_dir / "model.pt", model.to("cpu"), labels, max_length)
     started = time.perf_counter()
     probabilities = predict_proba(model, val_rows, config.eval_batch_size, resolve_device(train.device))
     predicted = probabilities.argmax(dim=-1).tolist()
@@ -582,7 +582,6 @@ def train_classifier(
         for i, row in enumerate(results["classifier"]["per_class"])
     ]
 
-    save_classifier(out_dir / "model.pt", model, labels, max_length)
     accuracy = metrics["classifier_accuracy"]
     title = f"classifier ({adapter.finetune_method}) on held-out texts: accuracy {accuracy:.3f}"
     atomic_write_bytes(out_dir / "confusion.png", confusion_png(truth, predicted, labels, title))

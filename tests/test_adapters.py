@@ -44,11 +44,16 @@ def test_classifier_head_travels_with_the_adapter_and_survives_the_merge(tmp_pat
     x = torch.randint(0, 64, (2, 9))
     torch.manual_seed(0)
     model = apply_lora(
-        SequenceClassifier(fresh(), 3), AdapterConfig(lora_rank=2), modules_to_save=("head",)
+        SequenceClassifier(fresh(), 3), AdapterConfig(lora_rank=2), modules_to_save=("label_head",)
     ).eval()
+    c, r = TINY, 2
+    shapes = [(c.n_embd, 3 * c.n_embd), (c.n_embd, c.n_embd), (c.n_embd, 2 * c.mlp_hidden), (c.mlp_hidden, c.n_embd)]
+    adapters = c.n_layer * sum(r * (fan_in + fan_out) for fan_in, fan_out in shapes)
+    # the adapters and the label head train; nothing else (the tied lm_head/embedding stays frozen)
+    assert parameter_counts(model)["trainable_params"] == adapters + c.n_embd * 3 + 3
     randomize_adapters(model)
     with torch.no_grad():
-        model.base_model.model.head.modules_to_save["default"].weight.add_(1.0)  # a trained head
+        model.base_model.model.label_head.modules_to_save["default"].weight.add_(1.0)  # a trained head
         expected = model(x)[0]
         merged = merge(model)
         assert type(merged) is SequenceClassifier

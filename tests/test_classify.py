@@ -65,7 +65,7 @@ def test_pooled_vector_ignores_padding():
         changed = model.pool(moved.clamp(min=0), lengths)
     torch.testing.assert_close(pooled[0], alone, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(repadded, pooled, atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(logits[0], model.head(alone), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(logits[0], model.label_head(alone), atol=1e-5, rtol=1e-5)
     assert not torch.allclose(changed[0], pooled[0], atol=1e-3)
 
 
