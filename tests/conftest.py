@@ -8,6 +8,7 @@ import pytest
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW", "ignore")  # llmcore used outside a flow
 os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "llmcore")
+os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")  # slow CI machines
 
 
 @pytest.fixture(scope="session")

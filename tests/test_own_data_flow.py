@@ -48,7 +48,7 @@ def run_pipeline(workdir: Path, **overrides) -> tuple[list[dict], str]:
     try:
         params = PipelineParams(preset="smoke", experiment="own-data", vocab_size=512, max_steps=20, batch_size=8,
                                 finetune_steps=4, device="cpu", seed=3, **overrides)
-        summary = pipeline(params)
+        summary = pipeline(**params.model_dump())
     finally:
         logger.removeHandler(lines)
         os.chdir(previous)
