@@ -208,8 +208,10 @@ def test_pipeline_survives_an_mlflow_outage_mid_training_and_leaks_no_secret(ser
     try:
         _wait_for_line(process, "pretrain step", lines)
         server.kill()
+        down = time.time() * 1000
         time.sleep(5)  # training goes on while the server is down
         server.start()
+        up = time.time() * 1000
         drain = threading.Thread(target=lambda: lines.extend(process.stdout), daemon=True)
         drain.start()
         assert process.wait(timeout=900) == 0, "".join(lines[-80:])
@@ -217,7 +219,6 @@ def test_pipeline_survives_an_mlflow_outage_mid_training_and_leaks_no_secret(ser
     finally:
         if process.poll() is None:
             os.killpg(process.pid, signal.SIGKILL)
-    assert any("MLflow unreachable" in line for line in lines), "the outage missed the training run"
     assert not (root / "outage" / "mlruns" / "fallback").exists()  # everything reached the server after all
 
     mlflow.set_tracking_uri(server.url)
@@ -232,8 +233,9 @@ def test_pipeline_survives_an_mlflow_outage_mid_training_and_leaks_no_secret(ser
     pretrain = children["pretrain"]
     assert pretrain.info.status == "FINISHED"
     total, every = int(pretrain.data.params["pretrain.total_steps"]), int(pretrain.data.params["pretrain.log_interval"])
-    steps = [m.step for m in client.get_metric_history(pretrain.info.run_id, "pretrain/loss")]
-    assert steps == sorted({s for s in range(every, total + 1, every)} | {total})  # the whole curve, outage included
+    history = client.get_metric_history(pretrain.info.run_id, "pretrain/loss")
+    assert [m.step for m in history] == sorted({s for s in range(every, total + 1, every)} | {total})  # whole curve
+    assert any(down <= m.timestamp <= up for m in history), "no step was logged while the server was down"
     assert any(key.startswith("system/") for key in pretrain.data.metrics)
     assert parent.data.tags["corpus"].startswith("stdlib") and parent.data.params["pretrain.max_steps"] == "1500"
     assert not any(v == "None" for r in runs for v in r.data.params.values())
