@@ -43,6 +43,7 @@ def run_pipeline(workdir: Path, **overrides) -> tuple[list[dict], str]:
     from flows.pipeline import PipelineParams, pipeline
 
     previous, logger, lines = os.getcwd(), logging.getLogger("llmcore"), Lines()
+    os.environ.pop("MLFLOW_TRACKING_URI", None)  # set by an earlier run in this process: track to workdir/mlruns
     os.chdir(workdir)
     logger.addHandler(lines)
     try:
