@@ -14,10 +14,11 @@ import pytest
 
 pytestmark = pytest.mark.flow
 
-WORDS = ("the river rose after a long rain and every mill along the valley stopped while farmers moved "
+TEXT = ("the river rose after a long rain and every mill along the valley stopped while farmers moved "
          "their sheep to higher ground where old walls kept the wind from small houses of grey stone "
          "children watched boats drift past bridges that their grandparents had built from oak and iron "
-         "letters arrived late because roads were closed so news travelled by word of mouth at markets").split()
+         "letters arrived late because roads were closed so news travelled by word of mouth at markets")
+WORDS = TEXT.split()
 
 
 def prose(rng: random.Random, sentences: int) -> str:
@@ -43,6 +44,7 @@ def run_pipeline(workdir: Path, **overrides) -> tuple[list[dict], str]:
     from flows.pipeline import PipelineParams, pipeline
 
     previous, logger, lines = os.getcwd(), logging.getLogger("llmcore"), Lines()
+    os.environ.pop("MLFLOW_TRACKING_URI", None)  # set by an earlier run in this process: track to workdir/mlruns
     os.chdir(workdir)
     logger.addHandler(lines)
     try:
@@ -114,8 +116,8 @@ def test_parquet_file_with_user_pairs_fine_tunes(prefect_harness, tmp_path):
     pd.DataFrame({"body": [prose(rng, rng.randint(8, 20)) for _ in range(60)], "n": range(60)}).to_parquet(data)
     pairs = tmp_path / "pairs.jsonl"
     with open(pairs, "w") as f:
-        for i in range(80):
-            f.write(json.dumps({"prompt": f"Describe the valley, part {i}.", "response": prose(rng, 2)}) + "\n")
+        f.writelines(json.dumps({"prompt": f"Describe the valley, part {i}.", "response": prose(rng, 2)}) + "\n"
+                     for i in range(80))
     summary, _ = run_pipeline(tmp_path, corpus=str(data), text_column="body", sft_data=str(pairs))
     by_stage = assert_completed(summary, finetuned=True)
     assert by_stage["corpus"]["value"] == 60
