@@ -76,7 +76,7 @@ def parent_metrics(workdir: Path) -> dict[str, float]:
 
 def assert_completed(summary: list[dict], finetuned: bool) -> dict:
     by_stage = {row["stage"]: row for row in summary}
-    assert list(by_stage) == ["corpus", "tokenizer", "pretrain", "finetune", "evaluate", "sample"]
+    assert list(by_stage) == ["corpus", "tokenizer", "pretrain", "finetune", "evaluate", "sample", "promote"]
     if finetuned:
         assert by_stage["finetune"]["metric"] == "val_loss" and by_stage["finetune"]["value"] > 0
     else:
