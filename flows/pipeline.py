@@ -209,7 +209,8 @@ def _pipeline(**values: Any) -> list[dict[str, Any]]:
         decisions = timed("promote", lambda: register_and_promote(
             candidates, experiment_id(experiment), parent, corpus_dir, params.registry_prefix or experiment,
             params.promotion_metric, preset.evaluation, {"preset": preset.name, "pipeline_run_id": parent}),
-            lambda ds: ("champion", "; ".join(f"{d['model']}: {d['decision']}" for d in ds)))
+            lambda ds: ("champion", "; ".join(f"{d['model']}: {d['decision']}" for d in ds)
+                        or "unchanged (no new model: training reused)"))
         tracker.log_params({"promotion": {d["model"]: d["decision"] for d in decisions}})
     create_table_artifact(summary, key="pipeline-summary", description=f"Pipeline ({preset.name}) stage timings")
     create_markdown_artifact(run_report(preset.name, summary, scores, decisions, parent), key="pipeline-report",
