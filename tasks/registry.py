@@ -5,12 +5,15 @@ when fine-tuning ran) as new versions linked to their run, tags them with their 
 points the alias `challenger` at them. The promotion gate then scores the challenger and the current
 champion on the same held-out bytes of this run's corpus (`llmcore.evaluate.score_text`: bits per byte
 compares models across tokenizers) and moves `champion` only when the challenger is better; the first
-version is promoted. The decision and both figures are written as version tags and returned.
+version is promoted. The decision and both figures are written as version tags and returned. Each
+registered version also gets its Hugging Face export (`llmcore.export`) as `hf_export/` artifacts of its
+run, named in the version tag `hf_export`, so `transformers` can load what the registry holds.
 
 What this module does not do: train, log models (tasks/tracking.py), or load a pyfunc model: a
 champion's weights and tokenizer are downloaded as files and loaded by llmcore (weights only).
 """
 
+import logging
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +28,9 @@ from prefect.artifacts import create_markdown_artifact
 
 from llmcore.errors import ConfigError
 from llmcore.evaluate import EvalConfig, held_out_text, score_text
+from tasks.export import export_hf, log_hf_export
+
+log = logging.getLogger("llmcore.registry")
 
 CHAMPION, CHALLENGER = "champion", "challenger"
 # The gated metrics, each with the direction that is better. Only bits per byte compares models whose
@@ -98,6 +104,21 @@ def register(candidate: Candidate, model_uri: str, name: str, tags: dict[str, st
     return version
 
 
+def export_version(candidate: Candidate, run_id: str, version: ModelVersion) -> str | None:
+    """Log the Hugging Face folder of a registered version to its run (`hf_export/`) and tag the version
+    with its URI. A model the export cannot express (e.g. a unigram tokenizer) gets a notice, not a failure:
+    the pipeline never fails after training over an optional format."""
+    with tempfile.TemporaryDirectory() as tmp:
+        try:
+            hf_dir = export_hf.fn(candidate.model_file, candidate.tokenizer_dir, str(Path(tmp) / "hf"))
+        except ConfigError as error:
+            log.warning("registry: %s v%s has no Hugging Face export: %s", version.name, version.version, error)
+            return None
+        uri = log_hf_export.fn(hf_dir, run_id)
+    MlflowClient().set_model_version_tag(version.name, version.version, "hf_export", uri)
+    return uri
+
+
 def gate(candidate: Candidate, version: ModelVersion, held_out: list[str], metric: str, config: EvalConfig) -> dict[str, Any]:
     """Score challenger and champion on the same held-out text; move `champion` if the challenger wins."""
     client = MlflowClient()
@@ -145,6 +166,7 @@ def register_and_promote(candidates: list[Candidate], experiment_id: str, parent
         if logged is None:
             continue
         version = register(candidate, logged.model_uri, registered_name(prefix, candidate.kind), tags)
+        export_version(candidate, logged.source_run_id, version)
         decisions.append(gate(candidate, version, held_out, metric, config))
     create_markdown_artifact(promotion_markdown(decisions), key="promotion",
                              description="Champion promotion: challenger vs champion on this run's held-out text")

@@ -156,3 +156,19 @@ def test_a_rerun_links_to_the_runs_it_reuses_and_stores_no_new_model(pipeline_ru
     assert reused["pretrain"].data.tags["reused.model.pretrained"] in {m.model_id for m in models}
     inputs = {(i.dataset.name, i.tags[0].value) for i in made["tokenizer"].inputs.dataset_inputs}
     assert inputs == {("corpus", "training"), ("tokens", "output")}
+
+
+def test_registered_versions_carry_their_hugging_face_export(pipeline_run):
+    import mlflow
+    from mlflow import MlflowClient
+
+    workdir, _, _ = pipeline_run
+    mlflow.set_tracking_uri(f"sqlite:///{workdir / 'mlruns' / 'mlflow.db'}")
+    client = MlflowClient()
+    for name in ("flow-test-pretrained", "flow-test-instruct"):
+        version = client.get_model_version_by_alias(name, "champion")
+        assert version.version == "1"  # the first run's models; the rerun registered nothing new
+        uri = version.tags["hf_export"]
+        assert uri == f"runs:/{version.run_id}/hf_export"
+        files = {a.path.rsplit("/", 1)[-1] for a in client.list_artifacts(version.run_id, "hf_export")}
+        assert {"config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"} <= files
