@@ -24,7 +24,7 @@ class GPTGenerator(mlflow.pyfunc.PythonModel):
 
     def predict(self, context, model_input, params=None):
         from llmcore.chat import chat_prompt
-        from llmcore.sampling import SamplingConfig, generate
+        from llmcore.sampling import SamplingConfig, generate_batch
 
         prompts = model_input["prompt"].tolist() if isinstance(model_input, pd.DataFrame) else list(model_input)
         given = {k: v for k, v in (params or {}).items() if k in SamplingConfig.__dataclass_fields__}
@@ -34,11 +34,9 @@ class GPTGenerator(mlflow.pyfunc.PythonModel):
         config = SamplingConfig(**given)
         tokenizer, context = self.tokenizer, self.model.config.block_size
         stop = tokenizer.end_id if self.chat else tokenizer.eot_id
-        completions = []
-        for prompt in map(str, prompts):
-            ids = chat_prompt(tokenizer, prompt, context) if self.chat else tokenizer.encode(prompt)
-            completions.append(tokenizer.decode(generate(self.model, ids, config, stop_id=stop)))
-        return completions
+        ids = [chat_prompt(tokenizer, prompt, context) if self.chat else tokenizer.encode(prompt)
+               for prompt in map(str, prompts)]
+        return [tokenizer.decode(new) for new in generate_batch(self.model, ids, config, stop_id=stop)]
 
 
 mlflow.models.set_model(GPTGenerator())

@@ -92,7 +92,7 @@ def decode_in_chunks(model: GPT, idx: torch.Tensor, chunks: list[int]) -> torch.
     for size in chunks:
         logits.append(model(idx[:, start:start + size], kv_cache=cache)[0])
         start += size
-    assert cache.pos == idx.size(1)
+    assert cache.pos.tolist() == [idx.size(1)] * idx.size(0)
     return torch.cat(logits, dim=1)
 
 
