@@ -10,7 +10,7 @@ TORCH_SPEC ?=
 PRESET ?= smoke
 export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
 
-.PHONY: run test install clean-runs
+.PHONY: run test bench install clean-runs
 
 install: $(VENV)/.installed
 
@@ -26,6 +26,9 @@ run: install
 
 test: install
 	$(PY) -m pytest -q
+
+bench: install
+	$(PY) -m benchmarks $(BENCH_FLAGS)
 
 clean-runs:
 	rm -rf runs

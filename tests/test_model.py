@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from llmcore.errors import ConfigError
-from llmcore.model import GPT, GPTConfig, KVCache, main
+from llmcore.model import GPT, GPTConfig, KVCache, apply_rotary, main
 
 TINY = dict(vocab_size=64, block_size=32, n_layer=2, n_head=4, n_embd=32)
 CONFIGS = {
@@ -174,3 +174,16 @@ def test_cli_prints_size(monkeypatch, capsys):
     with pytest.raises(SystemExit) as exit_info:
         main()
     assert exit_info.value.code == 2 and "pass --n-head" in capsys.readouterr().err
+
+
+def test_rotary_rotates_each_pair_by_its_position_angle():
+    config = CONFIGS["gqa"]
+    model = make_model(config)
+    B, H, T, hd = 2, 3, 5, config.head_dim
+    x = torch.randn(B, H, T, hd, generator=torch.Generator().manual_seed(0))
+    out = apply_rotary(x, model.cos[:T], model.sin[:T])
+    half = hd // 2
+    theta = torch.arange(T)[:, None] * config.rope_theta ** (-torch.arange(half) * 2 / hd)  # (T, hd/2)
+    cos, sin = theta.cos(), theta.sin()
+    x1, x2 = x[..., :half], x[..., half:]
+    torch.testing.assert_close(out, torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1))
