@@ -114,11 +114,19 @@ def main(argv: list[str] | None = None) -> None:
     compile_ = args.compile if args.compile is not None else args.device.startswith("cuda")
     runs = _comparisons(args.quick, args.device, compile_)
     results: list[Result] = []
+    failed: dict[str, str] = {}
     started = time.perf_counter()
     for name in chosen:
         print(f"benchmarks: {name} ...", file=sys.stderr, flush=True)
-        results += runs[name]()
-    print_table(results)
+        try:
+            results += runs[name]()
+        except Exception as error:  # one broken comparison must not lose the others' figures
+            failed[name] = str(error).strip().splitlines()[-1] if str(error).strip() else type(error).__name__
+            print(f"benchmarks: {name} failed: {error}", file=sys.stderr, flush=True)
+    if results:
+        print_table(results)
+    for name, error in failed.items():
+        print(f"- {name}: FAILED ({error})")
     params = {
         "quick": str(args.quick),
         "device": args.device,
@@ -129,8 +137,10 @@ def main(argv: list[str] | None = None) -> None:
         "machine": platform.processor() or platform.machine(),
         "seconds": f"{time.perf_counter() - started:.0f}",
     }
-    if not args.no_mlflow:
+    if not args.no_mlflow and results:
         print(f"\nlogged as MLflow run {log_to_mlflow(results, params)} of experiment 'benchmarks'")
+    if failed:
+        sys.exit(f"benchmarks failed: {', '.join(failed)}")
 
 
 if __name__ == "__main__":

@@ -85,6 +85,8 @@ def _run(command: list[str], scratch: Path) -> None:
             "PREFECT_HOME": f"{tmp}/prefect",
             "PREFECT_RESULTS_LOCAL_STORAGE_PATH": f"{tmp}/prefect-results",
             "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+            # its default 20 s is too short on a loaded machine; the wait is counted as overhead anyway
+            "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "180",
         }
         env.pop("MLFLOW_TRACKING_URI", None)  # the pipeline's own local store, inside tmp
         done = subprocess.run(
