@@ -42,7 +42,7 @@ class Result:
             "ours": round(self.ours, 2),
             "theirs": round(self.theirs, 2),
             "ratio": round(self.ratio, 3),
-            "goal": f">= {self.goal:g}x",
+            "goal": f">= {self.goal:.3g}x",
             "met": "yes" if self.met else f"no ({self.ratio / self.goal:.0%} of goal)",
             "note": self.note,
         }

@@ -2,9 +2,10 @@
 
 All three have the same width, depth, heads, vocabulary, context and batch, and MLP sizes of the same
 parameter count (SwiGLU at 8/3 * n_embd for ours and Llama, GELU at 4 * n_embd for nanoGPT). A step is
-what `llmcore.train.fit` does: forward with the loss, backward, clip the gradient norm, AdamW (decay on
-matrices), zero the gradients; each side computes its loss its own usual way. fp32 on CPU, bf16 autocast
-on CUDA; `torch.compile` for every side when `compile` is set (our loop's default on CUDA).
+what `llmcore.train.fit` does: forward with the loss, backward, clip the gradient norm, fused AdamW
+(decay on matrices), zero the gradients, for every side; each side computes its loss its own usual way.
+fp32 on CPU, bf16 autocast on CUDA; `torch.compile` for every side when `compile` is set (our loop's
+default on CUDA).
 """
 
 from collections.abc import Callable
@@ -41,7 +42,7 @@ def _step(
         [{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}],
         lr=1e-3,
         betas=(0.9, 0.95),
-        fused=device.type == "cuda",
+        fused=True,
     )
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
 

@@ -212,11 +212,14 @@ class GPT(nn.Module):
             nn.init.normal_(module.weight, mean=0.0, std=0.02)
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, *, kv_cache: KVCache | None = None,
-                reduction: str = "mean") -> tuple[torch.Tensor, torch.Tensor | None]:
+                reduction: str = "mean",
+                only: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Logits (B, T, vocab) in float32 and, given targets (B, T; -100 = ignore), the loss.
 
         reduction "mean" averages over the targets that are not ignored; "none" gives the loss per token (B, T).
         With a `kv_cache`, each row of `idx` continues from that row's cache position, advanced past it.
+        `only` (B,), without targets: the logits (B, 1, vocab) of one position per row, e.g. the last of each
+        prompt in a prefill, sparing the output projection of every other position.
         """
         require_choice("reduction", reduction, ("mean", "none"))
         B, T = idx.size()
@@ -240,6 +243,8 @@ class GPT(nn.Module):
             x = block(x, cos, sin, kv_cache, mask)
         if kv_cache is not None:
             kv_cache.pos += T
+        if only is not None:
+            x = x[torch.arange(B, device=x.device), only].unsqueeze(1)  # (B, 1, C)
         logits = self.lm_head(self.norm_f(x)).float()  # (B, T, vocab)
 
         if targets is None:

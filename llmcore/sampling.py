@@ -114,9 +114,9 @@ def _generate_rows(model: GPT, prompts: list[list[int]], config: SamplingConfig,
     idx = torch.zeros(B, max(lengths), dtype=torch.long)  # (B, T): right-padded prompts
     for b, p in enumerate(prompts):
         idx[b, :len(p)] = torch.tensor(p)
-    logits, _ = model(idx.to(device), kv_cache=cache)  # (B, T, vocab): the prefill
     last = torch.tensor(lengths, device=device)
-    logits = logits[torch.arange(B, device=device), last - 1]  # (B, vocab): each row's last real position
+    # the prefill, with logits at each row's last real position only
+    logits = model(idx.to(device), kv_cache=cache, only=last - 1)[0][:, -1]  # (B, vocab)
     cache.pos.copy_(last)  # drop the padding: each row continues right after its own prompt
 
     new: list[list[int]] = [[] for _ in range(B)]

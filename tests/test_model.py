@@ -187,3 +187,12 @@ def test_rotary_rotates_each_pair_by_its_position_angle():
     cos, sin = theta.cos(), theta.sin()
     x1, x2 = x[..., :half], x[..., half:]
     torch.testing.assert_close(out, torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1))
+
+
+def test_logits_of_one_position_per_row_equal_those_of_the_full_forward():
+    model = make_model(CONFIGS["gqa"])
+    idx = random_ids(CONFIGS["gqa"], B=3, T=9)
+    only = torch.tensor([8, 0, 4])
+    logits = model(idx, only=only)[0]
+    assert logits.shape == (3, 1, CONFIGS["gqa"].vocab_size)
+    torch.testing.assert_close(logits[:, 0], model(idx)[0][torch.arange(3), only])
