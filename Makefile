@@ -12,7 +12,7 @@ PREFECT_PORT ?= 4200
 MLFLOW_PORT ?= 5000
 export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
 
-.PHONY: run test install clean-runs serve down
+.PHONY: run test bench install clean-runs serve down
 
 install: $(VENV)/.installed
 
@@ -35,6 +35,10 @@ serve: install
 
 down:
 	$(PY) deployments/serve.py down
+
+# Side-by-side comparisons (printed, logged to the `benchmarks` MLflow experiment); BENCH_FLAGS=--quick for a short run.
+bench: install
+	$(PY) -m benchmarks $(BENCH_FLAGS)
 
 clean-runs:
 	rm -rf runs

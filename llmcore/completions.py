@@ -19,7 +19,7 @@ from llmcore.corpus import read_documents
 from llmcore.device import resolve_device
 from llmcore.errors import ConfigError, require_positive
 from llmcore.chat import chat_prompt
-from llmcore.sampling import SamplingConfig, generate
+from llmcore.sampling import SamplingConfig, generate_batch
 from llmcore.sft_data import read_pairs
 from llmcore.tokenizer import Tokenizer
 
@@ -92,10 +92,11 @@ def complete(model_path: Path, tokenizer_dir: Path, prompts: list[str], sampling
     stop = tokenizer.end_id if chat else tokenizer.eot_id
     rows = []
     for name, config in strategies(sampling).items():
-        for prompt in prompts:
-            ids = chat_prompt(tokenizer, prompt, model.config.block_size) if chat else tokenizer.encode(prompt)
-            completion = tokenizer.decode(generate(model, ids, config, stop_id=stop))
-            rows.append({"strategy": name, "prompt": prompt, "completion": completion})
+        ids = [chat_prompt(tokenizer, prompt, model.config.block_size) if chat else tokenizer.encode(prompt)
+               for prompt in prompts]
+        # one batch per strategy
+        for prompt, new in zip(prompts, generate_batch(model, ids, config, stop_id=stop), strict=True):
+            rows.append({"strategy": name, "prompt": prompt, "completion": tokenizer.decode(new)})
     return rows
 
 

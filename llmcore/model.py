@@ -8,7 +8,8 @@ A decoder-only transformer in the style of Llama / nanochat:
   with optional grouped-query attention (`n_kv_head` < `n_head`);
 - SwiGLU MLP; no biases anywhere; optionally tied input/output embeddings;
 - init: normal(0, 0.02), residual projections scaled by 1/sqrt(2 * n_layer) (GPT-2);
-- a `KVCache` for incremental decoding: positions continue from the cache's position.
+- a `KVCache` for incremental decoding: each row continues from its own position, so prompts of
+  different lengths decode in one batch (right-padded; a row never sees keys past its position).
 
 The code is single-device and runs in whatever dtype it is given. It does NOT compile, autocast, shard or
 wrap the model for DDP/FSDP: the training code owns those. It knows nothing about tokenization.
@@ -76,9 +77,12 @@ class GPTConfig:
 
 
 class KVCache:
-    """Preallocated keys and values of every layer, for decoding one chunk of tokens at a time.
+    """Preallocated keys and values of every layer, for decoding a batch of sequences chunk by chunk.
 
-    `pos` is the number of positions already filled; `GPT.forward` advances it after each call.
+    `pos` (B,) holds each row's number of filled positions; `GPT.forward` writes a chunk at every row's own
+    position and advances all rows past it. A caller may move a row back (to drop the padding of a
+    right-padded prompt, or to hold a finished row still): slots at or past a row's position are hidden
+    from its queries and overwritten as it continues, so rows of different lengths share one batch.
     """
 
     def __init__(self, config: GPTConfig, batch_size: int, max_len: int, device: torch.device | str,
@@ -91,21 +95,36 @@ class KVCache:
         shape = (config.n_layer, batch_size, config.kv_heads, max_len, config.head_dim)
         self.k = torch.zeros(shape, device=device, dtype=dtype)
         self.v = torch.zeros(shape, device=device, dtype=dtype)
-        self.pos = 0
+        self.pos = torch.zeros(batch_size, dtype=torch.long, device=device)
+        self._rows = torch.arange(batch_size, device=device).unsqueeze(1)  # (B, 1)
+        self._slots: torch.Tensor | None = None  # (B, T): where the current chunk goes, set by `begin`
+        self._end = 0  # keys 0.._end are read by the current chunk
+
+    def begin(self, T: int, end: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Start a chunk of T tokens per row, reaching position `end` at most: its positions (B, T) and
+        attention mask (B, 1, T, end)."""
+        self._slots = self.pos.unsqueeze(1) + torch.arange(T, device=self.pos.device)  # (B, T)
+        self._end = end
+        keys = torch.arange(self._end, device=self.pos.device)
+        return self._slots, (keys <= self._slots.unsqueeze(-1)).unsqueeze(1)  # query sees keys up to its own
 
     def append(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Store `layer`'s new keys/values (B, n_kv_head, T, hd) at `pos`; return all of them so far."""
-        end = self.pos + k.size(2)
-        self.k[layer, :, :, self.pos:end] = k
-        self.v[layer, :, :, self.pos:end] = v
-        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+        """Store `layer`'s new keys/values (B, n_kv_head, T, hd) at each row's slots; return keys 0.._end."""
+        self.k[layer][self._rows, :, self._slots] = k.transpose(1, 2)  # (B, T, nkv, hd) into (B, nkv, L, hd)
+        self.v[layer][self._rows, :, self._slots] = v.transpose(1, 2)
+        return self.k[layer, :, :, :self._end], self.v[layer, :, :, :self._end]
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate pairs (x[i], x[i + hd/2]) of x (B, nh, T, hd) by the angles whose cos/sin are (T, hd/2)."""
+    """Rotate pairs (x[i], x[i + hd/2]) of x (B, nh, T, hd) by their position's angles.
+
+    cos is (cos, cos) and sin is (-sin, sin) over the two halves, (T, hd) or per row (B, 1, T, hd): the
+    rotation is then x * cos + (x2, x1) * sin, four tensor ops and their gradients (eight with half-width
+    tables; ~25% less time in the rotation, forward and backward, on CPU).
+    """
     x1, x2 = x.chunk(2, dim=-1)
     # Under autocast the tables are float32 and x is not: the products promote, so cast back for SDPA.
-    return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1).type_as(x)
+    return (x * cos + torch.cat([x2, x1], dim=-1) * sin).type_as(x)
 
 
 class CausalSelfAttention(nn.Module):
@@ -117,7 +136,8 @@ class CausalSelfAttention(nn.Module):
         self.c_attn = nn.Linear(config.n_embd, (self.n_head + 2 * self.n_kv_head) * self.head_dim, bias=False)
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=False)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv_cache: KVCache | None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv_cache: KVCache | None,
+                mask: torch.Tensor | None) -> torch.Tensor:
         B, T, C = x.size()
         q, k, v = self.c_attn(x).split(
             [self.n_head * self.head_dim, self.n_kv_head * self.head_dim, self.n_kv_head * self.head_dim], dim=-1)
@@ -126,17 +146,12 @@ class CausalSelfAttention(nn.Module):
         v = v.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, nkv, T, hd)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
 
-        start = 0 if kv_cache is None else kv_cache.pos
-        if kv_cache is not None:
-            k, v = kv_cache.append(self.layer, k, v)  # (B, nkv, start + T, hd)
-        mask = None
-        if start > 0 and T > 1:
-            # A chunk on top of a filled cache: query i sits at position start + i and sees keys 0..start + i.
-            # (is_causal would align the triangle to the top-left corner, hiding cached keys.)
-            mask = torch.ones(T, start + T, dtype=torch.bool, device=x.device).tril(diagonal=start)
-        # A single new token may see every cached key, so it needs no mask at all.
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=start == 0,
-                                           enable_gqa=self.n_kv_head != self.n_head)  # (B, nh, T, hd)
+        gqa = self.n_kv_head != self.n_head
+        if kv_cache is None:
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)  # (B, nh, T, hd)
+        else:
+            k, v = kv_cache.append(self.layer, k, v)  # (B, nkv, keys, hd)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)  # (B, nh, T, hd)
         return self.c_proj(y.transpose(1, 2).reshape(B, T, C))
 
 
@@ -159,8 +174,9 @@ class Block(nn.Module):
         self.norm_2 = nn.RMSNorm(config.n_embd)
         self.mlp = MLP(config)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv_cache: KVCache | None) -> torch.Tensor:
-        x = x + self.attn(self.norm_1(x), cos, sin, kv_cache)
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv_cache: KVCache | None,
+                mask: torch.Tensor | None) -> torch.Tensor:
+        x = x + self.attn(self.norm_1(x), cos, sin, kv_cache, mask)
         return x + self.mlp(self.norm_2(x))
 
 
@@ -179,8 +195,10 @@ class GPT(nn.Module):
         exponents = torch.arange(0, config.head_dim, 2, dtype=torch.float32) / config.head_dim
         inv_freq = 1.0 / config.rope_theta**exponents  # (hd/2,)
         angles = torch.outer(torch.arange(config.block_size, dtype=torch.float32), inv_freq)  # (block_size, hd/2)
-        self.register_buffer("cos", angles.cos(), persistent=False)
-        self.register_buffer("sin", angles.sin(), persistent=False)
+        # (cos, cos) and (-sin, sin) over the two halves of a head: see apply_rotary
+        cos, sin = angles.cos(), angles.sin()
+        self.register_buffer("cos", torch.cat([cos, cos], dim=-1), persistent=False)  # (block_size, hd)
+        self.register_buffer("sin", torch.cat([-sin, sin], dim=-1), persistent=False)
 
         self.apply(self._init_weights)
         # Each block adds two projections to the residual stream: scale them so its variance stays put.
@@ -194,28 +212,39 @@ class GPT(nn.Module):
             nn.init.normal_(module.weight, mean=0.0, std=0.02)
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, *, kv_cache: KVCache | None = None,
-                reduction: str = "mean") -> tuple[torch.Tensor, torch.Tensor | None]:
+                reduction: str = "mean",
+                only: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Logits (B, T, vocab) in float32 and, given targets (B, T; -100 = ignore), the loss.
 
         reduction "mean" averages over the targets that are not ignored; "none" gives the loss per token (B, T).
-        With a `kv_cache`, `idx` continues the cached sequence and the cache is advanced past it.
+        With a `kv_cache`, each row of `idx` continues from that row's cache position, advanced past it.
+        `only` (B,), without targets: the logits (B, 1, vocab) of one position per row, e.g. the last of each
+        prompt in a prefill, sparing the output projection of every other position.
         """
         require_choice("reduction", reduction, ("mean", "none"))
         B, T = idx.size()
-        start = 0 if kv_cache is None else kv_cache.pos
-        if start + T > self.config.block_size:
-            raise ConfigError(f"context length {start + T} is longer than the model supports (block_size "
-                              f"{self.config.block_size}): shorten the input or pass --block-size >= {start + T}")
-        if kv_cache is not None and (kv_cache.k.size(1) != B or start + T > kv_cache.k.size(3)):
-            raise ConfigError(f"input of batch {B} at positions {start}..{start + T} does not fit a cache of batch "
-                              f"{kv_cache.k.size(1)} and length {kv_cache.k.size(3)}: build a KVCache that fits")
+        end = T if kv_cache is None else int(kv_cache.pos.max()) + T  # the furthest position reached
+        if end > self.config.block_size:
+            raise ConfigError(f"context length {end} is longer than the model supports (block_size "
+                              f"{self.config.block_size}): shorten the input or pass --block-size >= {end}")
+        if kv_cache is not None and (kv_cache.k.size(1) != B or end > kv_cache.k.size(3)):
+            raise ConfigError(f"input of batch {B} reaching position {end} does not fit a cache of batch "
+                              f"{kv_cache.k.size(1)} and length {kv_cache.k.size(3)}: "
+                              "build a KVCache that fits")
 
-        cos, sin = self.cos[start:start + T], self.sin[start:start + T]  # (T, hd/2)
+        mask = None
+        if kv_cache is None:
+            cos, sin = self.cos[:T], self.sin[:T]  # (T, hd)
+        else:
+            positions, mask = kv_cache.begin(T, end)  # (B, T), (B, 1, T, keys)
+            cos, sin = self.cos[positions].unsqueeze(1), self.sin[positions].unsqueeze(1)  # (B, 1, T, hd)
         x = self.wte(idx)  # (B, T, C)
         for block in self.blocks:
-            x = block(x, cos, sin, kv_cache)
+            x = block(x, cos, sin, kv_cache, mask)
         if kv_cache is not None:
             kv_cache.pos += T
+        if only is not None:
+            x = x[torch.arange(B, device=x.device), only].unsqueeze(1)  # (B, 1, C)
         logits = self.lm_head(self.norm_f(x)).float()  # (B, T, vocab)
 
         if targets is None:

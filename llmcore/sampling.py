@@ -1,12 +1,16 @@
-"""Text generation from a GPT with the KV cache: token ids in, token ids out.
+"""Text generation from a GPT with the KV cache: token ids in, token ids out, one prompt or a batch.
 
-The prompt is prefilled into a `KVCache` in one forward pass, then one token is decoded per step, greedily
-or by sampling with temperature, top-k and top-p (nucleus) filtering, from a seeded generator so that the
-same seed gives the same output. It knows nothing about tokenization, checkpoints or chat formats: callers
-encode and decode, and load the model.
+Prompts of different lengths decode together: they are right-padded into one prefill forward pass, each
+row then continues from its own position in the `KVCache` (the padding is hidden and overwritten), one
+token per row per step, greedily or by sampling with temperature, top-k and top-p (nucleus) filtering.
+Each row stops on its own (stop token, max_new_tokens, full context) and holds still until the slowest
+row is done. Every row samples from its own generator seeded with `seed`, so a prompt's completion does
+not depend on which prompts share its batch, and `generate` (one prompt) is a batch of one.
+It knows nothing about tokenization, checkpoints or chat formats: callers encode and decode, and load
+the model.
 
 Usage: a library module without a CLI; a sampling command needs a checkpoint and a tokenizer, which other
-modules load, then call `generate(model, prompt_ids, SamplingConfig(...), stop_id=...)`.
+modules load, then call `generate_batch(model, [prompt_ids, ...], SamplingConfig(...), stop_id=...)`.
 """
 
 import math
@@ -55,43 +59,89 @@ def filter_logits(logits: torch.Tensor, top_k: int | None, top_p: float | None) 
     return logits
 
 
-def _next_token(logits: torch.Tensor, config: SamplingConfig, generator: torch.Generator) -> int:
-    """Pick the next token from the last position's logits (vocab,)."""
+def _next_tokens(logits: torch.Tensor, config: SamplingConfig,
+                 generators: list[torch.Generator]) -> torch.Tensor:
+    """Pick each row's next token (B,) from its last position's logits (B, vocab)."""
     if config.temperature == 0:
-        return int(logits.argmax())
+        return logits.argmax(dim=-1)
     probs = F.softmax(filter_logits(logits / config.temperature, config.top_k, config.top_p), dim=-1)
-    return int(torch.multinomial(probs, 1, generator=generator))
+    return torch.cat([torch.multinomial(row, 1, generator=g)
+                      for row, g in zip(probs, generators, strict=True)])
 
 
-@torch.no_grad()
-def generate(model: GPT, prompt_ids: list[int], config: SamplingConfig, stop_id: int | None = None) -> list[int]:
-    """Continue `prompt_ids`; return only the new tokens, without the stop token.
+@torch.inference_mode()
+def generate_batch(model: GPT, prompts: list[list[int]], config: SamplingConfig, stop_id: int | None = None,
+                   max_batch: int = 32) -> list[list[int]]:
+    """Continue each prompt; return, per prompt, only its new tokens, without the stop token.
 
-    Stops at `stop_id`, after `max_new_tokens`, or when prompt plus output fill the context (block_size).
-    A prompt longer than block_size - 1 keeps its last block_size - 1 tokens, leaving room for one new token.
+    A row stops at `stop_id`, after `max_new_tokens`, or when its prompt plus output fill the context
+    (block_size); a prompt longer than block_size - 1 keeps its last block_size - 1 tokens. Prompts run in
+    batches of at most `max_batch`, similar lengths together (which bounds the cache's memory and padding).
     The model is in eval mode for the call and back in its previous mode afterwards.
     """
-    if not prompt_ids:
-        raise ConfigError("the prompt is empty: pass at least one token id (e.g. the tokenizer's BOS id)")
+    require_positive("max_batch", max_batch)
+    if not all(prompts):
+        raise ConfigError("a prompt is empty: pass at least one token id per prompt "
+                          "(e.g. the tokenizer's BOS id)")
     block_size = model.config.block_size
-    prompt = prompt_ids[-max(block_size - 1, 1):]
-    n_new = min(config.max_new_tokens, block_size - len(prompt))
-    param = next(model.parameters())
-    generator = torch.Generator(device=param.device).manual_seed(config.seed)
-    cache = KVCache(model.config, batch_size=1, max_len=block_size, device=param.device, dtype=param.dtype)
-
+    cropped = [p[-max(block_size - 1, 1):] for p in prompts]
+    order = sorted(range(len(cropped)), key=lambda i: len(cropped[i]))
+    outputs: list[list[int]] = [[] for _ in prompts]
     was_training = model.training
     model.eval()
     try:
-        new: list[int] = []
-        idx = torch.tensor([prompt], dtype=torch.long, device=param.device)  # (1, T): the prefill
-        while len(new) < n_new:
-            logits, _ = model(idx, kv_cache=cache)
-            token = _next_token(logits[0, -1], config, generator)
-            if token == stop_id:
-                break
-            new.append(token)
-            idx = torch.tensor([[token]], dtype=torch.long, device=param.device)  # (1, 1): one step
-        return new
+        for first in range(0, len(order), max_batch):
+            rows = order[first:first + max_batch]
+            done = _generate_rows(model, [cropped[i] for i in rows], config, stop_id)
+            for i, new in zip(rows, done, strict=True):
+                outputs[i] = new
     finally:
         model.train(was_training)
+    return outputs
+
+
+def _generate_rows(model: GPT, prompts: list[list[int]], config: SamplingConfig,
+                   stop_id: int | None) -> list[list[int]]:
+    """Decode one batch of prompts that fit the context (see `generate_batch`)."""
+    block_size, B = model.config.block_size, len(prompts)
+    param = next(model.parameters())
+    device = param.device
+    lengths = [len(p) for p in prompts]
+    budgets = [min(config.max_new_tokens, block_size - n) for n in lengths]
+    generators = [torch.Generator(device=device).manual_seed(config.seed) for _ in range(B)]
+    max_len = max(n + b for n, b in zip(lengths, budgets, strict=True))
+    cache = KVCache(model.config, batch_size=B, max_len=max_len, device=device, dtype=param.dtype)
+    idx = torch.zeros(B, max(lengths), dtype=torch.long)  # (B, T): right-padded prompts
+    for b, p in enumerate(prompts):
+        idx[b, :len(p)] = torch.tensor(p)
+    last = torch.tensor(lengths, device=device)
+    # the prefill, with logits at each row's last real position only
+    logits = model(idx.to(device), kv_cache=cache, only=last - 1)[0][:, -1]  # (B, vocab)
+    cache.pos.copy_(last)  # drop the padding: each row continues right after its own prompt
+
+    new: list[list[int]] = [[] for _ in range(B)]
+    done = [False] * B
+    while True:
+        tokens = _next_tokens(logits, config, generators)  # (B,)
+        for b, token in enumerate(tokens.tolist()):
+            if done[b]:
+                continue
+            if token == stop_id:
+                done[b] = True
+            else:
+                new[b].append(token)
+                done[b] = len(new[b]) == budgets[b]
+        if all(done):
+            return new
+        logits, _ = model(tokens.unsqueeze(1), kv_cache=cache)  # (B, 1, vocab): one step for every row
+        logits = logits[:, -1]
+        # A finished row holds still: its position stays put, so the batch never runs past the context.
+        cache.pos -= torch.tensor(done, dtype=torch.long, device=device)
+
+
+def generate(model: GPT, prompt_ids: list[int], config: SamplingConfig,
+             stop_id: int | None = None) -> list[int]:
+    """Continue one prompt: `generate_batch` with a batch of one."""
+    if not prompt_ids:
+        raise ConfigError("the prompt is empty: pass at least one token id (e.g. the tokenizer's BOS id)")
+    return generate_batch(model, [prompt_ids], config, stop_id)[0]

@@ -159,7 +159,7 @@ def fit(
     no_decay = [p for p in model.parameters() if p.dim() < 2]
     optimizer = torch.optim.AdamW(
         [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=config.learning_rate, betas=(config.beta1, config.beta2), fused=device.type == "cuda",
+        lr=config.learning_rate, betas=(config.beta1, config.beta2), fused=True,  # CPU too: 5x foreach
     )
 
     start_step, history = 0, {}

@@ -24,7 +24,7 @@ class GPTGenerator(mlflow.pyfunc.PythonModel):
 
     def predict(self, context, model_input, params=None):
         from llmcore.chat import chat_prompt
-        from llmcore.sampling import SamplingConfig, generate
+        from llmcore.sampling import SamplingConfig, generate_batch
 
         if isinstance(model_input, pd.DataFrame):  # MLflow turns a list of strings into a one-column frame
             column = "prompt" if "prompt" in model_input.columns else model_input.columns[0]
@@ -38,11 +38,9 @@ class GPTGenerator(mlflow.pyfunc.PythonModel):
         config = SamplingConfig(**given)
         tokenizer, context = self.tokenizer, self.model.config.block_size
         stop = tokenizer.end_id if self.chat else tokenizer.eot_id
-        completions = []
-        for prompt in map(str, prompts):
-            ids = chat_prompt(tokenizer, prompt, context) if self.chat else tokenizer.encode(prompt)
-            completions.append(tokenizer.decode(generate(self.model, ids, config, stop_id=stop)))
-        return completions
+        ids = [chat_prompt(tokenizer, prompt, context) if self.chat else tokenizer.encode(prompt)
+               for prompt in map(str, prompts)]
+        return [tokenizer.decode(new) for new in generate_batch(self.model, ids, config, stop_id=stop)]
 
 
 mlflow.models.set_model(GPTGenerator())

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from llmcore.errors import ConfigError
-from llmcore.model import GPT, GPTConfig, KVCache, main
+from llmcore.model import GPT, GPTConfig, KVCache, apply_rotary, main
 
 TINY = dict(vocab_size=64, block_size=32, n_layer=2, n_head=4, n_embd=32)
 CONFIGS = {
@@ -92,7 +92,7 @@ def decode_in_chunks(model: GPT, idx: torch.Tensor, chunks: list[int]) -> torch.
     for size in chunks:
         logits.append(model(idx[:, start:start + size], kv_cache=cache)[0])
         start += size
-    assert cache.pos == idx.size(1)
+    assert cache.pos.tolist() == [idx.size(1)] * idx.size(0)
     return torch.cat(logits, dim=1)
 
 
@@ -174,3 +174,25 @@ def test_cli_prints_size(monkeypatch, capsys):
     with pytest.raises(SystemExit) as exit_info:
         main()
     assert exit_info.value.code == 2 and "pass --n-head" in capsys.readouterr().err
+
+
+def test_rotary_rotates_each_pair_by_its_position_angle():
+    config = CONFIGS["gqa"]
+    model = make_model(config)
+    B, H, T, hd = 2, 3, 5, config.head_dim
+    x = torch.randn(B, H, T, hd, generator=torch.Generator().manual_seed(0))
+    out = apply_rotary(x, model.cos[:T], model.sin[:T])
+    half = hd // 2
+    theta = torch.arange(T)[:, None] * config.rope_theta ** (-torch.arange(half) * 2 / hd)  # (T, hd/2)
+    cos, sin = theta.cos(), theta.sin()
+    x1, x2 = x[..., :half], x[..., half:]
+    torch.testing.assert_close(out, torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1))
+
+
+def test_logits_of_one_position_per_row_equal_those_of_the_full_forward():
+    model = make_model(CONFIGS["gqa"])
+    idx = random_ids(CONFIGS["gqa"], B=3, T=9)
+    only = torch.tensor([8, 0, 4])
+    logits = model(idx, only=only)[0]
+    assert logits.shape == (3, 1, CONFIGS["gqa"].vocab_size)
+    torch.testing.assert_close(logits[:, 0], model(idx)[0][torch.arange(3), only])

@@ -1,11 +1,12 @@
 import math
+from dataclasses import replace
 
 import pytest
 import torch
 
 from llmcore.errors import ConfigError
-from llmcore.model import GPT, GPTConfig
-from llmcore.sampling import SamplingConfig, filter_logits, generate
+from llmcore.model import GPT, GPTConfig, KVCache
+from llmcore.sampling import SamplingConfig, filter_logits, generate, generate_batch
 
 CONFIG = GPTConfig(vocab_size=64, block_size=32, n_layer=2, n_head=4, n_kv_head=2, n_embd=32)
 GREEDY = SamplingConfig(max_new_tokens=6, temperature=0.0)
@@ -132,3 +133,75 @@ def test_tiny_model_overfit_on_one_sequence_generates_it():
         optimizer.step()
     assert loss.item() < 0.05
     assert generate(model, sequence[:1], SamplingConfig(max_new_tokens=15, temperature=0.0)) == sequence[1:]
+
+
+
+PROMPTS = [[5, 9, 13, 2], [1], list(range(20, 31)), [7, 7, 7, 8, 1, 2, 3]]  # lengths 4, 1, 11, 7
+
+
+@pytest.fixture(scope="module")
+def untied() -> GPT:
+    """A model whose continuations differ by prompt: at init, a tied model greedily repeats the last token
+    and its next-token distributions are all near uniform."""
+    torch.manual_seed(0)
+    model = GPT(replace(CONFIG, tie_embeddings=False))
+    with torch.no_grad():
+        model.lm_head.weight.mul_(10)
+    return model
+
+
+@pytest.mark.parametrize("max_batch", [32, 2])
+def test_batched_greedy_equals_one_at_a_time(untied, max_batch):
+    config = SamplingConfig(max_new_tokens=12, temperature=0.0)
+    alone = [generate(untied, p, config) for p in PROMPTS]
+    assert all(len(out) == 12 for out in alone) and len({tuple(out) for out in alone}) == len(PROMPTS)
+    assert generate_batch(untied, PROMPTS, config, max_batch=max_batch) == alone
+
+
+def test_batched_sampling_does_not_depend_on_the_batch(untied):
+    config = SamplingConfig(max_new_tokens=10, temperature=1.0, top_k=20, top_p=0.9, seed=5)
+    alone = [generate(untied, p, config) for p in PROMPTS]
+    assert generate_batch(untied, PROMPTS, config) == alone
+    assert generate_batch(untied, PROMPTS[::-1], config) == alone[::-1]
+    assert len({tuple(out) for out in alone}) > 1
+
+
+def test_rows_stop_on_their_own(untied):
+    config = SamplingConfig(max_new_tokens=12, temperature=0.0)
+    free = generate_batch(untied, PROMPTS, config)
+    # a token that row 0 first emits after its first step and some other row never emits: with it as the
+    # stop token, row 0 ends right there while that row runs to max_new_tokens
+    i = next(i for i in range(1, len(free[0])) if free[0][i] not in free[0][:i]
+             and any(free[0][i] not in other for other in free[1:]))
+    stop = free[0][i]
+    stopped = generate_batch(untied, PROMPTS, config, stop_id=stop)
+    for out, whole in zip(stopped, free, strict=True):
+        assert out == (whole[:whole.index(stop)] if stop in whole else whole)
+    assert len(stopped[0]) == i and any(len(out) == config.max_new_tokens for out in stopped)
+
+
+def test_rows_near_the_context_end_stop_there_while_short_rows_run_on(untied):
+    prompts = [list(range(28)), [3, 4], [i % CONFIG.vocab_size for i in range(40)]]
+    config = SamplingConfig(max_new_tokens=20, temperature=0.0)
+    out = generate_batch(untied, prompts, config)
+    assert [len(o) for o in out] == [CONFIG.block_size - 28, 20, 1]
+    assert out == [generate(untied, p, config) for p in prompts]
+
+
+def test_batched_prefill_of_padded_prompts_equals_each_prompt_alone(model):
+    # the KV cache with per-row positions: right padding is hidden from every row's real tokens
+    cache = KVCache(CONFIG, batch_size=2, max_len=CONFIG.block_size, device="cpu", dtype=torch.float32)
+    short, long = [4, 8, 15], [16, 23, 42, 1, 2, 3]
+    batch = torch.tensor([short + [0] * 3, long])
+    logits, _ = model(batch, kv_cache=cache)
+    torch.testing.assert_close(logits[0, :3], model(torch.tensor([short]))[0][0], atol=1e-5, rtol=0)
+    cache.pos.copy_(torch.tensor([3, 6]))
+    step, _ = model(torch.tensor([[9], [9]]), kv_cache=cache)
+    torch.testing.assert_close(step[0, 0], model(torch.tensor([short + [9]]))[0][0, -1], atol=1e-5, rtol=0)
+    torch.testing.assert_close(step[1, 0], model(torch.tensor([long + [9]]))[0][0, -1], atol=1e-5, rtol=0)
+    assert cache.pos.tolist() == [4, 7]
+
+
+def test_empty_prompt_in_a_batch_raises(model):
+    with pytest.raises(ConfigError, match="a prompt is empty"):
+        generate_batch(model, [[1, 2], []], GREEDY)
