@@ -63,6 +63,7 @@ def corpus_manifest(workdir: Path) -> dict:
 
 
 def parent_metrics(workdir: Path) -> dict[str, float]:
+    """The pipeline run's evaluation figures (`evaluate/<key>`), by key."""
     import mlflow
     from mlflow import MlflowClient
 
@@ -71,7 +72,7 @@ def parent_metrics(workdir: Path) -> dict[str, float]:
     experiment = client.get_experiment_by_name("own-data")
     (parent,) = [r for r in client.search_runs([experiment.experiment_id]) if "mlflow.parentRunId" not in r.data.tags]
     assert parent.info.status == "FINISHED"
-    return parent.data.metrics
+    return {k.removeprefix("evaluate/"): v for k, v in parent.data.metrics.items() if k.startswith("evaluate/")}
 
 
 def assert_completed(summary: list[dict], finetuned: bool) -> dict:
