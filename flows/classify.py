@@ -18,7 +18,7 @@ from pathlib import Path
 
 from prefect import flow
 
-from flows.cli import add_flow_arguments, fail, flow_arguments
+from flows.cli import add_debug_flag, add_flow_arguments, flow_arguments, run_command
 from flows.stages import EXPERIMENT, RUNS_DIR, _tags
 from llmcore.adapters import AdapterConfig
 from llmcore.classify import DEFAULT_TRAIN, ClassifyConfig, ClassifyDataConfig, load_texts
@@ -68,13 +68,17 @@ def check_inputs(
 def main(argv: list[str]) -> None:
     parser = argparse.ArgumentParser(prog="python -m flows.classify", description=classify_flow.fn.__doc__)
     add_flow_arguments(parser, classify_flow.fn)
-    try:
-        kwargs = flow_arguments(classify_flow.fn, vars(parser.parse_args(argv)))
+    add_debug_flag(parser)
+    args = vars(parser.parse_args(argv))
+    debug = args.pop("debug")
+
+    def run() -> None:
+        kwargs = flow_arguments(classify_flow.fn, args)
         check_inputs(kwargs["base_model"], kwargs["tokenizer_dir"], kwargs.get("corpus_dir"), kwargs["data"])
         metrics = classify_flow(**kwargs)
-    except ConfigError as error:
-        fail(error)
-    print(json.dumps({k: round(v, 4) for k, v in metrics.items()}, indent=2))
+        print(json.dumps({k: round(v, 4) for k, v in metrics.items()}, indent=2))
+
+    run_command(run, args.get("runs_dir") or RUNS_DIR, debug)
 
 
 if __name__ == "__main__":

@@ -14,7 +14,6 @@ from pathlib import Path
 from prefect import flow
 
 from llmcore.artifacts import file_digest, json_digest
-from llmcore.errors import ConfigError
 from llmcore.export import check_sources
 from llmcore.tokenizer import MODEL_FILE
 from tasks import export
@@ -47,18 +46,22 @@ def export_flow(model: str, tokenizer: str, out: str | None = None, run_id: str 
 
 
 def main(argv: list[str] | None = None) -> None:
-    from flows.cli import add_flow_arguments, fail, flow_arguments
+    from flows.cli import add_debug_flag, add_flow_arguments, flow_arguments, run_command
 
     parser = argparse.ArgumentParser(prog="python -m flows.export", description=export_flow.fn.__doc__)
     add_flow_arguments(parser, export_flow.fn)
-    kwargs = flow_arguments(export_flow.fn, vars(parser.parse_args(argv)))
-    try:
+    add_debug_flag(parser)
+    args = vars(parser.parse_args(argv))
+    debug = args.pop("debug")
+
+    def run() -> None:
+        kwargs = flow_arguments(export_flow.fn, args)
         check_sources(Path(kwargs["model"]), Path(kwargs["tokenizer"]))  # one line, before Prefect starts
         if kwargs.get("run_id"):
             export.require_run(kwargs["run_id"])
         print(export_flow(**kwargs))
-    except ConfigError as error:
-        fail(error)
+
+    run_command(run, RUNS_DIR, debug)
 
 
 if __name__ == "__main__":
