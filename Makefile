@@ -12,7 +12,7 @@ PREFECT_PORT ?= 4200
 MLFLOW_PORT ?= 5000
 export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
 
-.PHONY: run test bench install clean-runs serve down
+.PHONY: run test lint bench install clean-runs serve down
 
 install: $(VENV)/.installed
 
@@ -28,6 +28,11 @@ run: install
 
 test: install
 	$(PY) -m pytest -q
+
+# ruff, configured in pyproject.toml: lint and formatting, checked (CI runs this before the tests).
+lint: install
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
 
 # Prefect server, MLflow server, process pool + worker and every deployment, on 127.0.0.1; Ctrl-C stops them.
 serve: install
