@@ -19,8 +19,18 @@ def split(tokens: int, seed: int = 0) -> TokenSplit:
 
 
 def config(**overrides) -> TrainConfig:
-    base = dict(max_steps=6, batch_size=4, grad_accum_steps=2, learning_rate=1e-2, warmup_steps=2,
-                eval_interval=3, eval_batches=2, checkpoint_interval=3, log_interval=1, device="cpu")
+    base = dict(
+        max_steps=6,
+        batch_size=4,
+        grad_accum_steps=2,
+        learning_rate=1e-2,
+        warmup_steps=2,
+        eval_interval=3,
+        eval_batches=2,
+        checkpoint_interval=3,
+        log_interval=1,
+        device="cpu",
+    )
     return TrainConfig(**{**base, **overrides})
 
 
@@ -151,7 +161,11 @@ def padded_rows(num_rows: int = 8):
 
 def test_accumulation_weights_every_trained_token_equally(tmp_path):
     rows = padded_rows()
-    one, _ = run(tmp_path / "one", config(max_steps=1, batch_size=8, grad_accum_steps=1, grad_clip=0), rows(8))
-    two, _ = run(tmp_path / "two", config(max_steps=1, batch_size=4, grad_accum_steps=2, grad_clip=0), rows(4))
+    one, _ = run(
+        tmp_path / "one", config(max_steps=1, batch_size=8, grad_accum_steps=1, grad_clip=0), rows(8)
+    )
+    two, _ = run(
+        tmp_path / "two", config(max_steps=1, batch_size=4, grad_accum_steps=2, grad_clip=0), rows(4)
+    )
     for (name, a), b in zip(one.state_dict().items(), two.state_dict().values()):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
