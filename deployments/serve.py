@@ -1,6 +1,7 @@
 """Bring up, on 127.0.0.1, everything the deployments need; tear it down again.
 
-    python deployments/serve.py up     # `make serve`: Prefect server, MLflow server, pool, worker, deployments
+    python deployments/serve.py up     # `make serve`: Prefect server, MLflow server, pool, worker,
+                                       # deployments
     python deployments/serve.py down   # `make down`: stop what `up` started (from its pid files)
 
 `up` starts a Prefect server, an MLflow server over `mlruns/` that serves artifacts, creates the process
@@ -244,7 +245,7 @@ def main(argv: list[str] | None = None) -> None:
     except ServeError as error:
         down(state)
         print(f"error: {error}", file=sys.stderr)
-        raise SystemExit(2)
+        raise SystemExit(2) from None
     except (KeyboardInterrupt, SystemExit):
         print("stopped: " + ", ".join(down(state)))
 

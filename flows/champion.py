@@ -43,7 +43,7 @@ def champion_evaluation(
     runs_dir: str = RUNS_DIR,
     experiment: str = EXPERIMENT,
 ) -> dict[str, float]:
-    """Score a registered model (by alias) on today's held-out text of a corpus: loss, perplexity, bits per byte."""
+    """Score a registered model (by alias) on today's held-out text of a corpus: loss, perplexity, bits per byte."""  # noqa: E501 (its first line is the CLI's subcommand help)
     configure_tracking()
     version = version_by_alias(model_name, alias)
     with mlflow_run(
@@ -68,8 +68,8 @@ def champion_evaluation(
             model_name, version.version, f"weekly.{today}.{key}", f"{scores[key]:.6g}"
         )
     create_markdown_artifact(
-        f"# {model_name}@{alias} (v{version.version}) on held-out text, {today}\n\n| metric | value |\n|---|---|\n"
-        + "\n".join(f"| {k} | {v:.4f} |" for k, v in scores.items()),
+        f"# {model_name}@{alias} (v{version.version}) on held-out text, {today}\n\n"
+        f"| metric | value |\n|---|---|\n" + "\n".join(f"| {k} | {v:.4f} |" for k, v in scores.items()),
         key="champion-evaluation",
         description=f"{model_name}@{alias} on today's held-out data",
     )

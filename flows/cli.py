@@ -174,8 +174,8 @@ def explain(error: BaseException, log_file: Path, runs_dir: str) -> tuple[str, i
         if "ephemeral Prefect API server" in str(cause):
             return (
                 f"Prefect's temporary server did not start in time: raise "
-                f"PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS (a loaded machine) or start `prefect server "
-                f"start` and set PREFECT_API_URL {trace}"
+                f"PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS (a loaded machine) or start "
+                f"`prefect server start` and set PREFECT_API_URL {trace}"
             ), 1
         if isinstance(cause, PermissionError):
             return (

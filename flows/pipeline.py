@@ -2,8 +2,9 @@
 
 It opens a parent MLflow run (tagged with the Prefect flow run id) in one experiment per pipeline
 name; each stage flow opens a child run. The Prefect flow runs and MLflow runs are named alike:
-`pipeline-<label>` and `<stage>-<label>`, the label being preset, corpus and a digest of every config. Stages exchange paths and run ids. At the end it prints a
-summary (stage, wall time, key metric) and how to open the MLflow UI.
+`pipeline-<label>` and `<stage>-<label>`, the label being preset, corpus and a digest of every config.
+Stages exchange paths and run ids. At the end it prints a summary (stage, wall time, key metric) and
+how to open the MLflow UI.
 
     python -m flows.pipeline --preset smoke
     python -m flows.pipeline --preset cpu --corpus 'docs/**/*.md' --vocab-size 8192 --device cpu

@@ -1,9 +1,10 @@
 """The generation-sampling stage: completions of held-out prompts under each decoding strategy.
 
 Prompts are drawn deterministically from validation documents (the model never trained on them), and
-for a fine-tuned model from held-out instructions; each is completed greedily and with temperature, top-k and top-p sampling (`llmcore.sampling`, KV cache,
-stop at end-of-text). For Python corpora the share of completions that parse with `ast`, once closed
-at a line boundary, tells whether the model writes code. This module does not log or render tables.
+for a fine-tuned model from held-out instructions; each is completed greedily and with temperature,
+top-k and top-p sampling (`llmcore.sampling`, KV cache, stop at end-of-text). For Python corpora the
+share of completions that parse with `ast`, once closed at a line boundary, tells whether the model
+writes code. This module does not log or render tables.
 
     python -m llmcore.completions --model DIR/model.pt --tokenizer DIR --corpus DIR
 """

@@ -12,7 +12,8 @@ with "." and hidden folders are skipped, symlinked folders are not followed, so 
 (a leading byte-order mark dropped), or UTF-16 when the file starts with a UTF-16 byte-order mark. Files
 with NUL bytes, or with more than 10% other control characters (tab, newlines and form feed aside), are
 binary. Binary, undecodable, unreadable (vanished, permission denied, a link loop) and non-regular files
-(FIFOs, devices) are skipped and counted by reason in the manifest, never fatal. Empty documents and duplicates are dropped and counted.
+(FIFOs, devices) are skipped and counted by reason in the manifest, never fatal. Empty documents and
+duplicates are dropped and counted.
 
 Small corpora still get a validation split: when the hash split holds out less than `min_validation_bytes`
 (at most half the text), the training documents nearest to being held out are held out too, in a fixed
@@ -207,7 +208,8 @@ def first_line(error: BaseException) -> str:
 
 
 def read_table(path: Path) -> pd.DataFrame:
-    """A .jsonl/.csv/.parquet file as a DataFrame with text kept verbatim; UnreadableFileError if it is not one."""
+    """A .jsonl/.csv/.parquet file as a DataFrame with text kept verbatim; UnreadableFileError if it is
+    not one."""
     return _parse_table(read_bytes(Path(path)), Path(path).suffix.lower())
 
 
@@ -246,9 +248,10 @@ def table_columns(frame: pd.DataFrame, columns: dict[str, str], where: str) -> l
         if column not in frame.columns:
             available = ", ".join(map(str, frame.columns))
             raise ConfigError(
-                f"{where} has no column {column!r} (columns: {available}): pass {flag(field)} naming one of them"
+                f"{where} has no column {column!r} (columns: {available}): "
+                f"pass {flag(field)} naming one of them"
             )
-    return list(zip(*([_as_text(v) for v in frame[column]] for column in columns.values())))
+    return list(zip(*([_as_text(v) for v in frame[column]] for column in columns.values()), strict=True))
 
 
 def _as_text(value: object) -> str:
@@ -572,7 +575,8 @@ def ingest(config: CorpusConfig, out_dir: Path) -> dict:
         rule = f"hash, {moved} more held out for min_validation_bytes" if moved else "hash"
     if not train_ids:
         raise ConfigError(
-            f"splitting {len(selected)} documents gives 0 train and {len(validation_ids)} validation documents: "
+            f"splitting {len(selected)} documents gives 0 train and {len(validation_ids)} "
+            f"validation documents: "
             f"add documents or lower --validation-fraction (now {config.validation_fraction})"
         )
 

@@ -74,7 +74,8 @@ def evaluate_model(
 
 
 def held_out_text(corpus_dir: Path, max_bytes: int) -> list[str]:
-    """The corpus's validation documents, in id order, up to about `max_bytes` UTF-8 bytes (the last one cut)."""
+    """The corpus's validation documents, in id order, up to about `max_bytes` UTF-8 bytes (the last one
+    cut)."""
     texts, total = [], 0
     for document in read_documents(corpus_dir, "validation"):
         data = document["text"].encode("utf-8")[: max_bytes - total]

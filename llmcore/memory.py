@@ -111,9 +111,12 @@ def require_fits(
             0, int(batch_size * (free - estimate.states - FIXED) / (estimate.total - estimate.states - FIXED))
         )
         raise ConfigError(
-            f"{stage} needs about {_gib(estimate.total)} on {device} (batch {batch_size} x {sequence_length} tokens: "
-            f"{_gib(estimate.activations + estimate.logits)} activations and logits, {_gib(estimate.states)} weights "
-            f"and optimizer) but {_gib(free)} is free: lower --batch-size (to {fits} or less) or --block-size, "
+            f"{stage} needs about {_gib(estimate.total)} on {device} "
+            f"(batch {batch_size} x {sequence_length} tokens: "
+            f"{_gib(estimate.activations + estimate.logits)} activations and logits, "
+            f"{_gib(estimate.states)} weights "
+            f"and optimizer) but {_gib(free)} is free: lower --batch-size (to {fits} or less) "
+            f"or --block-size, "
             "or raise --grad-accum-steps to keep the tokens per step"
         )
     return estimate

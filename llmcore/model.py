@@ -247,7 +247,8 @@ class GPT(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Logits (B, T, vocab) in float32 and, given targets (B, T; -100 = ignore), the loss.
 
-        reduction "mean" averages over the targets that are not ignored; "none" gives the loss per token (B, T).
+        reduction "mean" averages over the targets that are not ignored; "none" gives the loss per token
+        (B, T).
         With a `kv_cache`, each row of `idx` continues from that row's cache position, advanced past it.
         `only` (B,), without targets: the logits (B, 1, vocab) of one position per row, e.g. the last of each
         prompt in a prefill, sparing the output projection of every other position.
@@ -298,7 +299,8 @@ class GPT(nn.Module):
         return n - self.wte.weight.numel() if exclude_embeddings else n
 
     def flops_per_token(self) -> float:
-        """Training flops (forward + backward) per token at full context: 6N + 12 * L * H * Q * T (PaLM, app. B).
+        """Training flops (forward + backward) per token at full context: 6N + 12 * L * H * Q * T
+        (PaLM, app. B).
 
         N counts the weights used in matmuls: every linear layer including the output projection (tied or
         not), but not the embedding lookup or the norms. The second term is attention's QK^T and AV.
@@ -333,7 +335,8 @@ def main() -> None:
     print(config)
     print(f"head_dim={config.head_dim} n_kv_head={config.kv_heads} mlp_hidden={config.mlp_hidden}")
     print(
-        f"parameters: {model.num_params():,} ({model.num_params(exclude_embeddings=True):,} without embeddings)"
+        f"parameters: {model.num_params():,} "
+        f"({model.num_params(exclude_embeddings=True):,} without embeddings)"
     )
     print(f"flops/token: {model.flops_per_token():.4g}")
 

@@ -49,7 +49,8 @@ class SamplingConfig:
 
 
 def filter_logits(logits: torch.Tensor, top_k: int | None, top_p: float | None) -> torch.Tensor:
-    """Set to -inf every logit (..., vocab) outside the top k, then outside the top-p nucleus of what is left."""
+    """Set to -inf every logit (..., vocab) outside the top k, then outside the top-p nucleus of what is
+    left."""
     if top_k is not None and top_k < logits.size(-1):
         values, indices = torch.topk(logits, top_k, dim=-1)
         # scatter rather than compare with the k-th value, so that ties still leave exactly k tokens

@@ -120,7 +120,8 @@ def _corpus_candidates(corpus_dir: Path | None) -> tuple[list[tuple[str, str, st
     """(split, prompt, response) from the Python documents of a corpus, train first; counts; input digests."""
     if corpus_dir is None or not is_finished(corpus_dir):
         raise ConfigError(
-            f"{corpus_dir} is not a finished corpus (no {MANIFEST}): pass --corpus DIR from python -m llmcore.corpus"
+            f"{corpus_dir} is not a finished corpus (no {MANIFEST}): "
+            f"pass --corpus DIR from python -m llmcore.corpus"
         )
     candidates, parsed, failed = [], 0, 0
     for split in SPLITS:
@@ -144,7 +145,8 @@ def _corpus_candidates(corpus_dir: Path | None) -> tuple[list[tuple[str, str, st
 
 
 def _user_candidates(config: SFTDataConfig) -> tuple[list[tuple[str, str, str]], dict, dict]:
-    """(split, prompt, response) from a user file or HF dataset, split by the pair's hash; counts; input digests."""
+    """(split, prompt, response) from a user file or HF dataset, split by the pair's hash; counts; input
+    digests."""
     columns = {"prompt_column": config.prompt_column, "response_column": config.response_column}
     if config.kind == "hf":
         name = config.source[3:]
@@ -180,7 +182,8 @@ def build_sft_data(config: SFTDataConfig, corpus_dir: Path | None, out_dir: Path
     kept = {split: {} for split in SPLITS}  # split -> pair id -> pair
     seen: set[str] = set()
     empty = too_long = duplicates = 0
-    # Candidates come train first, so a pair found in both splits stays in train only: no leak into validation.
+    # Candidates come train first, so a pair found in both splits stays in train only: no leak into
+    # validation.
     for split, prompt, response in candidates:
         if not prompt.strip() or not response.strip():
             empty += 1

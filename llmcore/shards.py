@@ -26,13 +26,15 @@ ENCODE_HINT = "python -m llmcore.tokenizer encode --corpus DIR --tokenizer DIR -
 
 
 def token_dtype(vocab_size: int) -> np.dtype:
-    """The smallest unsigned dtype that holds every id below `vocab_size`: uint16 up to 65536 ids, else uint32."""
+    """The smallest unsigned dtype that holds every id below `vocab_size`: uint16 up to 65536 ids, else
+    uint32."""
     require_positive("vocab_size", vocab_size)
     return np.dtype(np.uint16) if vocab_size <= 2**16 else np.dtype(np.uint32)
 
 
 class ShardWriter:
-    """Appends token ids to `{split}_{k:06d}.bin` files in `folder`, starting a new file every `shard_tokens` ids.
+    """Appends token ids to `{split}_{k:06d}.bin` files in `folder`, starting a new file every
+    `shard_tokens` ids.
 
     Files are written in place: build the folder inside `atomic_output_dir` so that an interrupted run leaves
     nothing that looks finished. A split with no tokens gets no files (an empty file cannot be memory-mapped).
@@ -54,7 +56,8 @@ class ShardWriter:
         # astype would silently wrap an id that does not fit, corrupting the data without a trace.
         if ids.size and (ids.min() < 0 or ids.max() > np.iinfo(self.dtype).max):
             raise ValueError(
-                f"token ids must lie in [0, {np.iinfo(self.dtype).max}] for {self.dtype}, got {ids.min()}..{ids.max()}"
+                f"token ids must lie in [0, {np.iinfo(self.dtype).max}] for {self.dtype}, "
+                f"got {ids.min()}..{ids.max()}"
             )
         ids = ids.astype(self.dtype, copy=False)
         while ids.size:
@@ -100,7 +103,8 @@ class TokenSplit:
 
 
 def open_split(folder: Path, split: str) -> TokenSplit:
-    """Memory-map the shards of `split` listed in `folder`'s manifest, checking each file's size against it."""
+    """Memory-map the shards of `split` listed in `folder`'s manifest, checking each file's size against
+    it."""
     folder = Path(folder)
     if not is_finished(folder):
         raise ConfigError(
@@ -119,7 +123,8 @@ def open_split(folder: Path, split: str) -> TokenSplit:
         size = entry["tokens"] * dtype.itemsize
         if not path.is_file() or path.stat().st_size != size:
             raise ConfigError(
-                f"shard {path} is missing or not the {size} bytes its manifest says: rerun `{ENCODE_HINT} {folder}`"
+                f"shard {path} is missing or not the {size} bytes its manifest says: "
+                f"rerun `{ENCODE_HINT} {folder}`"
             )
         verify_digest(path, entry.get("sha256"), folder / MANIFEST, f"rerun `{ENCODE_HINT} {folder}`")
         shards.append(np.memmap(path, dtype=dtype, mode="r"))

@@ -102,7 +102,8 @@ class Tokenizer:
         ids = [processor.piece_to_id(symbol) for symbol in CONTROL_SYMBOLS]
         if not all(processor.is_control(i) for i in ids):
             raise ConfigError(
-                "tokenizer model lacks the control symbols of llmcore.tokenizer: retrain it with `python -m llmcore.tokenizer train`"
+                "tokenizer model lacks the control symbols of llmcore.tokenizer: "
+                "retrain it with `python -m llmcore.tokenizer train`"
             )
         self.eot_id, self.user_id, self.assistant_id, self.end_id = ids
         self._space_bytes = [processor.piece_to_id(f"<0x{b:02X}>") for b in _SPACE.encode()]
@@ -120,7 +121,8 @@ class Tokenizer:
         retrain = f"retrain it with `python -m llmcore.tokenizer train --corpus DIR --out {model.parent}`"
         if not model.is_file():
             raise ConfigError(
-                f"no tokenizer model at {model}: run `python -m llmcore.tokenizer train --corpus DIR --out DIR` first"
+                f"no tokenizer model at {model}: "
+                f"run `python -m llmcore.tokenizer train --corpus DIR --out DIR` first"
             )
         if (manifest := model.with_name(MANIFEST)).is_file():
             verify_digest(model, read_json(manifest).get("tokenizer_digest"), manifest, retrain)
@@ -229,7 +231,7 @@ class _DocumentEncoder:
             ids = self.tokenizer.encode_batch(self.pieces)
             parts = [
                 part
-                for piece, end in zip(ids, self.ends)
+                for piece, end in zip(ids, self.ends, strict=True)
                 for part in (
                     (np.array(piece, dtype=self.dtype), eot) if end else (np.array(piece, dtype=self.dtype),)
                 )
@@ -313,7 +315,8 @@ def train_tokenizer(corpus_dir: Path, out_dir: Path, config: TokenizerConfig) ->
     # A corpus smaller than the vocabulary cannot fill it; say so before sentencepiece starts.
     if (seen := _train_bytes_at_least(corpus_dir, config.vocab_size)) < config.vocab_size:
         raise ConfigError(
-            f"corpus {corpus_dir} has {seen} bytes of training text, fewer than vocab_size {config.vocab_size}: "
+            f"corpus {corpus_dir} has {seen} bytes of training text, "
+            f"fewer than vocab_size {config.vocab_size}: "
             f"pass a larger corpus or a smaller --vocab-size"
         )
     seen_by_trainer = {"bytes": 0, "documents": 0}
@@ -352,6 +355,7 @@ def train_tokenizer(corpus_dir: Path, out_dir: Path, config: TokenizerConfig) ->
                 zip(
                     CONTROL_SYMBOLS,
                     (tokenizer.eot_id, tokenizer.user_id, tokenizer.assistant_id, tokenizer.end_id),
+                    strict=True,
                 )
             ),
             "train_seconds": round(train_seconds, 3),
@@ -379,7 +383,8 @@ def encode_corpus(corpus_dir: Path, tokenizer_dir: Path, out_dir: Path, shard_to
     source_digest = corpus_digest(corpus_dir)
     if not is_finished(tokenizer_dir):
         raise ConfigError(
-            f"no finished tokenizer in {tokenizer_dir}: run `python -m llmcore.tokenizer train --corpus {corpus_dir} --out {tokenizer_dir}` first"
+            f"no finished tokenizer in {tokenizer_dir}: "
+            f"run `python -m llmcore.tokenizer train --corpus {corpus_dir} --out {tokenizer_dir}` first"
         )
     tokenizer = Tokenizer.load(tokenizer_dir)
     dtype = token_dtype(tokenizer.vocab_size)

@@ -117,7 +117,8 @@ def run_identity(model: GPTConfig, config: TrainConfig, inputs: dict[str, Any]) 
 
 
 def require_same_run(where: Path, stored: dict[str, Any], expected: dict[str, Any]) -> None:
-    """ConfigError if the checkpoint or finished run in `where` was made with another model, recipe or data."""
+    """ConfigError if the checkpoint or finished run in `where` was made with another model, recipe or
+    data."""
     changed = [
         f"{part}.{key}"
         for part in expected
@@ -234,7 +235,8 @@ def fit(
         if not (math.isfinite(loss_value) and math.isfinite(grad_norm)):
             kept = latest_checkpoint(checkpoint_dir)
             raise TrainingDiverged(
-                f"{stage}: loss became {loss_value} (grad norm {grad_norm}) at step {step}; last good checkpoint: "
+                f"{stage}: loss became {loss_value} (grad norm {grad_norm}) at step {step}; "
+                f"last good checkpoint: "
                 f"{kept or 'none'}: start a new run with a lower --learning-rate or more --warmup-steps"
             )
         optimizer.step()

@@ -204,10 +204,12 @@ def register_and_promote(
     config: EvalConfig,
     tags: dict[str, str],
 ) -> list[dict[str, Any]]:
-    """Register every candidate that was logged, then gate each against its champion. Returns the decisions."""
+    """Register every candidate that was logged, then gate each against its champion. Returns the
+    decisions."""
     if metric not in PROMOTION_METRICS:
         raise ConfigError(
-            f"unknown promotion metric {metric!r}: pass --promotion-metric one of {', '.join(PROMOTION_METRICS)}"
+            f"unknown promotion metric {metric!r}: "
+            f"pass --promotion-metric one of {', '.join(PROMOTION_METRICS)}"
         )
     held_out = held_out_text(Path(corpus_dir), config.max_tokens * HELD_OUT_BYTES_PER_TOKEN)
     decisions = []
@@ -228,13 +230,15 @@ def register_and_promote(
 
 def promotion_markdown(decisions: list[dict[str, Any]]) -> str:
     lines = [
-        "| registered model | challenger | metric | challenger score | champion | champion score | decision |",
+        "| registered model | challenger | metric | challenger score "
+        "| champion | champion score | decision |",
         "|---|---|---|---|---|---|---|",
     ]
     for d in decisions:
         champion = "-" if d["champion"] is None else f"{d['champion']:.4f}"
         lines.append(
             f"| {d['model']} | v{d['version']} | {d['metric']} | {d['challenger']:.4f} | "
-            f"{'v' + str(d['champion_version']) if d['champion_version'] else '-'} | {champion} | {d['decision']} |"
+            f"{'v' + str(d['champion_version']) if d['champion_version'] else '-'} | "
+            f"{champion} | {d['decision']} |"
         )
     return "\n".join(lines)

@@ -411,7 +411,8 @@ def evaluate_models(
     run_id: str | None = None,
 ) -> dict[str, float]:
     """Held-out loss, perplexity and bits per byte of every model, the compressors on the same text, and
-    the response-only loss of every model on held-out instruction pairs (the pretrained one is the baseline)."""
+    the response-only loss of every model on held-out instruction pairs (the pretrained one is the
+    baseline)."""
     metrics: dict[str, float] = {}
     for name, model_file in models.items():
         result = evaluate.evaluate_model(

@@ -32,7 +32,7 @@ def test_prose_prompts_are_document_openings_that_leave_text_to_continue(tmp_pat
         for i in range(4)
     ]
     prompts = held_out_prompts(corpus(tmp_path / "c", notes), PromptConfig(num_prompts=4, prompt_chars=80))
-    for prompt, (_, text) in zip(prompts, notes):
+    for prompt, (_, text) in zip(prompts, notes, strict=False):
         assert text.startswith(prompt) and prompt.strip() == prompt
         assert 0 < len(prompt) <= min(80, len(text) // 2)
         assert text[len(prompt)] in " \n"  # cut between words

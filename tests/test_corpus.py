@@ -328,7 +328,10 @@ def test_small_folder_holds_out_the_documents_nearest_the_cut(tmp_path: Path) ->
     moved = [d["id"] for d in docs["validation"] if not is_validation(d["id"], config.validation_fraction)]
     if moved:
         assert manifest["split"] == f"hash, {len(moved)} more held out for min_validation_bytes"
-        scores = lambda ds: [int(d["id"][-16:], 16) for d in ds]
+
+        def scores(ds):
+            return [int(d["id"][-16:], 16) for d in ds]
+
         assert max(scores([d for d in docs["validation"] if d["id"] in moved])) < min(scores(docs["train"]))
     assert ingest(config, tmp_path / "b")["content_digest"] == manifest["content_digest"]  # deterministic
 

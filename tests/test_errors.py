@@ -227,7 +227,8 @@ for _ in range(2):
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
 peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-print(json.dumps({"measured": peak - base, "estimate": training_bytes(config, B, T, torch.device("cpu")).total}))
+estimate = training_bytes(config, B, T, torch.device("cpu")).total
+print(json.dumps({"measured": peak - base, "estimate": estimate}))
 """
 
 

@@ -190,7 +190,7 @@ def test_temp_folder_of_a_killed_stage_is_removed_on_the_next_run(reference, tmp
         "--out",
         str(out),
     ]
-    for attempt in range(ATTEMPTS):
+    for _attempt in range(ATTEMPTS):
         kill_when(
             cmd, tmp_path / "kill.log", lambda: bool(temps(tmp_path)), "the encoding's temporary folder"
         )

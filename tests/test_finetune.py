@@ -23,7 +23,7 @@ def test_loss_is_on_response_tokens_and_end_only():
 def test_long_pairs_are_cut_keeping_some_response_and_the_end_token():
     ids, labels, cut = encode_pair(FakeTokenizer(), "p" * 100, "r" * 100, max_length=32)
     assert cut and len(ids) == len(labels) == 33
-    assert sum(l != IGNORE for l in labels) >= 15
+    assert sum(label != IGNORE for label in labels) >= 15
     assert ids[-1] == labels[-1] == FakeTokenizer.end_id  # a cut answer still ends: the model learns to stop
 
 
@@ -47,7 +47,7 @@ def test_cut_is_reported_exactly_when_tokens_are_lost(prompt, response, length, 
 def test_ids_and_labels_always_align(length):
     ids, labels, _ = encode_pair(FakeTokenizer(), "abc", "defghijklmnop", max_length=length)
     assert len(ids) == len(labels) <= length + 1
-    assert all(l in (IGNORE, i) for i, l in zip(ids, labels))
+    assert all(label in (IGNORE, i) for i, label in zip(ids, labels, strict=True))
 
 
 def test_batches_shift_targets_and_ignore_padding(tmp_path):

@@ -170,7 +170,10 @@ def test_reduction_none_is_per_token_cross_entropy_and_ignores_minus_100():
 
 
 def test_cli_prints_size(monkeypatch, capsys):
-    argv = "--vocab-size 100 --block-size 16 --n-layer 3 --n-head 4 --n-kv-head 2 --n-embd 64 --no-tie-embeddings"
+    argv = (
+        "--vocab-size 100 --block-size 16 --n-layer 3 --n-head 4 --n-kv-head 2 --n-embd 64 "
+        "--no-tie-embeddings"
+    )
     monkeypatch.setattr(sys, "argv", ["llmcore.model", *argv.split()])
     main()
     config = GPTConfig(

@@ -213,7 +213,8 @@ def test_stage_commands_chain_against_a_server_and_the_model_loads_elsewhere(tmp
         script = (
             "import mlflow, pandas as pd\n"
             f"model = mlflow.pyfunc.load_model({model.model_uri!r})\n"
-            "out = model.predict(pd.DataFrame({'prompt': ['Add two numbers.']}), params={'max_new_tokens': 5})\n"
+            "out = model.predict(pd.DataFrame({'prompt': ['Add two numbers.']}), "
+            "params={'max_new_tokens': 5})\n"
             "assert len(out) == 1 and isinstance(out[0], str), out\n"
             "print('OK')\n"
         )

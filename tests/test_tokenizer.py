@@ -128,7 +128,7 @@ def test_round_trip_is_exact_for_any_text(tok):
         " ▁ ",
     ]
     batch = tok.encode_batch(texts)
-    for text, ids in zip(texts, batch):
+    for text, ids in zip(texts, batch, strict=True):
         assert tok.decode(ids) == text, repr(text)
     assert batch[:50] == [tok.encode(t) for t in texts[:50]]
 
@@ -203,7 +203,8 @@ def test_manifest_records_provenance_and_training_is_deterministic(trained, tmp_
     [
         (
             {"vocab_size": 200},
-            r"vocab_size 200 does not fit the byte fallback \(256 byte tokens \+ 5 specials\): pass --vocab-size >= 261",
+            r"vocab_size 200 does not fit the byte fallback \(256 byte tokens \+ 5 specials\): "
+            r"pass --vocab-size >= 261",
         ),
         ({"vocab_size": 0}, "--vocab-size"),
         ({"model_type": "wordpiece"}, "--model-type"),
@@ -282,7 +283,7 @@ def test_encode_corpus_writes_every_document_then_eot(trained, tok, tmp_path):
         ends = np.flatnonzero(flat == tok.eot_id)
         assert len(ends) == len(docs) and ends[-1] == len(flat) - 1
         starts = np.concatenate([[0], ends[:-1] + 1])
-        assert [tok.decode(flat[a:b].tolist()) for a, b in zip(starts, ends)] == docs
+        assert [tok.decode(flat[a:b].tolist()) for a, b in zip(starts, ends, strict=True)] == docs
     assert len(manifest["splits"]["train"]["files"]) > 1
     assert manifest["corpus_digest"] == "digest-of-corpus"
 
