@@ -1,6 +1,7 @@
 """Bring up, on 127.0.0.1, everything the deployments need; tear it down again.
 
-    python deployments/serve.py up     # `make serve`: Prefect server, MLflow server, pool, worker, deployments
+    python deployments/serve.py up     # `make serve`: Prefect server, MLflow server, pool, worker,
+                                       # deployments
     python deployments/serve.py down   # `make down`: stop what `up` started (from its pid files)
 
 `up` starts a Prefect server, an MLflow server over `mlruns/` that serves artifacts, creates the process
@@ -52,10 +53,16 @@ class Services:
         return f"http://127.0.0.1:{self.mlflow_port}"
 
     def env(self) -> dict[str, str]:
-        return {**os.environ, "PREFECT_API_URL": self.prefect_api, "PREFECT_HOME": str(self.state / "prefect"),
-                "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "MLFLOW_TRACKING_URI": self.mlflow_uri,
-                "LLM_PIPELINE_HOME": str(HOME), "PREFECT_LOGGING_EXTRA_LOGGERS": "llmcore",
-                "PYTHONPATH": os.pathsep.join(p for p in (str(HOME), os.environ.get("PYTHONPATH")) if p)}
+        return {
+            **os.environ,
+            "PREFECT_API_URL": self.prefect_api,
+            "PREFECT_HOME": str(self.state / "prefect"),
+            "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+            "MLFLOW_TRACKING_URI": self.mlflow_uri,
+            "LLM_PIPELINE_HOME": str(HOME),
+            "PREFECT_LOGGING_EXTRA_LOGGERS": "llmcore",
+            "PYTHONPATH": os.pathsep.join(p for p in (str(HOME), os.environ.get("PYTHONPATH")) if p),
+        }
 
     def pid_file(self, name: str) -> Path:
         return self.state / "pids" / f"{name}.pid"
@@ -72,8 +79,9 @@ def start(services: Services, name: str, argv: list[str]) -> subprocess.Popen:
     for folder in ("pids", "logs"):
         (services.state / folder).mkdir(parents=True, exist_ok=True)
     log = open(services.state / "logs" / f"{name}.log", "ab")
-    process = subprocess.Popen(argv, env=services.env(), cwd=HOME, stdout=log, stderr=subprocess.STDOUT,
-                               start_new_session=True)
+    process = subprocess.Popen(
+        argv, env=services.env(), cwd=HOME, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+    )
     services.pid_file(name).write_text(str(process.pid))
     services.started.append(name)
     return process
@@ -116,29 +124,59 @@ def check_crons(path: Path) -> None:
             try:
                 CronSchedule(cron=str(cron), timezone=schedule.get("timezone"))
             except ValidationError:
-                raise ServeError(f"{path}: deployment {deployment.get('name')!r} has an invalid cron {cron!r}: "
-                                 "use five fields, minute hour day-of-month month day-of-week (e.g. '0 2 * * *')") from None
+                raise ServeError(
+                    f"{path}: deployment {deployment.get('name')!r} has an invalid cron {cron!r}: "
+                    "use five fields, minute hour day-of-month month day-of-week (e.g. '0 2 * * *')"
+                ) from None
 
 
 def up(services: Services, prefect_file: Path, wait: bool) -> None:
     check_crons(prefect_file)
     services.mlruns.mkdir(parents=True, exist_ok=True)
-    prefect = start(services, "prefect-server", [bin_path("prefect"), "server", "start", "--host", "127.0.0.1",
-                                                 "--port", str(services.prefect_port)])
-    mlflow = start(services, "mlflow-server", [
-        bin_path("mlflow"), "server", "--host", "127.0.0.1", "--port", str(services.mlflow_port), "--workers", "1",
-        "--backend-store-uri", f"sqlite:///{services.mlruns.resolve() / 'mlflow.db'}",
-        "--artifacts-destination", str(services.mlruns.resolve() / "artifacts"), "--serve-artifacts"])
-    wait_healthy(f"{services.prefect_api}/health", prefect, "Prefect server", services.state / "logs/prefect-server.log")
-    wait_healthy(f"{services.mlflow_uri}/health", mlflow, "MLflow server", services.state / "logs/mlflow-server.log")
+    prefect = start(
+        services,
+        "prefect-server",
+        [bin_path("prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(services.prefect_port)],
+    )
+    mlflow = start(
+        services,
+        "mlflow-server",
+        [
+            bin_path("mlflow"),
+            "server",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(services.mlflow_port),
+            "--workers",
+            "1",
+            "--backend-store-uri",
+            f"sqlite:///{services.mlruns.resolve() / 'mlflow.db'}",
+            "--artifacts-destination",
+            str(services.mlruns.resolve() / "artifacts"),
+            "--serve-artifacts",
+        ],
+    )
+    wait_healthy(
+        f"{services.prefect_api}/health",
+        prefect,
+        "Prefect server",
+        services.state / "logs/prefect-server.log",
+    )
+    wait_healthy(
+        f"{services.mlflow_uri}/health", mlflow, "MLflow server", services.state / "logs/mlflow-server.log"
+    )
     prefect_cli = bin_path("prefect")
     run(services, prefect_cli, "work-pool", "create", POOL, "--type", "process", "--overwrite")
     if GPU_LIMIT not in run(services, prefect_cli, "gcl", "ls"):
         run(services, prefect_cli, "gcl", "create", GPU_LIMIT, "--limit", "1")
     run(services, prefect_cli, "--no-prompt", "deploy", "--all", "--prefect-file", str(prefect_file))
     start(services, "worker", [prefect_cli, "worker", "start", "--pool", POOL, "--type", "process"])
-    print(f"Prefect UI  http://127.0.0.1:{services.prefect_port}\nMLflow UI   {services.mlflow_uri}\n"
-          f"state       {services.state} (logs/, pids/)\nready", flush=True)
+    print(
+        f"Prefect UI  http://127.0.0.1:{services.prefect_port}\nMLflow UI   {services.mlflow_uri}\n"
+        f"state       {services.state} (logs/, pids/)\nready",
+        flush=True,
+    )
     if wait:
         signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
         while True:
@@ -179,19 +217,27 @@ def _alive(pgid: int) -> bool:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="deployments/serve.py", description=__doc__.splitlines()[0])
     parser.add_argument("command", choices=("up", "down"))
-    parser.add_argument("--state", type=Path, default=HOME / ".serve", help="pid files, logs, Prefect's database")
-    parser.add_argument("--mlruns", type=Path, default=HOME / "mlruns", help="the MLflow store the server serves")
+    parser.add_argument(
+        "--state", type=Path, default=HOME / ".serve", help="pid files, logs, Prefect's database"
+    )
+    parser.add_argument(
+        "--mlruns", type=Path, default=HOME / "mlruns", help="the MLflow store the server serves"
+    )
     parser.add_argument("--prefect-port", type=int, default=int(os.environ.get("PREFECT_PORT", "4200")))
     parser.add_argument("--mlflow-port", type=int, default=int(os.environ.get("MLFLOW_PORT", "5000")))
     parser.add_argument("--prefect-file", type=Path, default=PREFECT_FILE)
-    parser.add_argument("--no-wait", action="store_true", help="return once everything is up (then use `down`)")
+    parser.add_argument(
+        "--no-wait", action="store_true", help="return once everything is up (then use `down`)"
+    )
     args = parser.parse_args(argv)
     state = args.state.resolve()
     if args.command == "down":
         print("stopped: " + (", ".join(down(state)) or "nothing was running"))
         return
     if any((state / "pids").glob("*.pid")):
-        print(f"error: services from {state} may still run: `make down` (serve.py down) first", file=sys.stderr)
+        print(
+            f"error: services from {state} may still run: `make down` (serve.py down) first", file=sys.stderr
+        )
         raise SystemExit(2)
     services = Services(state, args.mlruns, args.prefect_port, args.mlflow_port)
     try:
@@ -199,7 +245,7 @@ def main(argv: list[str] | None = None) -> None:
     except ServeError as error:
         down(state)
         print(f"error: {error}", file=sys.stderr)
-        raise SystemExit(2)
+        raise SystemExit(2) from None
     except (KeyboardInterrupt, SystemExit):
         print("stopped: " + ", ".join(down(state)))
 

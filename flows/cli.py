@@ -36,12 +36,23 @@ def add_flow_arguments(parser: argparse.ArgumentParser, fn: Callable) -> None:
         annotation = param.annotation
         if dataclasses.is_dataclass(annotation):
             for field in dataclasses.fields(annotation):
-                required = (param.default is inspect.Parameter.empty and field.default is dataclasses.MISSING
-                            and field.default_factory is dataclasses.MISSING)
-                add_flag(parser, field.name, field.type, getattr(param.default, field.name, field.default),
-                         required=required, dest=f"{name}.{field.name}")
+                required = (
+                    param.default is inspect.Parameter.empty
+                    and field.default is dataclasses.MISSING
+                    and field.default_factory is dataclasses.MISSING
+                )
+                add_flag(
+                    parser,
+                    field.name,
+                    field.type,
+                    getattr(param.default, field.name, field.default),
+                    required=required,
+                    dest=f"{name}.{field.name}",
+                )
         else:
-            add_flag(parser, name, annotation, param.default, required=param.default is inspect.Parameter.empty)
+            add_flag(
+                parser, name, annotation, param.default, required=param.default is inspect.Parameter.empty
+            )
 
 
 def flow_arguments(fn: Callable, values: dict[str, Any]) -> dict[str, Any]:
@@ -50,18 +61,26 @@ def flow_arguments(fn: Callable, values: dict[str, Any]) -> dict[str, Any]:
     for name, param in inspect.signature(fn).parameters.items():
         annotation = param.annotation
         if dataclasses.is_dataclass(annotation):
-            overrides = {f.name: values[f"{name}.{f.name}"] for f in dataclasses.fields(annotation)
-                         if values.get(f"{name}.{f.name}") is not None}
+            overrides = {
+                f.name: values[f"{name}.{f.name}"]
+                for f in dataclasses.fields(annotation)
+                if values.get(f"{name}.{f.name}") is not None
+            }
             base = param.default if param.default is not inspect.Parameter.empty else None
-            kwargs[name] = dataclasses.replace(base, **overrides) if base is not None else annotation(**overrides)
+            kwargs[name] = (
+                dataclasses.replace(base, **overrides) if base is not None else annotation(**overrides)
+            )
         elif values.get(name) is not None:
             kwargs[name] = values[name]
     return kwargs
 
 
 def add_debug_flag(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--debug", action="store_true",
-                        help="show Prefect's logs of failures and the full traceback on the terminal")
+    parser.add_argument(
+        "--debug",
+        action="store_true",
+        help="show Prefect's logs of failures and the full traceback on the terminal",
+    )
 
 
 class _Console(logging.Filter):
@@ -80,8 +99,9 @@ class _Console(logging.Filter):
         if self.debug:
             return True
         prefect_failure = record.name.startswith("prefect") and (
-            record.levelno >= logging.ERROR or record.getMessage().startswith(("Finished in state Failed",
-                                                                                "Finished in state Crashed")))
+            record.levelno >= logging.ERROR
+            or record.getMessage().startswith(("Finished in state Failed", "Finished in state Crashed"))
+        )
         return not (record.exc_info or prefect_failure)
 
 
@@ -117,7 +137,9 @@ def _out_of_memory(error: BaseException) -> bool:
     import torch
 
     return isinstance(error, (MemoryError, torch.OutOfMemoryError)) or (
-        isinstance(error, RuntimeError) and ("can't allocate memory" in str(error) or "out of memory" in str(error)))
+        isinstance(error, RuntimeError)
+        and ("can't allocate memory" in str(error) or "out of memory" in str(error))
+    )
 
 
 def _causes(error: BaseException) -> list[BaseException]:
@@ -140,18 +162,26 @@ def explain(error: BaseException, log_file: Path, runs_dir: str) -> tuple[str, i
         if isinstance(cause, KeyboardInterrupt):
             return "interrupted: rerun the same command to resume from the last checkpoint", 130
         if _out_of_memory(cause):
-            return (f"out of memory ({_first_line(cause)}): lower --batch-size or --block-size, or raise "
-                    f"--grad-accum-steps to keep the tokens per step {trace}"), 1
+            return (
+                f"out of memory ({_first_line(cause)}): lower --batch-size or --block-size, or raise "
+                f"--grad-accum-steps to keep the tokens per step {trace}"
+            ), 1
         if isinstance(cause, OSError) and cause.errno in (errno.ENOSPC, errno.EDQUOT):
-            return (f"disk full writing {cause.filename or runs_dir}: free space there or pass --runs-dir on "
-                    f"another disk {trace}"), 1
+            return (
+                f"disk full writing {cause.filename or runs_dir}: free space there or pass --runs-dir on "
+                f"another disk {trace}"
+            ), 1
         if "ephemeral Prefect API server" in str(cause):
-            return (f"Prefect's temporary server did not start in time: raise "
-                    f"PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS (a loaded machine) or start `prefect server "
-                    f"start` and set PREFECT_API_URL {trace}"), 1
+            return (
+                f"Prefect's temporary server did not start in time: raise "
+                f"PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS (a loaded machine) or start "
+                f"`prefect server start` and set PREFECT_API_URL {trace}"
+            ), 1
         if isinstance(cause, PermissionError):
-            return (f"permission denied on {cause.filename or runs_dir}: give this user access to it or pass "
-                    f"another path {trace}"), 1
+            return (
+                f"permission denied on {cause.filename or runs_dir}: give this user access to it or pass "
+                f"another path {trace}"
+            ), 1
     return f"{type(error).__name__}: {_first_line(error)} {trace}", 1
 
 
@@ -185,12 +215,16 @@ def require_tracking_server(timeout: float = 5.0) -> None:
         return  # it answered (perhaps asking for credentials): the server is up
     except OSError as error:
         reason = getattr(error, "reason", error)
-        raise ConfigError(f"MLflow tracking server {uri} does not answer ({reason}): start it (mlflow server "
-                          "--host 127.0.0.1 --port PORT) or unset MLFLOW_TRACKING_URI to track in ./mlruns") from None
+        raise ConfigError(
+            f"MLflow tracking server {uri} does not answer ({reason}): start it (mlflow server "
+            "--host 127.0.0.1 --port PORT) or unset MLFLOW_TRACKING_URI to track in ./mlruns"
+        ) from None
 
 
 def run_stage_cli(flows: dict[str, Callable], argv: list[str]) -> None:
-    parser = argparse.ArgumentParser(prog="python -m flows.stages", description="Run one pipeline stage as a Prefect flow.")
+    parser = argparse.ArgumentParser(
+        prog="python -m flows.stages", description="Run one pipeline stage as a Prefect flow."
+    )
     sub = parser.add_subparsers(dest="stage", required=True)
     for stage, stage_flow in flows.items():
         stage_parser = sub.add_parser(stage, help=(stage_flow.fn.__doc__ or "").strip().splitlines()[0])

@@ -30,8 +30,13 @@ def default_out_dir(model: str, tokenizer: str, runs_dir: str = RUNS_DIR) -> str
 
 
 @flow(name="hf-export")
-def export_flow(model: str, tokenizer: str, out: str | None = None, run_id: str | None = None,
-                experiment: str = EXPERIMENT) -> dict[str, str]:
+def export_flow(
+    model: str,
+    tokenizer: str,
+    out: str | None = None,
+    run_id: str | None = None,
+    experiment: str = EXPERIMENT,
+) -> dict[str, str]:
     """Export model.pt and its tokenizer for transformers; log the folder to the run as hf_export/."""
     check_sources(Path(model), Path(tokenizer))
     if run_id is not None:

@@ -2,8 +2,9 @@
 
 It opens a parent MLflow run (tagged with the Prefect flow run id) in one experiment per pipeline
 name; each stage flow opens a child run. The Prefect flow runs and MLflow runs are named alike:
-`pipeline-<label>` and `<stage>-<label>`, the label being preset, corpus and a digest of every config. Stages exchange paths and run ids. At the end it prints a
-summary (stage, wall time, key metric) and how to open the MLflow UI.
+`pipeline-<label>` and `<stage>-<label>`, the label being preset, corpus and a digest of every config.
+Stages exchange paths and run ids. At the end it prints a summary (stage, wall time, key metric) and
+how to open the MLflow UI.
 
     python -m flows.pipeline --preset smoke
     python -m flows.pipeline --preset cpu --corpus 'docs/**/*.md' --vocab-size 8192 --device cpu
@@ -44,8 +45,8 @@ from llmcore.errors import ConfigError
 from llmcore.memory import require_fits
 from llmcore.presets import PRESETS, Preset, get_preset, with_vocab_size
 from llmcore.tracking import MlflowTracker
-from tasks.stages import build_sft_data
 from tasks.registry import PROMOTION_METRICS, Candidate, PromotionMetric, register_and_promote
+from tasks.stages import build_sft_data
 from tasks.tracking import configure_tracking, experiment_id, mlflow_run
 
 log = logging.getLogger("llmcore.pipeline")
@@ -70,8 +71,12 @@ class PipelineParams(BaseModel):
     max_corpus_bytes: int | None = Field(None, description="keep at most this many bytes of the corpus")
     hf_config: str | None = Field(None, description="configuration of an hf: corpus")
     hf_split: str | None = Field(None, description="split of an hf: corpus (default: train)")
-    hf_revision: str | None = Field(None, description="pinned revision (commit sha, tag, branch) of an hf: corpus")
-    sft_data: str | None = Field(None, description="fine-tuning pairs: docstrings, a jsonl/csv/parquet file, or hf:NAME")
+    hf_revision: str | None = Field(
+        None, description="pinned revision (commit sha, tag, branch) of an hf: corpus"
+    )
+    sft_data: str | None = Field(
+        None, description="fine-tuning pairs: docstrings, a jsonl/csv/parquet file, or hf:NAME"
+    )
     experiment: str = Field(EXPERIMENT, description="MLflow experiment name")
     runs_dir: str = Field(RUNS_DIR, description="output folder for every stage's artifacts")
     vocab_size: int | None = Field(None, description="tokenizer and model vocabulary")
@@ -81,17 +86,25 @@ class PipelineParams(BaseModel):
     n_embd: int | None = Field(None, description="model width")
     max_steps: int | None = Field(None, description="pretraining optimizer steps")
     max_tokens: int | None = Field(None, description="pretraining token budget (overrides --max-steps)")
-    batch_size: int | None = Field(None, description="sequences per micro-batch (pretraining and fine-tuning)")
+    batch_size: int | None = Field(
+        None, description="sequences per micro-batch (pretraining and fine-tuning)"
+    )
     learning_rate: float | None = Field(None, description="peak pretraining learning rate")
     warmup_steps: int | None = Field(None, description="pretraining steps of linear learning-rate warmup")
     finetune_steps: int | None = Field(None, description="fine-tuning optimizer steps")
     max_length: int | None = Field(None, description="longest fine-tuning sequence (<= block size)")
     device: str | None = Field(None, description="auto, cpu, cuda or cuda:N")
     seed: int | None = Field(None, description="seed for model init, data order and sampling")
-    registry_prefix: str | None = Field(None, description="registered models are PREFIX-pretrained and "
-                                        "PREFIX-instruct (default: the experiment name)")
-    promotion_metric: PromotionMetric = Field("bpb", description="held-out metric that gates the champion alias: "
-                                              + ", ".join(f"{k} ({v} is better)" for k, v in PROMOTION_METRICS.items()))
+    registry_prefix: str | None = Field(
+        None,
+        description="registered models are PREFIX-pretrained and "
+        "PREFIX-instruct (default: the experiment name)",
+    )
+    promotion_metric: PromotionMetric = Field(
+        "bpb",
+        description="held-out metric that gates the champion alias: "
+        + ", ".join(f"{k} ({v} is better)" for k, v in PROMOTION_METRICS.items()),
+    )
 
     def __init__(self, **values: Any):
         try:
@@ -102,25 +115,51 @@ class PipelineParams(BaseModel):
     def build(self) -> Preset:
         """The preset with this run's overrides applied; every config validated on the way."""
         preset = get_preset(self.preset)
-        corpus = replace(preset.corpus, **_set(source=self.corpus, text_column=self.text_column,
-                                                      max_bytes=self.max_corpus_bytes, hf_config=self.hf_config,
-                                                      hf_split=self.hf_split, hf_revision=self.hf_revision))
+        corpus = replace(
+            preset.corpus,
+            **_set(
+                source=self.corpus,
+                text_column=self.text_column,
+                max_bytes=self.max_corpus_bytes,
+                hf_config=self.hf_config,
+                hf_split=self.hf_split,
+                hf_revision=self.hf_revision,
+            ),
+        )
         sft_data = replace(preset.sft_data, **_set(source=self.sft_data))
         if self.vocab_size is not None:
             preset = with_vocab_size(preset, self.vocab_size)
-        model = replace(preset.model, **_set(block_size=self.block_size, n_layer=self.n_layer, n_head=self.n_head,
-                                             n_embd=self.n_embd))
+        model = replace(
+            preset.model,
+            **_set(block_size=self.block_size, n_layer=self.n_layer, n_head=self.n_head, n_embd=self.n_embd),
+        )
         shared = _set(batch_size=self.batch_size, device=self.device, seed=self.seed)
-        pretrain = replace(preset.pretrain, **shared, **_set(max_steps=self.max_steps, max_tokens=self.max_tokens,
-                                                             learning_rate=self.learning_rate,
-                                                             warmup_steps=self.warmup_steps))
+        pretrain = replace(
+            preset.pretrain,
+            **shared,
+            **_set(
+                max_steps=self.max_steps,
+                max_tokens=self.max_tokens,
+                learning_rate=self.learning_rate,
+                warmup_steps=self.warmup_steps,
+            ),
+        )
         finetune = replace(preset.finetune, **shared, **_set(max_steps=self.finetune_steps))
         if self.max_length is not None and not 0 < self.max_length <= model.block_size:
-            raise ConfigError(f"context length {self.max_length} does not fit the model, which supports "
-                              f"1..{model.block_size}: pass --max-length <= {model.block_size} or a larger --block-size")
-        return replace(preset, corpus=corpus, sft_data=sft_data, model=model, pretrain=pretrain, finetune=finetune,
-                       evaluation=replace(preset.evaluation, **_set(device=self.device)),
-                       sampling=replace(preset.sampling, **_set(seed=self.seed)))
+            raise ConfigError(
+                f"context length {self.max_length} does not fit the model, which supports "
+                f"1..{model.block_size}: pass --max-length <= {model.block_size} or a larger --block-size"
+            )
+        return replace(
+            preset,
+            corpus=corpus,
+            sft_data=sft_data,
+            model=model,
+            pretrain=pretrain,
+            finetune=finetune,
+            evaluation=replace(preset.evaluation, **_set(device=self.device)),
+            sampling=replace(preset.sampling, **_set(seed=self.seed)),
+        )
 
 
 def _one_line(error: ValidationError) -> str:
@@ -130,9 +169,13 @@ def _one_line(error: ValidationError) -> str:
     if first["type"] == "extra_forbidden":
         return f"unknown pipeline parameter {name!r}: pass one of {', '.join(PipelineParams.model_fields)}"
     if name == "preset":
-        return f"unknown preset {first['input']!r}: pass --preset (parameter preset) one of {', '.join(PRESETS)}"
-    return (f"pipeline parameter {name} = {first['input']!r}: {first['msg']}: pass --{name.replace('_', '-')} "
-            f"(parameter {name}) with a valid value")
+        return (
+            f"unknown preset {first['input']!r}: pass --preset (parameter preset) one of {', '.join(PRESETS)}"
+        )
+    return (
+        f"pipeline parameter {name} = {first['input']!r}: {first['msg']}: pass --{name.replace('_', '-')} "
+        f"(parameter {name}) with a valid value"
+    )
 
 
 def _set(**values: Any) -> dict[str, Any]:
@@ -143,7 +186,11 @@ def _set(**values: Any) -> dict[str, Any]:
 def run_label(preset: Preset) -> str:
     """`<preset>-<corpus short name>-<digest of all configs>`: tells runs apart in both UIs."""
     source = preset.corpus.source.rstrip("/")
-    corpus = source if preset.corpus.kind == "stdlib" else Path(source.removeprefix("hf:").split("*")[0].rstrip("/")).name
+    corpus = (
+        source
+        if preset.corpus.kind == "stdlib"
+        else Path(source.removeprefix("hf:").split("*")[0].rstrip("/")).name
+    )
     corpus = "".join(c if c.isalnum() or c in "._" else "-" for c in corpus).strip("-")[:24] or "corpus"
     return f"{preset.name}-{corpus}-{json_digest(asdict(preset))[:6]}"
 
@@ -173,48 +220,136 @@ def _pipeline(**values: Any) -> list[dict[str, Any]]:
         return result
 
     label = run_label(preset)
-    with mlflow_run(experiment, f"pipeline-{label}", tags={"preset": preset.name, "stage": "pipeline",
-                                                          "corpus": describe_source(preset.corpus)}) as parent:
+    with mlflow_run(
+        experiment,
+        f"pipeline-{label}",
+        tags={"preset": preset.name, "stage": "pipeline", "corpus": describe_source(preset.corpus)},
+    ) as parent:
         tracker = MlflowTracker(parent, relative_to=Path(runs))
-        tracker.log_params({"preset": preset.name, **{k: asdict(v) for k, v in vars(preset).items()
-                                                      if hasattr(v, "__dataclass_fields__")}})
+        tracker.log_params(
+            {
+                "preset": preset.name,
+                **{k: asdict(v) for k, v in vars(preset).items() if hasattr(v, "__dataclass_fields__")},
+            }
+        )
         common = {"runs_dir": runs, "experiment": experiment, "parent_run_id": parent, "run_label": label}
-        corpus_dir = timed("corpus", lambda: corpus_flow(preset.corpus, **common),
-                           lambda d: ("documents", read_json(Path(d) / MANIFEST)["counts"]["documents"]))
-        skip_finetune = check_derived_inputs(preset, corpus_dir, runs, sft_data_given=params.sft_data is not None)
-        tok = timed("tokenizer", lambda: tokenizer_flow(corpus_dir, preset.tokenizer, **common),
-                    lambda r: ("bytes_per_token", round(read_json(Path(r["tokenizer_dir"]) / MANIFEST)["bytes_per_token"], 3)))
-        pretrained = timed("pretrain", lambda: pretrain_flow(tok["tokenizer_dir"], tok["tokens_dir"], preset.model,
-                                                             preset.pretrain, **common),
-                           lambda m: ("val_bpb", round(read_json(Path(m).parent / MANIFEST)["metrics"]["val_bpb"], 4)))
+        corpus_dir = timed(
+            "corpus",
+            lambda: corpus_flow(preset.corpus, **common),
+            lambda d: ("documents", read_json(Path(d) / MANIFEST)["counts"]["documents"]),
+        )
+        skip_finetune = check_derived_inputs(
+            preset, corpus_dir, runs, sft_data_given=params.sft_data is not None
+        )
+        tok = timed(
+            "tokenizer",
+            lambda: tokenizer_flow(corpus_dir, preset.tokenizer, **common),
+            lambda r: (
+                "bytes_per_token",
+                round(read_json(Path(r["tokenizer_dir"]) / MANIFEST)["bytes_per_token"], 3),
+            ),
+        )
+        pretrained = timed(
+            "pretrain",
+            lambda: pretrain_flow(
+                tok["tokenizer_dir"], tok["tokens_dir"], preset.model, preset.pretrain, **common
+            ),
+            lambda m: ("val_bpb", round(read_json(Path(m).parent / MANIFEST)["metrics"]["val_bpb"], 4)),
+        )
         if skip_finetune:
             tuned = {"model": None, "sft_dir": None}
             summary.append({"stage": "finetune", "seconds": 0.0, "metric": "skipped", "value": skip_finetune})
         else:
-            tuned = timed("finetune", lambda: finetune_flow(pretrained, tok["tokenizer_dir"], corpus_dir, preset.sft_data,
-                                                            preset.finetune, params.max_length, **common),
-                          lambda r: ("val_loss", round(read_json(Path(r["model"]).parent / MANIFEST)["metrics"]["val_loss"], 4)))
+            tuned = timed(
+                "finetune",
+                lambda: finetune_flow(
+                    pretrained,
+                    tok["tokenizer_dir"],
+                    corpus_dir,
+                    preset.sft_data,
+                    preset.finetune,
+                    params.max_length,
+                    **common,
+                ),
+                lambda r: (
+                    "val_loss",
+                    round(read_json(Path(r["model"]).parent / MANIFEST)["metrics"]["val_loss"], 4),
+                ),
+            )
         common.pop("runs_dir")
-        scores = timed("evaluate", lambda: evaluate_flow(pretrained, tuned["model"], tok["tokenizer_dir"], tok["tokens_dir"],
-                                                         tuned["sft_dir"], preset.evaluation, **common),
-                       lambda m: ("pretrained_bpb / xz_bpb", f"{m['pretrained_bpb']:.3f} / {m['xz_bpb']:.3f}"))
-        timed("sample", lambda: sample_flow(pretrained, tok["tokenizer_dir"], corpus_dir, tuned["model"], tuned["sft_dir"],
-                                            preset.prompts, preset.sampling, preset.pretrain.device, **common),
-              _sample_metric)
-        tracker.log_metrics({f"evaluate/{k}": v for k, v in scores.items()})  # headline figures, on the parent too
-        candidates = [Candidate("pretrained", "pretrained", pretrained, tok["tokenizer_dir"], _prefixed(scores, "pretrained"))]
+        scores = timed(
+            "evaluate",
+            lambda: evaluate_flow(
+                pretrained,
+                tuned["model"],
+                tok["tokenizer_dir"],
+                tok["tokens_dir"],
+                tuned["sft_dir"],
+                preset.evaluation,
+                **common,
+            ),
+            lambda m: ("pretrained_bpb / xz_bpb", f"{m['pretrained_bpb']:.3f} / {m['xz_bpb']:.3f}"),
+        )
+        timed(
+            "sample",
+            lambda: sample_flow(
+                pretrained,
+                tok["tokenizer_dir"],
+                corpus_dir,
+                tuned["model"],
+                tuned["sft_dir"],
+                preset.prompts,
+                preset.sampling,
+                preset.pretrain.device,
+                **common,
+            ),
+            _sample_metric,
+        )
+        tracker.log_metrics(
+            {f"evaluate/{k}": v for k, v in scores.items()}
+        )  # headline figures, on the parent too
+        candidates = [
+            Candidate(
+                "pretrained", "pretrained", pretrained, tok["tokenizer_dir"], _prefixed(scores, "pretrained")
+            )
+        ]
         if tuned and tuned.get("model"):  # fine-tuning may have been skipped
-            candidates.append(Candidate("instruct", "finetuned", tuned["model"], tok["tokenizer_dir"],
-                                        _prefixed(scores, "finetuned")))
-        decisions = timed("promote", lambda: register_and_promote(
-            candidates, experiment_id(experiment), parent, corpus_dir, params.registry_prefix or experiment,
-            params.promotion_metric, preset.evaluation, {"preset": preset.name, "pipeline_run_id": parent}),
-            lambda ds: ("champion", "; ".join(f"{d['model']}: {d['decision']}" for d in ds)
-                        or "unchanged (no new model: training reused)"))
+            candidates.append(
+                Candidate(
+                    "instruct",
+                    "finetuned",
+                    tuned["model"],
+                    tok["tokenizer_dir"],
+                    _prefixed(scores, "finetuned"),
+                )
+            )
+        decisions = timed(
+            "promote",
+            lambda: register_and_promote(
+                candidates,
+                experiment_id(experiment),
+                parent,
+                corpus_dir,
+                params.registry_prefix or experiment,
+                params.promotion_metric,
+                preset.evaluation,
+                {"preset": preset.name, "pipeline_run_id": parent},
+            ),
+            lambda ds: (
+                "champion",
+                "; ".join(f"{d['model']}: {d['decision']}" for d in ds)
+                or "unchanged (no new model: training reused)",
+            ),
+        )
         tracker.log_params({"promotion": {d["model"]: d["decision"] for d in decisions}})
-    create_table_artifact(summary, key="pipeline-summary", description=f"Pipeline ({preset.name}) stage timings")
-    create_markdown_artifact(run_report(preset.name, summary, scores, decisions, parent), key="pipeline-report",
-                             description=f"Pipeline ({preset.name}): stages, metrics, promotion, MLflow links")
+    create_table_artifact(
+        summary, key="pipeline-summary", description=f"Pipeline ({preset.name}) stage timings"
+    )
+    create_markdown_artifact(
+        run_report(preset.name, summary, scores, decisions, parent),
+        key="pipeline-report",
+        description=f"Pipeline ({preset.name}): stages, metrics, promotion, MLflow links",
+    )
     return summary
 
 
@@ -228,8 +363,11 @@ def check_derived_inputs(preset: Preset, corpus_dir: str, runs_dir: str, sft_dat
     except ConfigError as error:
         if sft_data_given:
             raise
-        log.warning("pipeline: no instruction pairs derived by default (%s); instruction tuning skipped: pass "
-                    "--sft-data FILE with prompt/response columns to run it", error)
+        log.warning(
+            "pipeline: no instruction pairs derived by default (%s); instruction tuning skipped: pass "
+            "--sft-data FILE with prompt/response columns to run it",
+            error,
+        )
         return f"no {preset.sft_data.source} pairs (pass --sft-data FILE)"
     return None
 
@@ -244,8 +382,13 @@ def _prefixed(scores: dict[str, float], model: str) -> dict[str, float]:
     return {k.removeprefix(f"{model}_"): v for k, v in scores.items() if k.startswith(f"{model}_")}
 
 
-def run_report(preset: str, summary: list[dict[str, Any]], scores: dict[str, float], decisions: list[dict[str, Any]],
-               parent_run_id: str) -> str:
+def run_report(
+    preset: str,
+    summary: list[dict[str, Any]],
+    scores: dict[str, float],
+    decisions: list[dict[str, Any]],
+    parent_run_id: str,
+) -> str:
     """The markdown artifact of one pipeline run: what ran, how long, what it scored, what was promoted."""
     import mlflow
     from mlflow import MlflowClient
@@ -253,9 +396,19 @@ def run_report(preset: str, summary: list[dict[str, Any]], scores: dict[str, flo
     uri = mlflow.get_tracking_uri()
     web = uri.startswith("http")
     run = MlflowClient().get_run(parent_run_id)
-    link = (f"[{run.info.run_name}]({uri}/#/experiments/{run.info.experiment_id}/runs/{parent_run_id})" if web
-            else f"run `{parent_run_id}` in `{uri}`")
-    lines = [f"# Pipeline run ({preset})", "", f"MLflow: {link}", "", "| stage | seconds | key metric |", "|---|---|---|"]
+    link = (
+        f"[{run.info.run_name}]({uri}/#/experiments/{run.info.experiment_id}/runs/{parent_run_id})"
+        if web
+        else f"run `{parent_run_id}` in `{uri}`"
+    )
+    lines = [
+        f"# Pipeline run ({preset})",
+        "",
+        f"MLflow: {link}",
+        "",
+        "| stage | seconds | key metric |",
+        "|---|---|---|",
+    ]
     lines += [f"| {r['stage']} | {r['seconds']} | {r['metric']} = {r['value']} |" for r in summary]
     lines += ["", "| held-out metric | value |", "|---|---|"]
     lines += [f"| {k} | {v:.4f} |" for k, v in sorted(scores.items()) if k.endswith(("bpb", "loss"))]
@@ -263,18 +416,27 @@ def run_report(preset: str, summary: list[dict[str, Any]], scores: dict[str, flo
     for d in decisions:
         model = f"[{d['model']}]({uri}/#/models/{d['model']})" if web else d["model"]
         champion = "none" if d["champion"] is None else f"v{d['champion_version']} {d['champion']:.4f}"
-        lines.append(f"- {model}: {d['metric']} challenger v{d['version']} {d['challenger']:.4f}, "
-                     f"champion {champion} -> **{d['decision']}**")
+        lines.append(
+            f"- {model}: {d['metric']} challenger v{d['version']} {d['challenger']:.4f}, "
+            f"champion {champion} -> **{d['decision']}**"
+        )
     return "\n".join(lines)
 
 
 # The flow takes one top-level keyword parameter per PipelineParams field, with its type, default and
 # description, so Prefect's schema, UI form and deployment overrides see each field on its own.
 _pipeline.__signature__ = inspect.Signature(
-    [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=field.default, annotation=field.annotation)
-     for name, field in PipelineParams.model_fields.items()], return_annotation=list[dict[str, Any]])
+    [
+        inspect.Parameter(
+            name, inspect.Parameter.KEYWORD_ONLY, default=field.default, annotation=field.annotation
+        )
+        for name, field in PipelineParams.model_fields.items()
+    ],
+    return_annotation=list[dict[str, Any]],
+)
 _pipeline.__doc__ += "\n\n    Args:\n" + "".join(
-    f"        {name}: {field.description}\n" for name, field in PipelineParams.model_fields.items())
+    f"        {name}: {field.description}\n" for name, field in PipelineParams.model_fields.items()
+)
 pipeline = flow(name="pipeline", flow_run_name=_pipeline_run_name)(_pipeline)
 
 
@@ -286,10 +448,12 @@ def print_summary(summary: list[dict[str, Any]], experiment: str, tracking_uri: 
     if tracking_uri:
         print(f"\nMLflow experiment {experiment!r} at {tracking_uri}")
         return
-    print(f"\nMLflow experiment {experiment!r}. Open the UI with:\n"
-          "  .venv/bin/mlflow server --backend-store-uri sqlite:///mlruns/mlflow.db "
-          "--serve-artifacts --artifacts-destination mlruns/artifacts --host 127.0.0.1 --port 5000\n"
-          "then browse http://127.0.0.1:5000")
+    print(
+        f"\nMLflow experiment {experiment!r}. Open the UI with:\n"
+        "  .venv/bin/mlflow server --backend-store-uri sqlite:///mlruns/mlflow.db "
+        "--serve-artifacts --artifacts-destination mlruns/artifacts --host 127.0.0.1 --port 5000\n"
+        "then browse http://127.0.0.1:5000"
+    )
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -316,16 +480,22 @@ def check_inputs(preset: Preset) -> None:
     describe_source(preset.corpus)
     corpus_bytes = _corpus_bytes_at_most(preset.corpus)
     if corpus_bytes is not None and corpus_bytes < preset.tokenizer.vocab_size:
-        raise ConfigError(f"corpus {preset.corpus.source} has at most {corpus_bytes} bytes, fewer than vocab_size "
-                          f"{preset.tokenizer.vocab_size}: pass a larger --corpus (or --max-corpus-bytes) or "
-                          f"--vocab-size <= {corpus_bytes}")
+        raise ConfigError(
+            f"corpus {preset.corpus.source} has at most {corpus_bytes} bytes, fewer than vocab_size "
+            f"{preset.tokenizer.vocab_size}: pass a larger --corpus (or --max-corpus-bytes) or "
+            f"--vocab-size <= {corpus_bytes}"
+        )
     if preset.sft_data.kind == "file" and not Path(preset.sft_data.source).is_file():
-        raise ConfigError(f"fine-tuning data {preset.sft_data.source} does not exist: pass --sft-data docstrings, "
-                          "a .jsonl/.csv/.parquet file or hf:NAME")
+        raise ConfigError(
+            f"fine-tuning data {preset.sft_data.source} does not exist: pass --sft-data docstrings, "
+            "a .jsonl/.csv/.parquet file or hf:NAME"
+        )
     for device in {preset.pretrain.device, preset.finetune.device, preset.evaluation.device}:
         resolve_device(device)
     for stage, config in (("pretraining", preset.pretrain), ("fine-tuning", preset.finetune)):
-        require_fits(preset.model, config.batch_size, preset.model.block_size, resolve_device(config.device), stage)
+        require_fits(
+            preset.model, config.batch_size, preset.model.block_size, resolve_device(config.device), stage
+        )
     require_tracking_server()
 
 

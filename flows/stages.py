@@ -39,14 +39,22 @@ def _fresh(cached_task, *args) -> str:
     return folder if is_finished(folder) else cached_task.with_options(refresh_cache=True)(*args)
 
 
-FLOW_STAGES = {"corpus-ingestion": "corpus", "tokenizer-training": "tokenizer", "pretraining": "pretrain",
-               "fine-tuning": "finetune", "evaluation": "evaluate", "generation-sampling": "sample"}
+FLOW_STAGES = {
+    "corpus-ingestion": "corpus",
+    "tokenizer-training": "tokenizer",
+    "pretraining": "pretrain",
+    "fine-tuning": "finetune",
+    "evaluation": "evaluate",
+    "generation-sampling": "sample",
+}
 
 
 def stage_run_name() -> str:
     """`<stage>-<run_label>`, or `<stage>-<digest of the parameters>` ad hoc: for Prefect and MLflow alike."""
     params = dict(flow_run.parameters or {})
-    label = params.get("run_label") or json_digest({k: v for k, v in params.items() if k != "parent_run_id"})[:6]
+    label = (
+        params.get("run_label") or json_digest({k: v for k, v in params.items() if k != "parent_run_id"})[:6]
+    )
     return f"{FLOW_STAGES.get(flow_run.flow_name, flow_run.flow_name)}-{label}"
 
 
@@ -55,8 +63,13 @@ def _tags() -> dict[str, str]:
 
 
 @flow(name="corpus-ingestion", flow_run_name=stage_run_name)
-def corpus_flow(config: CorpusConfig = CorpusConfig(), runs_dir: str = RUNS_DIR, experiment: str = EXPERIMENT,
-                parent_run_id: str | None = None, run_label: str | None = None) -> str:
+def corpus_flow(
+    config: CorpusConfig = CorpusConfig(),
+    runs_dir: str = RUNS_DIR,
+    experiment: str = EXPERIMENT,
+    parent_run_id: str | None = None,
+    run_label: str | None = None,
+) -> str:
     """Stage 1: read, decode, deduplicate and split a corpus; returns the corpus folder."""
     with mlflow_run(experiment, stage_run_name(), parent_run_id, _tags()) as run_id:
         corpus_dir = _fresh(stages.ingest_corpus, config, source_digest(config), runs_dir)
@@ -65,9 +78,14 @@ def corpus_flow(config: CorpusConfig = CorpusConfig(), runs_dir: str = RUNS_DIR,
 
 
 @flow(name="tokenizer-training", flow_run_name=stage_run_name)
-def tokenizer_flow(corpus_dir: str, config: TokenizerConfig = TokenizerConfig(), runs_dir: str = RUNS_DIR,
-                   experiment: str = EXPERIMENT, parent_run_id: str | None = None,
-                   run_label: str | None = None) -> dict[str, str]:
+def tokenizer_flow(
+    corpus_dir: str,
+    config: TokenizerConfig = TokenizerConfig(),
+    runs_dir: str = RUNS_DIR,
+    experiment: str = EXPERIMENT,
+    parent_run_id: str | None = None,
+    run_label: str | None = None,
+) -> dict[str, str]:
     """Stage 2: train a sentencepiece tokenizer and encode the corpus into token shards."""
     with mlflow_run(experiment, stage_run_name(), parent_run_id, _tags()) as run_id:
         tokenizer_dir = _fresh(stages.train_tokenizer, corpus_dir, config, runs_dir)
@@ -77,9 +95,16 @@ def tokenizer_flow(corpus_dir: str, config: TokenizerConfig = TokenizerConfig(),
 
 
 @flow(name="pretraining", flow_run_name=stage_run_name)
-def pretrain_flow(tokenizer_dir: str, tokens_dir: str, model: GPTConfig, config: TrainConfig = TrainConfig(),
-                  runs_dir: str = RUNS_DIR, experiment: str = EXPERIMENT, parent_run_id: str | None = None,
-                  run_label: str | None = None) -> str:
+def pretrain_flow(
+    tokenizer_dir: str,
+    tokens_dir: str,
+    model: GPTConfig,
+    config: TrainConfig = TrainConfig(),
+    runs_dir: str = RUNS_DIR,
+    experiment: str = EXPERIMENT,
+    parent_run_id: str | None = None,
+    run_label: str | None = None,
+) -> str:
     """Stage 3: pretrain (or resume) the GPT; logs the model as an MLflow pyfunc; returns model.pt."""
     with mlflow_run(experiment, stage_run_name(), parent_run_id, _tags()) as run_id:
         model_file = stages.pretrain(tokenizer_dir, tokens_dir, model, config, runs_dir, run_id)
@@ -88,22 +113,40 @@ def pretrain_flow(tokenizer_dir: str, tokens_dir: str, model: GPTConfig, config:
 
 
 @flow(name="fine-tuning", flow_run_name=stage_run_name)
-def finetune_flow(base_model: str, tokenizer_dir: str, corpus_dir: str, data: SFTDataConfig = SFTDataConfig(),
-                  config: TrainConfig = TrainConfig(max_steps=100), max_length: int | None = None,
-                  runs_dir: str = RUNS_DIR, experiment: str = EXPERIMENT, parent_run_id: str | None = None,
-                  run_label: str | None = None) -> dict[str, str]:
+def finetune_flow(
+    base_model: str,
+    tokenizer_dir: str,
+    corpus_dir: str,
+    data: SFTDataConfig = SFTDataConfig(),
+    config: TrainConfig = TrainConfig(max_steps=100),
+    max_length: int | None = None,
+    runs_dir: str = RUNS_DIR,
+    experiment: str = EXPERIMENT,
+    parent_run_id: str | None = None,
+    run_label: str | None = None,
+) -> dict[str, str]:
     """Stage 4: build prompt/response pairs and fine-tune the pretrained model on them."""
     with mlflow_run(experiment, stage_run_name(), parent_run_id, _tags()) as run_id:
         sft_dir = _fresh(stages.build_sft_data, data, corpus_dir, runs_dir)
-        model_file = stages.finetune_model(base_model, tokenizer_dir, sft_dir, config, runs_dir, max_length, run_id)
+        model_file = stages.finetune_model(
+            base_model, tokenizer_dir, sft_dir, config, runs_dir, max_length, run_id
+        )
         stages.log_model(run_id, model_file, tokenizer_dir, chat=True, name="finetuned")
         return {"model": model_file, "sft_dir": sft_dir}
 
 
 @flow(name="evaluation", flow_run_name=stage_run_name)
-def evaluate_flow(pretrained: str, finetuned: str | None, tokenizer_dir: str, tokens_dir: str, sft_dir: str | None,
-                  config: EvalConfig = EvalConfig(), experiment: str = EXPERIMENT,
-                  parent_run_id: str | None = None, run_label: str | None = None) -> dict[str, float]:
+def evaluate_flow(
+    pretrained: str,
+    finetuned: str | None,
+    tokenizer_dir: str,
+    tokens_dir: str,
+    sft_dir: str | None,
+    config: EvalConfig = EvalConfig(),
+    experiment: str = EXPERIMENT,
+    parent_run_id: str | None = None,
+    run_label: str | None = None,
+) -> dict[str, float]:
     """Stage 5: held-out loss, perplexity, bits per byte (vs gzip/bz2/xz) and response-only loss (the
     fine-tuned model and the response loss only where instruction tuning ran)."""
     models = {"pretrained": pretrained} | ({"finetuned": finetuned} if finetuned else {})
@@ -112,17 +155,34 @@ def evaluate_flow(pretrained: str, finetuned: str | None, tokenizer_dir: str, to
 
 
 @flow(name="generation-sampling", flow_run_name=stage_run_name)
-def sample_flow(pretrained: str, tokenizer_dir: str, corpus_dir: str, finetuned: str | None = None,
-                sft_dir: str | None = None, prompts: PromptConfig = PromptConfig(),
-                sampling: SamplingConfig = SamplingConfig(), device: str = "auto", experiment: str = EXPERIMENT,
-                parent_run_id: str | None = None, run_label: str | None = None) -> dict[str, Any]:
+def sample_flow(
+    pretrained: str,
+    tokenizer_dir: str,
+    corpus_dir: str,
+    finetuned: str | None = None,
+    sft_dir: str | None = None,
+    prompts: PromptConfig = PromptConfig(),
+    sampling: SamplingConfig = SamplingConfig(),
+    device: str = "auto",
+    experiment: str = EXPERIMENT,
+    parent_run_id: str | None = None,
+    run_label: str | None = None,
+) -> dict[str, Any]:
     """Stage 6: complete held-out prompts greedily and with temperature, top-k and top-p sampling."""
     with mlflow_run(experiment, stage_run_name(), parent_run_id, _tags()) as run_id:
-        return stages.sample(pretrained, finetuned, tokenizer_dir, corpus_dir, sft_dir, prompts, sampling, device, run_id)
+        return stages.sample(
+            pretrained, finetuned, tokenizer_dir, corpus_dir, sft_dir, prompts, sampling, device, run_id
+        )
 
 
-STAGE_FLOWS = {"corpus": corpus_flow, "tokenizer": tokenizer_flow, "pretrain": pretrain_flow,
-               "finetune": finetune_flow, "evaluate": evaluate_flow, "sample": sample_flow}
+STAGE_FLOWS = {
+    "corpus": corpus_flow,
+    "tokenizer": tokenizer_flow,
+    "pretrain": pretrain_flow,
+    "finetune": finetune_flow,
+    "evaluate": evaluate_flow,
+    "sample": sample_flow,
+}
 
 if __name__ == "__main__":
     from flows.cli import run_stage_cli

@@ -48,8 +48,10 @@ def _temp_name(path: Path, kind: str = "tmp") -> Path:
 
 
 def _disk_full(path: Path, error: OSError) -> ConfigError:
-    return ConfigError(f"disk full: could not write {path} ({os.strerror(error.errno)}): free space on that disk "
-                       "(or raise the file-size limit) or point the output at a larger one, then rerun")
+    return ConfigError(
+        f"disk full: could not write {path} ({os.strerror(error.errno)}): free space on that disk "
+        "(or raise the file-size limit) or point the output at a larger one, then rerun"
+    )
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
@@ -173,8 +175,10 @@ def verify_digest(path: Path, expected: str | None, manifest: Path, fix: str) ->
     if not path.is_file():
         raise ConfigError(f"{path}, listed in {manifest}, is missing: {fix}")
     if expected is not None and file_digest(path) != expected:
-        raise ConfigError(f"{path} does not match the sha256 recorded in {manifest} (changed or corrupted after "
-                          f"it was written): {fix}")
+        raise ConfigError(
+            f"{path} does not match the sha256 recorded in {manifest} (changed or corrupted after "
+            f"it was written): {fix}"
+        )
 
 
 def _holder(lock: Path) -> str:
@@ -202,11 +206,22 @@ def folder_lock(folder: Path, what: str = "") -> Iterator[None]:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            log.warning("%s%s is locked by %s: waiting for it to finish", what and f"{what}: ", folder, _holder(lock))
+            log.warning(
+                "%s%s is locked by %s: waiting for it to finish", what and f"{what}: ", folder, _holder(lock)
+            )
             fcntl.flock(fd, fcntl.LOCK_EX)
         os.ftruncate(fd, 0)
-        os.pwrite(fd, json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
-                                  "since": time.strftime("%Y-%m-%d %H:%M:%S %Z")}).encode(), 0)
+        os.pwrite(
+            fd,
+            json.dumps(
+                {
+                    "pid": os.getpid(),
+                    "host": socket.gethostname(),
+                    "since": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+                }
+            ).encode(),
+            0,
+        )
         remove_stale_temps(folder)  # e.g. a model.pt half-written by a killed holder
         yield
     finally:
@@ -216,6 +231,7 @@ def folder_lock(folder: Path, what: str = "") -> Iterator[None]:
 def locks_folder(parameter: str) -> Callable[[Callable[P, R]], Callable[P, R]]:
     """Decorator: the function runs holding `folder_lock` on its argument named `parameter` (a folder), so
     that two processes never write one training folder at once and the second finds the first's result."""
+
     def decorate(function: Callable[P, R]) -> Callable[P, R]:
         signature = inspect.signature(function)
 
@@ -224,5 +240,7 @@ def locks_folder(parameter: str) -> Callable[[Callable[P, R]], Callable[P, R]]:
             folder = signature.bind(*args, **kwargs).arguments[parameter]
             with folder_lock(Path(folder), function.__name__):
                 return function(*args, **kwargs)
+
         return locked
+
     return decorate

@@ -31,8 +31,13 @@ def majority_class(train_labels: list[int], num_test: int) -> list[int]:
     return [min(label for label, n in counts.items() if n == top)] * num_test
 
 
-def tfidf_logistic_regression(train_texts: list[str], train_labels: list[int], test_texts: list[str],
-                              balanced: bool = False, seed: int = 0) -> list[int]:
+def tfidf_logistic_regression(
+    train_texts: list[str],
+    train_labels: list[int],
+    test_texts: list[str],
+    balanced: bool = False,
+    seed: int = 0,
+) -> list[int]:
     """Predicted labels of a TF-IDF (word 1-2 grams, identifiers and numbers as words, sublinear tf) +
     logistic regression classifier; `balanced` weights classes inversely to their frequency."""
     from sklearn.feature_extraction.text import TfidfVectorizer
@@ -40,8 +45,9 @@ def tfidf_logistic_regression(train_texts: list[str], train_labels: list[int], t
     from sklearn.pipeline import make_pipeline
 
     model = make_pipeline(
-        TfidfVectorizer(token_pattern=r"(?u)\b\w+\b", ngram_range=(1, 2), sublinear_tf=True,
-                        max_features=100_000),
+        TfidfVectorizer(
+            token_pattern=r"(?u)\b\w+\b", ngram_range=(1, 2), sublinear_tf=True, max_features=100_000
+        ),
         LogisticRegression(max_iter=1000, class_weight="balanced" if balanced else None, random_state=seed),
     )
     model.fit(train_texts, train_labels)

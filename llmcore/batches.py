@@ -26,8 +26,14 @@ class Batches:
     """Deterministic batches over `num_rows` rows: a seeded permutation per epoch, so batch i is a pure
     function of (seed, i) and the data position of a run is just its batch index."""
 
-    def __init__(self, num_rows: int, row: Callable[[int], tuple[torch.Tensor, torch.Tensor]], batch_size: int, seed: int,
-                 info: dict[str, float] | None = None):
+    def __init__(
+        self,
+        num_rows: int,
+        row: Callable[[int], tuple[torch.Tensor, torch.Tensor]],
+        batch_size: int,
+        seed: int,
+        info: dict[str, float] | None = None,
+    ):
         self.num_rows, self.row, self.batch_size, self.seed = num_rows, row, batch_size, seed
         self.info = info or {}  # facts about the rows, for logs and metrics
         self._epoch, self._order = -1, None
@@ -48,7 +54,9 @@ class Batches:
         """The first rows in storage order, unshuffled: a fixed validation set."""
         out = []
         for b in range(min(num_batches, math.ceil(self.num_rows / self.batch_size))):
-            rows = [self.row(i) for i in range(b * self.batch_size, min(self.num_rows, (b + 1) * self.batch_size))]
+            rows = [
+                self.row(i) for i in range(b * self.batch_size, min(self.num_rows, (b + 1) * self.batch_size))
+            ]
             out.append((torch.stack([x for x, _ in rows]), torch.stack([y for _, y in rows])))
         return out
 
@@ -72,7 +80,9 @@ def token_windows(split: TokenSplit, block_size: int, batch_size: int, seed: int
     return Batches(ends[-1], row, batch_size, seed)
 
 
-def sft_batches(sft_dir: Path, split: str, tokenizer: Tokenizer, max_length: int, batch_size: int, seed: int) -> Batches:
+def sft_batches(
+    sft_dir: Path, split: str, tokenizer: Tokenizer, max_length: int, batch_size: int, seed: int
+) -> Batches:
     """Padded (input, target) rows of every pair in a split; padding targets are ignored by the loss.
     Rows are held as int32 (half the memory) and widened per row when a batch is read. `info` counts the
     pairs cut to fit (`rows_cut`) and the share of positions that train (`trained_fraction`)."""
@@ -85,5 +95,8 @@ def sft_batches(sft_dir: Path, split: str, tokenizer: Tokenizer, max_length: int
         inputs[row, : len(ids) - 1] = torch.tensor(ids[:-1])
         targets[row, : len(labels) - 1] = torch.tensor(labels[1:])
         cut += was_cut
-    info = {"rows_cut": cut, "trained_fraction": float((targets != IGNORE).float().mean()) if len(pairs) else 0.0}
+    info = {
+        "rows_cut": cut,
+        "trained_fraction": float((targets != IGNORE).float().mean()) if len(pairs) else 0.0,
+    }
     return Batches(len(pairs), lambda i: (inputs[i].long(), targets[i].long()), batch_size, seed, info)

@@ -41,7 +41,9 @@ def checkpoint_path(folder: Path, step: int) -> Path:
     return Path(folder) / f"step_{step:06d}.pt"
 
 
-def save_checkpoint(folder: Path, step: int, state: dict[str, Any], meta: dict[str, Any], keep: int = 2) -> Path:
+def save_checkpoint(
+    folder: Path, step: int, state: dict[str, Any], meta: dict[str, Any], keep: int = 2
+) -> Path:
     """Write `state` (torch.save) and `meta` (JSON, with the sha256 of the `.pt`) for `step`, then delete
     all but the newest `keep`."""
     path = checkpoint_path(folder, step)
@@ -49,7 +51,9 @@ def save_checkpoint(folder: Path, step: int, state: dict[str, Any], meta: dict[s
     torch.save(state, buffer)
     data = buffer.getvalue()
     atomic_write_bytes(path, data)
-    atomic_write_json(path.with_suffix(".json"), {**meta, "step": step, "sha256": hashlib.sha256(data).hexdigest()})
+    atomic_write_json(
+        path.with_suffix(".json"), {**meta, "step": step, "sha256": hashlib.sha256(data).hexdigest()}
+    )
     for old in list_checkpoints(folder)[:-keep]:
         old.unlink(missing_ok=True)
         old.with_suffix(".json").unlink(missing_ok=True)
@@ -75,12 +79,16 @@ def _safe_load(path: Path, map_location: str | torch.device) -> Any:
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError:
-        raise ConfigError(f"refusing to load {path}: it holds objects other than tensors and plain data, which "
-                          "could run code (torch's weights_only load refused it): delete it and rerun the stage that "
-                          "wrote it, and do not load files from untrusted sources") from None
+        raise ConfigError(
+            f"refusing to load {path}: it holds objects other than tensors and plain data, which "
+            "could run code (torch's weights_only load refused it): delete it and rerun the stage that "
+            "wrote it, and do not load files from untrusted sources"
+        ) from None
     except (RuntimeError, EOFError, OSError, ValueError) as error:
-        raise CorruptCheckpoint(f"{path} is truncated or corrupt ({str(error).splitlines()[0][:80]}): delete it "
-                                "and rerun the stage that wrote it") from None
+        raise CorruptCheckpoint(
+            f"{path} is truncated or corrupt ({str(error).splitlines()[0][:80]}): delete it "
+            "and rerun the stage that wrote it"
+        ) from None
 
 
 def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
@@ -89,21 +97,31 @@ def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dic
     if path.is_dir():
         found = latest_checkpoint(path)
         if found is None:
-            raise ConfigError(f"no checkpoint in {path}: run the training stage first or pass a checkpoint file")
+            raise ConfigError(
+                f"no checkpoint in {path}: run the training stage first or pass a checkpoint file"
+            )
         path = found
     if not path.is_file():
-        raise ConfigError(f"checkpoint {path} does not exist: run the training stage first or pass an existing file")
+        raise ConfigError(
+            f"checkpoint {path} does not exist: run the training stage first or pass an existing file"
+        )
     meta = path.with_suffix(".json")
     if meta.is_file():
         try:
-            verify_digest(path, read_json(meta).get("sha256"), meta,
-                          f"delete it and {meta.name} to resume from the checkpoint before it")
+            verify_digest(
+                path,
+                read_json(meta).get("sha256"),
+                meta,
+                f"delete it and {meta.name} to resume from the checkpoint before it",
+            )
         except ConfigError as error:
             raise CorruptCheckpoint(str(error)) from None
     return _safe_load(path, map_location)
 
 
-def resume_state(folder: Path, map_location: str | torch.device = "cpu") -> tuple[Path, dict[str, Any]] | None:
+def resume_state(
+    folder: Path, map_location: str | torch.device = "cpu"
+) -> tuple[Path, dict[str, Any]] | None:
     """The newest checkpoint in `folder` that is intact, and its state; None when there is none.
 
     First removes the temporary files that a killed write left. A corrupt checkpoint (truncated, or not
@@ -138,8 +156,12 @@ def verify_model(path: Path) -> None:
     path = Path(path)
     manifest = path.with_name(MANIFEST)
     if manifest.is_file() and (recorded := read_json(manifest)).get("model") == path.name:
-        verify_digest(path, recorded.get("model_sha256"), manifest,
-                      f"delete {manifest} and rerun training to rewrite it from the last checkpoint")
+        verify_digest(
+            path,
+            recorded.get("model_sha256"),
+            manifest,
+            f"delete {manifest} and rerun training to rewrite it from the last checkpoint",
+        )
 
 
 def load_model(path: Path, device: str | torch.device = "cpu"):
@@ -152,8 +174,10 @@ def load_model(path: Path, device: str | torch.device = "cpu"):
     verify_model(path)
     state = _safe_load(path, device)
     if not isinstance(state, dict) or "model_config" not in state or "model" not in state:
-        raise ConfigError(f"{path} is not a model written by llmcore (no model_config/model): pass a model.pt "
-                          "from pretraining or fine-tuning")
+        raise ConfigError(
+            f"{path} is not a model written by llmcore (no model_config/model): pass a model.pt "
+            "from pretraining or fine-tuning"
+        )
     model = GPT(GPTConfig(**state["model_config"]))
     model.load_state_dict(state["model"])
     return model.to(device).eval()

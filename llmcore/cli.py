@@ -19,16 +19,31 @@ def _base_type(annotation: Any) -> Any:
     return annotation
 
 
-def add_flag(parser: argparse.ArgumentParser, name: str, annotation: Any, default: Any = None, required: bool = False,
-             help: str | None = None, dest: str | None = None) -> None:
+def add_flag(
+    parser: argparse.ArgumentParser,
+    name: str,
+    annotation: Any,
+    default: Any = None,
+    required: bool = False,
+    help: str | None = None,
+    dest: str | None = None,
+) -> None:
     kind = _base_type(annotation)
     flag = "--" + name.replace("_", "-")
     text = (help + " " if help else "") + ("(required)" if required else f"(default: {default})")
     if kind is bool:
-        parser.add_argument(flag, dest=dest or name, action=argparse.BooleanOptionalAction, default=None, help=text)
+        parser.add_argument(
+            flag, dest=dest or name, action=argparse.BooleanOptionalAction, default=None, help=text
+        )
     else:
-        parser.add_argument(flag, dest=dest or name, type=kind if kind in (int, float, str) else str,
-                            default=None, required=required, help=text)
+        parser.add_argument(
+            flag,
+            dest=dest or name,
+            type=kind if kind in (int, float, str) else str,
+            default=None,
+            required=required,
+            help=text,
+        )
 
 
 def add_config_flags(parser: argparse.ArgumentParser, config_class: type, skip: tuple[str, ...] = ()) -> None:

@@ -1,9 +1,10 @@
 """The generation-sampling stage: completions of held-out prompts under each decoding strategy.
 
 Prompts are drawn deterministically from validation documents (the model never trained on them), and
-for a fine-tuned model from held-out instructions; each is completed greedily and with temperature, top-k and top-p sampling (`llmcore.sampling`, KV cache,
-stop at end-of-text). For Python corpora the share of completions that parse with `ast`, once closed
-at a line boundary, tells whether the model writes code. This module does not log or render tables.
+for a fine-tuned model from held-out instructions; each is completed greedily and with temperature,
+top-k and top-p sampling (`llmcore.sampling`, KV cache, stop at end-of-text). For Python corpora the
+share of completions that parse with `ast`, once closed at a line boundary, tells whether the model
+writes code. This module does not log or render tables.
 
     python -m llmcore.completions --model DIR/model.pt --tokenizer DIR --corpus DIR
 """
@@ -14,11 +15,11 @@ import json
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+from llmcore.chat import chat_prompt
 from llmcore.checkpoint import load_model
 from llmcore.corpus import read_documents
 from llmcore.device import resolve_device
 from llmcore.errors import ConfigError, require_positive
-from llmcore.chat import chat_prompt
 from llmcore.sampling import SamplingConfig, generate_batch
 from llmcore.sft_data import read_pairs
 from llmcore.tokenizer import Tokenizer
@@ -56,14 +57,21 @@ def held_out_prompts(corpus_dir: Path, config: PromptConfig) -> list[str]:
     """
     documents = [d["text"] for d in read_documents(corpus_dir, "validation") if d["text"].strip()]
     if not documents:
-        raise ConfigError(f"no validation documents in {corpus_dir}: run corpus ingestion with a larger corpus")
-    picks = [documents[i * len(documents) // config.num_prompts] for i in range(min(config.num_prompts, len(documents)))]
+        raise ConfigError(
+            f"no validation documents in {corpus_dir}: run corpus ingestion with a larger corpus"
+        )
+    picks = [
+        documents[i * len(documents) // config.num_prompts]
+        for i in range(min(config.num_prompts, len(documents)))
+    ]
     prompts = []
     for text in picks:
         lines = text.splitlines(keepends=True)
         start = next((i for i, line in enumerate(lines) if line.startswith(("def ", "class "))), None)
         if start is None:
-            opening = "".join(lines[: config.prompt_lines])[: max(1, min(config.prompt_chars, len(text) // 2))]
+            opening = "".join(lines[: config.prompt_lines])[
+                : max(1, min(config.prompt_chars, len(text) // 2))
+            ]
             cut = max(opening.rfind("\n"), opening.rfind(" "))
             prompts.append((opening[:cut] if cut > 0 else opening).rstrip())
             continue
@@ -84,16 +92,24 @@ def held_out_instructions(sft_dir: Path, num_prompts: int) -> list[str]:
     return [pairs[i * len(pairs) // num_prompts]["prompt"] for i in range(min(num_prompts, len(pairs)))]
 
 
-def complete(model_path: Path, tokenizer_dir: Path, prompts: list[str], sampling: SamplingConfig,
-             device: str = "auto", chat: bool = False) -> list[dict[str, str]]:
+def complete(
+    model_path: Path,
+    tokenizer_dir: Path,
+    prompts: list[str],
+    sampling: SamplingConfig,
+    device: str = "auto",
+    chat: bool = False,
+) -> list[dict[str, str]]:
     """One row per (strategy, prompt): the completion text. `chat` wraps prompts as a user turn."""
     model = load_model(model_path, resolve_device(device))
     tokenizer = Tokenizer.load(tokenizer_dir)
     stop = tokenizer.end_id if chat else tokenizer.eot_id
     rows = []
     for name, config in strategies(sampling).items():
-        ids = [chat_prompt(tokenizer, prompt, model.config.block_size) if chat else tokenizer.encode(prompt)
-               for prompt in prompts]
+        ids = [
+            chat_prompt(tokenizer, prompt, model.config.block_size) if chat else tokenizer.encode(prompt)
+            for prompt in prompts
+        ]
         # one batch per strategy
         for prompt, new in zip(prompts, generate_batch(model, ids, config, stop_id=stop), strict=True):
             rows.append({"strategy": name, "prompt": prompt, "completion": tokenizer.decode(new)})
@@ -131,15 +147,22 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="Complete held-out prompts with each decoding strategy.")
     parser.add_argument("--model", type=Path, required=True)
     parser.add_argument("--tokenizer", type=Path, required=True)
-    parser.add_argument("--corpus", type=Path, required=True, help="corpus folder (prompts come from validation)")
+    parser.add_argument(
+        "--corpus", type=Path, required=True, help="corpus folder (prompts come from validation)"
+    )
     parser.add_argument("--num-prompts", type=int, default=PromptConfig.num_prompts)
     parser.add_argument("--max-new-tokens", type=int, default=SamplingConfig.max_new_tokens)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="auto")
     args = parser.parse_args(argv)
     prompts = held_out_prompts(args.corpus, PromptConfig(num_prompts=args.num_prompts))
-    rows = complete(args.model, args.tokenizer, prompts,
-                    SamplingConfig(max_new_tokens=args.max_new_tokens, seed=args.seed), args.device)
+    rows = complete(
+        args.model,
+        args.tokenizer,
+        prompts,
+        SamplingConfig(max_new_tokens=args.max_new_tokens, seed=args.seed),
+        args.device,
+    )
     print(json.dumps(rows, indent=2))
     print(f"python parse rate: {python_parse_rate(rows):.3f}")
 

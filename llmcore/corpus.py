@@ -12,7 +12,8 @@ with "." and hidden folders are skipped, symlinked folders are not followed, so 
 (a leading byte-order mark dropped), or UTF-16 when the file starts with a UTF-16 byte-order mark. Files
 with NUL bytes, or with more than 10% other control characters (tab, newlines and form feed aside), are
 binary. Binary, undecodable, unreadable (vanished, permission denied, a link loop) and non-regular files
-(FIFOs, devices) are skipped and counted by reason in the manifest, never fatal. Empty documents and duplicates are dropped and counted.
+(FIFOs, devices) are skipped and counted by reason in the manifest, never fatal. Empty documents and
+duplicates are dropped and counted.
 
 Small corpora still get a validation split: when the hash split holds out less than `min_validation_bytes`
 (at most half the text), the training documents nearest to being held out are held out too, in a fixed
@@ -69,8 +70,9 @@ SPLITS = ("train", "validation")
 # Standard-library folders that hold tests, third-party packages or machine-generated tables (codec maps,
 # pydoc's topic dump) rather than human-written library code; generated near-duplicates on both sides of
 # the split would also flatter the model against the compressors.
-STDLIB_EXCLUDED_DIRS = frozenset({"site-packages", "dist-packages", "test", "tests", "idle_test", "__pycache__",
-                                  "encodings", "pydoc_data"})
+STDLIB_EXCLUDED_DIRS = frozenset(
+    {"site-packages", "dist-packages", "test", "tests", "idle_test", "__pycache__", "encodings", "pydoc_data"}
+)
 MAX_LISTED_SKIPS = 50
 SOURCE_HINT = "pass --corpus stdlib, a file, folder or glob, or hf:NAME"
 HUB_PROBE_SECONDS = 3.0
@@ -94,11 +96,15 @@ class CorpusConfig:
     source: str = "stdlib"  # "stdlib" | a file, folder or glob | "hf:NAME" (datasets.load_dataset)
     text_column: str = "text"  # column holding the text in jsonl/csv/parquet files and HF datasets
     validation_fraction: float = 0.05  # share of documents held out, chosen by document hash
-    max_bytes: int | None = None  # keep at most this many bytes of text (documents taken in hash order), None = all
+    max_bytes: int | None = (
+        None  # keep at most this many bytes of text (documents taken in hash order), None = all
+    )
     hf_config: str | None = None  # HF dataset configuration name
     hf_split: str = "train"  # HF split to read
     hf_revision: str | None = None  # HF hub revision to pin (a commit sha, tag or branch); None = the latest
-    min_validation_bytes: int = 4096  # hold out at least this much text (at most half the corpus), for small corpora
+    min_validation_bytes: int = (
+        4096  # hold out at least this much text (at most half the corpus), for small corpora
+    )
 
     def __post_init__(self) -> None:
         if not isinstance(self.source, str) or not self.source.strip():
@@ -112,17 +118,21 @@ class CorpusConfig:
         if not self.hf_split:
             raise ConfigError("hf_split is empty: pass --hf-split with a split name such as train")
         if self.hf_revision is not None and not self.hf_revision.strip():
-            raise ConfigError("hf_revision is empty: pass --hf-revision with a commit sha, tag or branch, or omit it")
+            raise ConfigError(
+                "hf_revision is empty: pass --hf-revision with a commit sha, tag or branch, or omit it"
+            )
         require_fraction("validation_fraction", self.validation_fraction)
         if self.max_bytes is not None:
             require_positive("max_bytes", self.max_bytes)
             if not isinstance(self.max_bytes, int):
-                raise ConfigError(f"max_bytes must be a whole number, got {self.max_bytes!r}: pass --max-bytes N")
+                raise ConfigError(
+                    f"max_bytes must be a whole number, got {self.max_bytes!r}: pass --max-bytes N"
+                )
         require_non_negative("min_validation_bytes", self.min_validation_bytes)
 
     @property
     def kind(self) -> str:
-        """"stdlib", "hf" or "path" (a file, folder or glob)."""
+        """ "stdlib", "hf" or "path" (a file, folder or glob)."""
         if self.source == "stdlib":
             return "stdlib"
         return "hf" if self.source.startswith("hf:") else "path"
@@ -150,14 +160,18 @@ def decode_text(data: bytes) -> str:
         try:
             text = data.decode("utf-16").removeprefix("\ufeff")
         except UnicodeDecodeError as e:
-            raise UnreadableFileError("not_text", f"not UTF-16 despite its byte-order mark ({e.reason})") from e
+            raise UnreadableFileError(
+                "not_text", f"not UTF-16 despite its byte-order mark ({e.reason})"
+            ) from e
     if "\0" in (text or "") or (text is None and b"\0" in data):
         raise UnreadableFileError("binary", "contains NUL bytes")
     if text is None:
         try:
             text = data.decode("utf-8-sig")
         except UnicodeDecodeError as e:
-            raise UnreadableFileError("not_text", f"not UTF-8 or UTF-16 ({e.reason} at byte {e.start})") from e
+            raise UnreadableFileError(
+                "not_text", f"not UTF-8 or UTF-16 ({e.reason} at byte {e.start})"
+            ) from e
     controls = sum(map(text.count, CONTROL_CHARACTERS))
     if controls * 10 > len(text):
         raise UnreadableFileError("binary", f"{controls} of {len(text)} characters are control characters")
@@ -194,7 +208,8 @@ def first_line(error: BaseException) -> str:
 
 
 def read_table(path: Path) -> pd.DataFrame:
-    """A .jsonl/.csv/.parquet file as a DataFrame with text kept verbatim; UnreadableFileError if it is not one."""
+    """A .jsonl/.csv/.parquet file as a DataFrame with text kept verbatim; UnreadableFileError if it is
+    not one."""
     return _parse_table(read_bytes(Path(path)), Path(path).suffix.lower())
 
 
@@ -214,8 +229,12 @@ def _parse_table(data: bytes, suffix: str) -> pd.DataFrame:
     except ValueError as e:  # pandas' parser errors and pyarrow's ArrowInvalid are ValueErrors
         raise UnreadableFileError("invalid_table", f"not valid {suffix[1:]}: {first_line(e)}") from e
     except ImportError as e:  # parquet needs pyarrow (or fastparquet), which a minimal install lacks
-        raise ConfigError(f"reading {suffix} files needs pyarrow ({first_line(e)}): pip install pyarrow") from e
-    raise ConfigError(f"unsupported table file suffix {suffix!r}: pass a file ending in {', '.join(TABLE_SUFFIXES)}")
+        raise ConfigError(
+            f"reading {suffix} files needs pyarrow ({first_line(e)}): pip install pyarrow"
+        ) from e
+    raise ConfigError(
+        f"unsupported table file suffix {suffix!r}: pass a file ending in {', '.join(TABLE_SUFFIXES)}"
+    )
 
 
 def table_columns(frame: pd.DataFrame, columns: dict[str, str], where: str) -> list[tuple[str, ...]]:
@@ -229,9 +248,10 @@ def table_columns(frame: pd.DataFrame, columns: dict[str, str], where: str) -> l
         if column not in frame.columns:
             available = ", ".join(map(str, frame.columns))
             raise ConfigError(
-                f"{where} has no column {column!r} (columns: {available}): pass {flag(field)} naming one of them"
+                f"{where} has no column {column!r} (columns: {available}): "
+                f"pass {flag(field)} naming one of them"
             )
-    return list(zip(*([_as_text(v) for v in frame[column]] for column in columns.values())))
+    return list(zip(*([_as_text(v) for v in frame[column]] for column in columns.values()), strict=True))
 
 
 def _as_text(value: object) -> str:
@@ -246,7 +266,9 @@ def _hub_unreachable() -> str | None:
     """Why the Hugging Face hub cannot be reached (None when it can, or when that cannot be told: a proxy,
     or offline mode already on). A bare TCP connect, so an offline machine is told in seconds rather than
     after datasets' minute of retries."""
-    if any(os.environ.get(v) for v in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "HTTPS_PROXY", "https_proxy")):
+    if any(
+        os.environ.get(v) for v in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "HTTPS_PROXY", "https_proxy")
+    ):
         return None
     url = urllib.parse.urlsplit(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
     address = (url.hostname or "", url.port or (443 if url.scheme == "https" else 80))
@@ -262,35 +284,50 @@ def _hub_unreachable() -> str | None:
     thread = threading.Thread(target=probe, daemon=True)  # name resolution has no timeout of its own
     thread.start()
     thread.join(2 * HUB_PROBE_SECONDS)
-    return outcome[0] if outcome else f"{url.scheme}://{address[0]} did not answer in {2 * HUB_PROBE_SECONDS:.0f} s"
+    return (
+        outcome[0]
+        if outcome
+        else f"{url.scheme}://{address[0]} did not answer in {2 * HUB_PROBE_SECONDS:.0f} s"
+    )
 
 
-def load_hf_table(name: str, hf_config: str | None = None, hf_split: str = "train",
-                  hf_revision: str | None = None) -> pd.DataFrame:
+def load_hf_table(
+    name: str, hf_config: str | None = None, hf_split: str = "train", hf_revision: str | None = None
+) -> pd.DataFrame:
     """One split of a Hugging Face dataset as a DataFrame: a hub name (at `hf_revision` when given), a local
     data folder, or a folder written by `save_to_disk`. Bad names or splits and an unreachable hub are
     ConfigErrors."""
     folder = Path(name)
     saved = (folder / "state.json").is_file() or (folder / "dataset_dict.json").is_file()
     if not folder.exists() and (why := _hub_unreachable()):
-        raise ConfigError(f"hf dataset {name!r} needs the Hugging Face hub, and {why}: connect, set HF_HUB_OFFLINE=1 "
-                          "to use a cached copy, or pass --corpus hf:FOLDER written by Dataset.save_to_disk")
+        raise ConfigError(
+            f"hf dataset {name!r} needs the Hugging Face hub, and {why}: connect, set HF_HUB_OFFLINE=1 "
+            "to use a cached copy, or pass --corpus hf:FOLDER written by Dataset.save_to_disk"
+        )
     import datasets  # only hf: sources need it
 
     if folder.is_dir() and saved:
         if hf_config is not None or hf_revision is not None:
-            raise ConfigError(f"hf dataset {name} was saved by save_to_disk and has no configs or revisions: "
-                              "drop --hf-config and --hf-revision")
+            raise ConfigError(
+                f"hf dataset {name} was saved by save_to_disk and has no configs or revisions: "
+                "drop --hf-config and --hf-revision"
+            )
         loaded = datasets.load_from_disk(str(folder))
         if isinstance(loaded, datasets.DatasetDict):
             if hf_split not in loaded:
                 splits = ", ".join(loaded)
-                raise ConfigError(f"hf dataset {name} has no split {hf_split!r} (splits: {splits}): pass --hf-split")
+                raise ConfigError(
+                    f"hf dataset {name} has no split {hf_split!r} (splits: {splits}): pass --hf-split"
+                )
             loaded = loaded[hf_split]
     else:
         try:
             loaded = datasets.load_dataset(name, hf_config, split=hf_split, revision=hf_revision)
-        except (ValueError, FileNotFoundError, ConnectionError) as e:  # unknown dataset, config, split; offline
+        except (
+            ValueError,
+            FileNotFoundError,
+            ConnectionError,
+        ) as e:  # unknown dataset, config, split; offline
             raise ConfigError(
                 f"hf dataset {name!r} could not be loaded ({first_line(e)}): check the name, --hf-config, "
                 "--hf-split and --hf-revision"
@@ -308,7 +345,9 @@ def _visible_files(root: Path) -> Iterator[Path]:
 
 def _stdlib_files() -> tuple[Path, list[Path]]:
     root = Path(sysconfig.get_paths()["stdlib"])
-    files = [p for p in root.rglob("*.py") if not STDLIB_EXCLUDED_DIRS.intersection(p.relative_to(root).parts[:-1])]
+    files = [
+        p for p in root.rglob("*.py") if not STDLIB_EXCLUDED_DIRS.intersection(p.relative_to(root).parts[:-1])
+    ]
     return root, files
 
 
@@ -348,11 +387,15 @@ def _resolve(config: CorpusConfig) -> tuple[str, list[tuple[str, Path]]]:
         revision = f", revision {config.hf_revision}" if config.hf_revision else ""
         description = f"{config.source} (config {config.hf_config}, split {config.hf_split}{revision})"
         return description, _relative(root, files)
-    elif glob.has_magic(config.source) and not Path(config.source).exists():  # "data[1].txt" may be a real name
+    elif (
+        glob.has_magic(config.source) and not Path(config.source).exists()
+    ):  # "data[1].txt" may be a real name
         root, files = _glob_files(config.source)
         if not files:
-            raise ConfigError(f"corpus glob {config.source} matches no files: check the pattern and quote it "
-                              "so that the shell does not expand it")
+            raise ConfigError(
+                f"corpus glob {config.source} matches no files: check the pattern and quote it "
+                "so that the shell does not expand it"
+            )
         description = f"glob {config.source} ({len(files)} files)"
     else:
         root = Path(config.source)
@@ -363,7 +406,9 @@ def _resolve(config: CorpusConfig) -> tuple[str, list[tuple[str, Path]]]:
         files = list(_visible_files(root))
         description = f"folder {config.source} ({len(files)} files)"
     if not files:
-        raise ConfigError(f"corpus {config.source} has no files (names starting with '.' are skipped): {SOURCE_HINT}")
+        raise ConfigError(
+            f"corpus {config.source} has no files (names starting with '.' are skipped): {SOURCE_HINT}"
+        )
     return description, _relative(root, files)
 
 
@@ -402,8 +447,9 @@ def describe_source(config: CorpusConfig) -> str:
     return _resolve(config)[0]
 
 
-def _file_documents(files: list[tuple[str, Path]], text_column: str, digests: list[tuple[str, str]],
-                    skipped: list[dict]) -> Iterator[tuple[str, str]]:
+def _file_documents(
+    files: list[tuple[str, Path]], text_column: str, digests: list[tuple[str, str]], skipped: list[dict]
+) -> Iterator[tuple[str, str]]:
     """(source, text) of every document, one file in memory at a time; fills `digests` with (relative path,
     sha256) of every file and `skipped` with the files skipped and why."""
     for rel, path in files:
@@ -435,7 +481,9 @@ def _hold_out(selected: dict[str, int], fraction: float, min_bytes: int) -> tupl
     target = min(min_bytes, sum(selected.values()) // 2)
     held = sum(selected[i] for i in split["validation"])
     nearest = sorted(split["train"], key=validation_score)
-    while held < target and len(nearest) > 1 and selected[nearest[0]] <= sum(selected[i] for i in nearest) // 2:
+    while (
+        held < target and len(nearest) > 1 and selected[nearest[0]] <= sum(selected[i] for i in nearest) // 2
+    ):
         moved = nearest.pop(0)
         split["validation"].append(moved)
         held += selected[moved]
@@ -473,9 +521,9 @@ def ingest(config: CorpusConfig, out_dir: Path) -> dict:
             digests += folder_digests
             return ((f"{config.source}#{i}", text) for i, (text,) in enumerate(rows))
     else:
+
         def documents(digests: list, skipped: list) -> Iterator[tuple[str, str]]:
             return _file_documents(files, config.text_column, digests, skipped)
-
 
     # Pass 1: ids and sizes only. The first copy of a document wins.
     kept: dict[str, tuple[str, int]] = {}  # id -> (source, UTF-8 bytes)
@@ -520,12 +568,15 @@ def ingest(config: CorpusConfig, out_dir: Path) -> dict:
     if lone:
         train_ids, validation_ids, rule = list(selected), list(selected), "tail of the only document"
     else:
-        train_ids, validation_ids = _hold_out(selected, config.validation_fraction, config.min_validation_bytes)
+        train_ids, validation_ids = _hold_out(
+            selected, config.validation_fraction, config.min_validation_bytes
+        )
         moved = sum(not is_validation(i, config.validation_fraction) for i in validation_ids)
         rule = f"hash, {moved} more held out for min_validation_bytes" if moved else "hash"
     if not train_ids:
         raise ConfigError(
-            f"splitting {len(selected)} documents gives 0 train and {len(validation_ids)} validation documents: "
+            f"splitting {len(selected)} documents gives 0 train and {len(validation_ids)} "
+            f"validation documents: "
             f"add documents or lower --validation-fraction (now {config.validation_fraction})"
         )
 
@@ -535,7 +586,10 @@ def ingest(config: CorpusConfig, out_dir: Path) -> dict:
     written: dict[str, list[str]] = {split: [] for split in SPLITS}
     reread: list[tuple[str, str]] = []
     with atomic_output_dir(out_dir) as tmp, ExitStack() as stack:
-        out = {split: stack.enter_context(open(tmp / f"{split}.jsonl", "w", encoding="utf-8")) for split in SPLITS}
+        out = {
+            split: stack.enter_context(open(tmp / f"{split}.jsonl", "w", encoding="utf-8"))
+            for split in SPLITS
+        }
 
         def write(split: str, doc_id: str, source: str, text: str, size: int) -> None:
             out[split].write(json.dumps({"id": doc_id, "source": source, "text": text}, ensure_ascii=False))
@@ -552,9 +606,14 @@ def ingest(config: CorpusConfig, out_dir: Path) -> dict:
             if lone:
                 cut = _tail_cut(text, config.validation_fraction, config.min_validation_bytes)
                 if not text[:cut].strip() or not text[cut:].strip():
-                    raise ConfigError(f"corpus {description} is one document of {len(text)} characters, too little "
-                                      "to hold out a validation tail: add text")
-                for split, part, name in (("train", text[:cut], source), ("validation", text[cut:], f"{source}#tail")):
+                    raise ConfigError(
+                        f"corpus {description} is one document of {len(text)} characters, too little "
+                        "to hold out a validation tail: add text"
+                    )
+                for split, part, name in (
+                    ("train", text[:cut], source),
+                    ("validation", text[cut:], f"{source}#tail"),
+                ):
                     encoded = part.encode("utf-8")
                     write(split, hashlib.sha256(encoded).hexdigest(), name, part, len(encoded))
                     del encoded
@@ -562,7 +621,9 @@ def ingest(config: CorpusConfig, out_dir: Path) -> dict:
                 write(destination[doc_id], doc_id, source, text, kept[doc_id][1])
         stack.close()
         if sorted(reread) != sorted(digests) or sum(map(len, written.values())) != len(destination) + lone:
-            raise ConfigError(f"corpus {description} changed while it was being ingested: run again when it is still")
+            raise ConfigError(
+                f"corpus {description} changed while it was being ingested: run again when it is still"
+            )
         counts = {
             "files_seen": len(files) if config.kind != "hf" else 0,
             "documents_read": documents_read,
@@ -588,9 +649,17 @@ def ingest(config: CorpusConfig, out_dir: Path) -> dict:
             "versions": versions,
         }
         atomic_write_json(tmp / MANIFEST, manifest)
-    log.info("corpus: %d documents -> %d train / %d validation (%d / %d bytes; split: %s); %d files skipped %s",
-             len(selected), len(written["train"]), len(written["validation"]), nbytes["train"], nbytes["validation"], rule,
-             len(skipped), reasons or "")
+    log.info(
+        "corpus: %d documents -> %d train / %d validation (%d / %d bytes; split: %s); %d files skipped %s",
+        len(selected),
+        len(written["train"]),
+        len(written["validation"]),
+        nbytes["train"],
+        nbytes["validation"],
+        rule,
+        len(skipped),
+        reasons or "",
+    )
     return manifest
 
 
@@ -598,15 +667,21 @@ def read_documents(corpus_dir: Path, split: str) -> Iterator[dict]:
     """The {"id", "source", "text"} documents of one split of a finished corpus folder, in source order."""
     require_choice("split", split, SPLITS)
     if not is_finished(corpus_dir):
-        raise ConfigError(f"{corpus_dir} is not a finished corpus (no {MANIFEST}): run python -m llmcore.corpus first")
-    return _jsonl(Path(corpus_dir) / f"{split}.jsonl")  # a separate generator, so bad input raises here, not lazily
+        raise ConfigError(
+            f"{corpus_dir} is not a finished corpus (no {MANIFEST}): run python -m llmcore.corpus first"
+        )
+    return _jsonl(
+        Path(corpus_dir) / f"{split}.jsonl"
+    )  # a separate generator, so bad input raises here, not lazily
 
 
 def corpus_digest(corpus_dir: Path) -> str:
     """The content digest of a finished corpus folder; ConfigError unless ingestion finished there."""
     corpus_dir = Path(corpus_dir)
     if not is_finished(corpus_dir) or not all((corpus_dir / f"{split}.jsonl").is_file() for split in SPLITS):
-        raise ConfigError(f"no finished corpus in {corpus_dir}: run the corpus stage (`python -m llmcore.corpus`) first")
+        raise ConfigError(
+            f"no finished corpus in {corpus_dir}: run the corpus stage (`python -m llmcore.corpus`) first"
+        )
     return read_json(corpus_dir / MANIFEST)["content_digest"]
 
 
@@ -618,7 +693,9 @@ def _jsonl(path: Path) -> Iterator[dict]:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m llmcore.corpus", description="Ingest a corpus as JSONL.")
-    parser.add_argument("--source", "--corpus", default=CorpusConfig.source, help="stdlib, a file, folder, glob or hf:NAME")
+    parser.add_argument(
+        "--source", "--corpus", default=CorpusConfig.source, help="stdlib, a file, folder, glob or hf:NAME"
+    )
     parser.add_argument("--out", type=Path, required=True, help="output folder (replaced atomically)")
     add_config_flags(parser, CorpusConfig, skip=("source",))
     args = vars(parser.parse_args(argv))
@@ -628,8 +705,17 @@ def main(argv: list[str] | None = None) -> None:
     except ConfigError as e:
         parser.exit(2, f"error: {e}\n")
     print(manifest["source"])
-    print(json.dumps({**manifest["counts"], "bytes": manifest["bytes"], "split": manifest["split"],
-                      "skipped_by_reason": manifest["skipped_by_reason"]}, indent=2))
+    print(
+        json.dumps(
+            {
+                **manifest["counts"],
+                "bytes": manifest["bytes"],
+                "split": manifest["split"],
+                "skipped_by_reason": manifest["skipped_by_reason"],
+            },
+            indent=2,
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -23,10 +23,16 @@ def resolve_device(name: str) -> torch.device:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     device = torch.device(name)
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"device {name!r} requested but CUDA is not available here: pass --device cpu or auto")
+        raise ConfigError(
+            f"device {name!r} requested but CUDA is not available here: pass --device cpu or auto"
+        )
     if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
-        raise ConfigError(f"device {name!r} requested but this machine has {torch.cuda.device_count()} CUDA "
-                          f"device(s): pass --device cuda:0..cuda:{torch.cuda.device_count() - 1} or auto")
+        raise ConfigError(
+            f"device {name!r} requested but this machine has {torch.cuda.device_count()} CUDA "
+            f"device(s): pass --device cuda:0..cuda:{torch.cuda.device_count() - 1} or auto"
+        )
     if device.type == "mps" and not torch.backends.mps.is_available():
-        raise ConfigError(f"device {name!r} requested but MPS is not available here: pass --device cpu or auto")
+        raise ConfigError(
+            f"device {name!r} requested but MPS is not available here: pass --device cpu or auto"
+        )
     return device

@@ -18,20 +18,36 @@ def flag(name: str) -> str:
 
 def require_positive(name: str, value: float | int) -> None:
     """Raise ConfigError unless `value` is a finite number greater than zero."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
-        raise ConfigError(f"{name} must be a positive finite number, got {value!r}: pass {flag(name)} with a value > 0")
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, (int, float))
+        or not math.isfinite(value)
+        or value <= 0
+    ):
+        raise ConfigError(
+            f"{name} must be a positive finite number, got {value!r}: pass {flag(name)} with a value > 0"
+        )
 
 
 def require_non_negative(name: str, value: float | int) -> None:
     """Raise ConfigError unless `value` is a finite number at least zero."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
-        raise ConfigError(f"{name} must be a finite number >= 0, got {value!r}: pass {flag(name)} with a value >= 0")
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, (int, float))
+        or not math.isfinite(value)
+        or value < 0
+    ):
+        raise ConfigError(
+            f"{name} must be a finite number >= 0, got {value!r}: pass {flag(name)} with a value >= 0"
+        )
 
 
 def require_fraction(name: str, value: float) -> None:
     """Raise ConfigError unless 0 < value < 1."""
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not (0 < value < 1):
-        raise ConfigError(f"{name} must be strictly between 0 and 1, got {value!r}: pass {flag(name)} with 0 < value < 1")
+        raise ConfigError(
+            f"{name} must be strictly between 0 and 1, got {value!r}: pass {flag(name)} with 0 < value < 1"
+        )
 
 
 def require_choice(name: str, value: str, choices: tuple[str, ...]) -> None:

@@ -28,6 +28,7 @@ from llmcore.losses import token_loss
 from llmcore.shards import open_split
 from llmcore.tokenizer import Tokenizer
 
+
 @dataclass(frozen=True)
 class EvalConfig:
     max_tokens: int = 65_536  # held-out tokens scored; the compressors get the same text
@@ -42,13 +43,16 @@ class EvalConfig:
 
 def held_out_batches(tokens_dir: Path, block_size: int, config: EvalConfig):
     """The first max_tokens validation tokens as non-overlapping (input, target) windows."""
-    windows = token_windows(open_split(tokens_dir, "validation"), block_size, config.batch_size, 0, "validation")
+    windows = token_windows(
+        open_split(tokens_dir, "validation"), block_size, config.batch_size, 0, "validation"
+    )
     num_batches = max(1, config.max_tokens // (block_size * config.batch_size))
     return windows.in_order(num_batches)
 
 
-def evaluate_model(model_path: Path, tokenizer_dir: Path, tokens_dir: Path, config: EvalConfig,
-                   sft_dir: Path | None = None) -> dict[str, float]:
+def evaluate_model(
+    model_path: Path, tokenizer_dir: Path, tokens_dir: Path, config: EvalConfig, sft_dir: Path | None = None
+) -> dict[str, float]:
     """Held-out loss, perplexity and bits per byte of one model, plus the compressors on the same text;
     with `sft_dir`, also the loss on the response tokens of the held-out instruction pairs (the prompt
     is context only)."""
@@ -61,14 +65,17 @@ def evaluate_model(model_path: Path, tokenizer_dir: Path, tokens_dir: Path, conf
     text = tokenizer.decode(torch.cat([y.flatten() for _, y in batches]).tolist()).encode("utf-8")
     result.update(compressor_bits_per_byte(text), text_bytes=float(len(text)))
     if sft_dir is not None:
-        pairs = sft_batches(sft_dir, "validation", tokenizer, model.config.block_size, config.batch_size, seed=0)
+        pairs = sft_batches(
+            sft_dir, "validation", tokenizer, model.config.block_size, config.batch_size, seed=0
+        )
         num_batches = max(1, config.max_tokens // (model.config.block_size * config.batch_size))
         result["response_loss"] = token_loss(model, pairs.in_order(num_batches), device)["loss"]
     return result
 
 
 def held_out_text(corpus_dir: Path, max_bytes: int) -> list[str]:
-    """The corpus's validation documents, in id order, up to about `max_bytes` UTF-8 bytes (the last one cut)."""
+    """The corpus's validation documents, in id order, up to about `max_bytes` UTF-8 bytes (the last one
+    cut)."""
     texts, total = [], 0
     for document in read_documents(corpus_dir, "validation"):
         data = document["text"].encode("utf-8")[: max_bytes - total]
@@ -79,7 +86,9 @@ def held_out_text(corpus_dir: Path, max_bytes: int) -> list[str]:
     return texts
 
 
-def score_text(model_path: Path, tokenizer_dir: Path, texts: Sequence[str], config: EvalConfig) -> dict[str, float]:
+def score_text(
+    model_path: Path, tokenizer_dir: Path, texts: Sequence[str], config: EvalConfig
+) -> dict[str, float]:
     """Loss, perplexity and bits per byte of one model on `texts`, encoded with the model's own tokenizer.
 
     Models with different tokenizers (or context lengths) are compared on exactly the same bytes: the
@@ -100,7 +109,9 @@ def score_text(model_path: Path, tokenizer_dir: Path, texts: Sequence[str], conf
         chunk = windows[first : first + config.batch_size]
         width = max(len(w) for w in chunk) - 1
         x = torch.zeros(len(chunk), width, dtype=torch.long)
-        y = torch.full((len(chunk), width), -100, dtype=torch.long)  # a short last window: its tail is ignored
+        y = torch.full(
+            (len(chunk), width), -100, dtype=torch.long
+        )  # a short last window: its tail is ignored
         for row, w in enumerate(chunk):
             x[row, : len(w) - 1], y[row, : len(w) - 1] = w[:-1], w[1:]
         batches.append((x, y))
@@ -111,7 +122,9 @@ def score_text(model_path: Path, tokenizer_dir: Path, texts: Sequence[str], conf
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="Evaluate a model on held-out tokens against gzip/bz2/xz.")
-    parser.add_argument("--model", type=Path, required=True, help="model.pt written by pretraining or fine-tuning")
+    parser.add_argument(
+        "--model", type=Path, required=True, help="model.pt written by pretraining or fine-tuning"
+    )
     parser.add_argument("--tokenizer", type=Path, required=True)
     parser.add_argument("--tokens", type=Path, required=True)
     parser.add_argument("--sft", type=Path, help="instruction pairs folder, for the response-only loss")

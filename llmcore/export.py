@@ -78,8 +78,10 @@ def llama_state_dict(state: dict[str, torch.Tensor], config: GPTConfig) -> dict[
     expected = _expected_keys(config)
     if set(state) != expected:
         missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
-        raise ConfigError(f"model weights do not match their config (missing {missing[:3]}, unexpected "
-                          f"{unexpected[:3]}): export a model.pt written by llmcore training")
+        raise ConfigError(
+            f"model weights do not match their config (missing {missing[:3]}, unexpected "
+            f"{unexpected[:3]}): export a model.pt written by llmcore training"
+        )
     q, kv = config.n_head * config.head_dim, config.kv_heads * config.head_dim
     out = {"model.embed_tokens.weight": state["wte.weight"], "model.norm.weight": state["norm_f.weight"]}
     if not config.tie_embeddings:  # tied: transformers ties lm_head to the embedding itself
@@ -106,8 +108,10 @@ def llama_state_dict(state: dict[str, torch.Tensor], config: GPTConfig) -> dict[
 def _expected_keys(config: GPTConfig) -> set[str]:
     keys = {"wte.weight", "norm_f.weight", "lm_head.weight"}
     for i in range(config.n_layer):
-        keys |= {f"blocks.{i}.{name}.weight" for name in
-                 ("norm_1", "attn.c_attn", "attn.c_proj", "norm_2", "mlp.c_fc", "mlp.c_proj")}
+        keys |= {
+            f"blocks.{i}.{name}.weight"
+            for name in ("norm_1", "attn.c_attn", "attn.c_proj", "norm_2", "mlp.c_fc", "mlp.c_proj")
+        }
     return keys
 
 
@@ -124,8 +128,9 @@ def tokenizer_json(sp: spm.SentencePieceProcessor) -> dict[str, Any]:
     """
     n = sp.get_piece_size()
     special = [i for i in range(n) if sp.is_control(i) or sp.is_unknown(i)]
-    normal = [i for i in range(n)
-              if not (sp.is_control(i) or sp.is_unknown(i) or sp.is_byte(i) or sp.is_unused(i))]
+    normal = [
+        i for i in range(n) if not (sp.is_control(i) or sp.is_unknown(i) or sp.is_byte(i) or sp.is_unused(i))
+    ]
     pieces = [sp.id_to_piece(i) for i in range(n)]
     for i in normal:
         pieces[i] = pieces[i].replace(_SPACE, " ")
@@ -134,18 +139,37 @@ def tokenizer_json(sp: spm.SentencePieceProcessor) -> dict[str, Any]:
     for i in sorted(normal, key=lambda i: (-sp.get_score(i), i)):
         text = pieces[i]
         splits = [(text[:k], text[k:]) for k in range(1, len(text))]
-        merges += sorted(([a, b] for a, b in splits if a in ids and b in ids),
-                         key=lambda ab: (ids[ab[0]], ids[ab[1]]))
-    model = {"type": "BPE", "dropout": None, "unk_token": sp.id_to_piece(sp.unk_id()),
-             "continuing_subword_prefix": None, "end_of_word_suffix": None, "fuse_unk": True,
-             "byte_fallback": True, "ignore_merges": False, "vocab": {p: i for i, p in enumerate(pieces)},
-             "merges": merges}
+        merges += sorted(
+            ([a, b] for a, b in splits if a in ids and b in ids), key=lambda ab: (ids[ab[0]], ids[ab[1]])
+        )
+    model = {
+        "type": "BPE",
+        "dropout": None,
+        "unk_token": sp.id_to_piece(sp.unk_id()),
+        "continuing_subword_prefix": None,
+        "end_of_word_suffix": None,
+        "fuse_unk": True,
+        "byte_fallback": True,
+        "ignore_merges": False,
+        "vocab": {p: i for i, p in enumerate(pieces)},
+        "merges": merges,
+    }
     return {
         "version": "1.0",
         "truncation": None,
         "padding": None,
-        "added_tokens": [{"id": i, "content": sp.id_to_piece(i), "single_word": False, "lstrip": False,
-                          "rstrip": False, "normalized": False, "special": True} for i in special],
+        "added_tokens": [
+            {
+                "id": i,
+                "content": sp.id_to_piece(i),
+                "single_word": False,
+                "lstrip": False,
+                "rstrip": False,
+                "normalized": False,
+                "special": True,
+            }
+            for i in special
+        ],
         "normalizer": None,
         "pre_tokenizer": None,
         "post_processor": None,
@@ -168,16 +192,21 @@ def tokenizer_config(sp: spm.SentencePieceProcessor, block_size: int) -> dict[st
         "eos_token": EOT,
         "pad_token": EOT,
         "unk_token": sp.id_to_piece(sp.unk_id()),
-        "additional_special_tokens": [sp.id_to_piece(i) for i in range(sp.get_piece_size())
-                                      if sp.is_control(i) and sp.id_to_piece(i) != EOT],
+        "additional_special_tokens": [
+            sp.id_to_piece(i)
+            for i in range(sp.get_piece_size())
+            if sp.is_control(i) and sp.id_to_piece(i) != EOT
+        ],
     }
 
 
 def check_sources(model_file: Path, tokenizer_dir: Path) -> None:
     """Raise ConfigError, cheaply and before any work, unless both sources are there and exportable."""
     if not Path(model_file).is_file():
-        raise ConfigError(f"model file {model_file} does not exist: pass --model with a model.pt written by "
-                          "pretraining or fine-tuning")
+        raise ConfigError(
+            f"model file {model_file} does not exist: pass --model with a model.pt written by "
+            "pretraining or fine-tuning"
+        )
     _require_bpe_tokenizer(Path(tokenizer_dir))
 
 
@@ -186,29 +215,39 @@ def _load_model_file(model_file: Path) -> tuple[GPTConfig, dict[str, torch.Tenso
         # weights_only: tensors, dicts and numbers come back; pickled code in the file never runs.
         saved = torch.load(model_file, map_location="cpu", weights_only=True)
     except (pickle.UnpicklingError, RuntimeError, EOFError) as e:
-        raise ConfigError(f"model file {model_file} is not a llmcore model ({str(e).splitlines()[0]}): pass "
-                          "--model with a model.pt written by pretraining or fine-tuning") from None
+        raise ConfigError(
+            f"model file {model_file} is not a llmcore model ({str(e).splitlines()[0]}): pass "
+            "--model with a model.pt written by pretraining or fine-tuning"
+        ) from None
     if not isinstance(saved, dict) or not {"model_config", "model"} <= set(saved):
-        raise ConfigError(f"model file {model_file} has no model_config and model weights: pass --model with a "
-                          "model.pt written by pretraining or fine-tuning (not a training checkpoint)")
+        raise ConfigError(
+            f"model file {model_file} has no model_config and model weights: pass --model with a "
+            "model.pt written by pretraining or fine-tuning (not a training checkpoint)"
+        )
     known = {f.name for f in fields(GPTConfig)}
     if unknown := sorted(set(saved["model_config"]) - known):
-        raise ConfigError(f"model file {model_file} has config fields {unknown} that a Llama config cannot "
-                          "express: export it with the llmcore version that trained it")
+        raise ConfigError(
+            f"model file {model_file} has config fields {unknown} that a Llama config cannot "
+            "express: export it with the llmcore version that trained it"
+        )
     return GPTConfig(**saved["model_config"]), saved["model"]
 
 
 def _require_bpe_tokenizer(tokenizer_dir: Path) -> None:
     manifest = tokenizer_dir / MANIFEST
     if not manifest.is_file():
-        raise ConfigError(f"no finished tokenizer in {tokenizer_dir} (no {MANIFEST}): pass --tokenizer with a "
-                          "folder written by `python -m llmcore.tokenizer train`")
+        raise ConfigError(
+            f"no finished tokenizer in {tokenizer_dir} (no {MANIFEST}): pass --tokenizer with a "
+            "folder written by `python -m llmcore.tokenizer train`"
+        )
     model_type = read_json(manifest)["config"]["model_type"]
     if model_type != "bpe":
         # Measured: 13 of 3030 varied texts segment differently, where equally scored unigram paths tie.
-        raise ConfigError(f"tokenizer {tokenizer_dir} is a {model_type} model, which Hugging Face's tokenizers "
-                          "segment differently from sentencepiece on ties: export a model trained with a "
-                          "--model-type bpe tokenizer")
+        raise ConfigError(
+            f"tokenizer {tokenizer_dir} is a {model_type} model, which Hugging Face's tokenizers "
+            "segment differently from sentencepiece on ties: export a model trained with a "
+            "--model-type bpe tokenizer"
+        )
 
 
 def export_hf(model_file: Path, tokenizer_dir: Path, out_dir: Path) -> dict[str, Any]:
@@ -222,15 +261,19 @@ def export_hf(model_file: Path, tokenizer_dir: Path, out_dir: Path) -> dict[str,
     try:
         from safetensors.torch import save_file  # an optional dependency: only export needs it
     except ImportError:
-        raise ConfigError("exporting needs the safetensors package: pip install 'llm-pipeline[export]'") from None
+        raise ConfigError(
+            "exporting needs the safetensors package: pip install 'llm-pipeline[export]'"
+        ) from None
 
     model_file, tokenizer_dir, out_dir = Path(model_file), Path(tokenizer_dir), Path(out_dir)
     check_sources(model_file, tokenizer_dir)
     config, state = _load_model_file(model_file)
     tokenizer = Tokenizer.load(tokenizer_dir)
     if tokenizer.vocab_size != config.vocab_size:
-        raise ConfigError(f"model vocab_size {config.vocab_size} != tokenizer's {tokenizer.vocab_size} in "
-                          f"{tokenizer_dir}: pass the tokenizer the model was trained with")
+        raise ConfigError(
+            f"model vocab_size {config.vocab_size} != tokenizer's {tokenizer.vocab_size} in "
+            f"{tokenizer_dir}: pass the tokenizer the model was trained with"
+        )
     sp = spm.SentencePieceProcessor(model_file=str(tokenizer_dir / MODEL_FILE))
     weights = llama_state_dict(state, config)
     dtype = state["wte.weight"].dtype
@@ -238,12 +281,18 @@ def export_hf(model_file: Path, tokenizer_dir: Path, out_dir: Path) -> dict[str,
     with atomic_output_dir(out_dir) as tmp:
         save_file(weights, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         atomic_write_json(tmp / "config.json", llama_config(config, tokenizer, dtype))
-        atomic_write_json(tmp / "generation_config.json", {
-            "bos_token_id": tokenizer.eot_id, "eos_token_id": [tokenizer.eot_id, tokenizer.end_id],
-            "pad_token_id": tokenizer.eot_id})
+        atomic_write_json(
+            tmp / "generation_config.json",
+            {
+                "bos_token_id": tokenizer.eot_id,
+                "eos_token_id": [tokenizer.eot_id, tokenizer.end_id],
+                "pad_token_id": tokenizer.eot_id,
+            },
+        )
         # ensure_ascii off: pieces are text, and the file stays readable
-        (tmp / "tokenizer.json").write_text(json.dumps(tokenizer_json(sp), ensure_ascii=False),
-                                            encoding="utf-8")
+        (tmp / "tokenizer.json").write_text(
+            json.dumps(tokenizer_json(sp), ensure_ascii=False), encoding="utf-8"
+        )
         atomic_write_json(tmp / "tokenizer_config.json", tokenizer_config(sp, config.block_size))
         shutil.copyfile(tokenizer_dir / MODEL_FILE, tmp / MODEL_FILE)
         manifest = {
@@ -256,8 +305,11 @@ def export_hf(model_file: Path, tokenizer_dir: Path, out_dir: Path) -> dict[str,
             "tokenizer_digest": file_digest(tokenizer_dir / MODEL_FILE),
             "eot_id": tokenizer.eot_id,
             "end_id": tokenizer.end_id,
-            "versions": {"torch": torch.__version__.split("+")[0], "sentencepiece": spm.__version__,
-                         "safetensors": _version("safetensors")},
+            "versions": {
+                "torch": torch.__version__.split("+")[0],
+                "sentencepiece": spm.__version__,
+                "safetensors": _version("safetensors"),
+            },
         }
         atomic_write_json(tmp / MANIFEST, manifest)
     return manifest
@@ -271,7 +323,9 @@ def _version(package: str) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
-        prog="python -m llmcore.export", description="Export a model and its tokenizer as a Hugging Face Llama folder.")
+        prog="python -m llmcore.export",
+        description="Export a model and its tokenizer as a Hugging Face Llama folder.",
+    )
     parser.add_argument("--model", type=Path, required=True, help="model.pt from pretraining or fine-tuning")
     parser.add_argument("--tokenizer", type=Path, required=True, help="tokenizer folder used in training")
     parser.add_argument("--out", type=Path, required=True, help="folder to write (replaced if it exists)")

@@ -43,12 +43,21 @@ def finetune(
     model = load_model(base_model)
     block = model.config.block_size
     if max_length is not None and not (0 < max_length <= block):
-        raise ConfigError(f"context length {max_length} does not fit the model, which supports 1..{block}: "
-                          f"pass --max-length <= {block}")
+        raise ConfigError(
+            f"context length {max_length} does not fit the model, which supports 1..{block}: "
+            f"pass --max-length <= {block}"
+        )
     max_length = max_length or block
-    tracker.log_params({"finetune": asdict(config) | {"max_length": max_length, "base_model": str(base_model)}})
-    inputs = {"base_model": file_digest(Path(base_model)), "sft_data": read_json(Path(sft_dir) / MANIFEST)["content_digest"]
-              if is_finished(Path(sft_dir)) else None, "max_length": max_length}
+    tracker.log_params(
+        {"finetune": asdict(config) | {"max_length": max_length, "base_model": str(base_model)}}
+    )
+    inputs = {
+        "base_model": file_digest(Path(base_model)),
+        "sft_data": read_json(Path(sft_dir) / MANIFEST)["content_digest"]
+        if is_finished(Path(sft_dir))
+        else None,
+        "max_length": max_length,
+    }
     if is_finished(out_dir):
         manifest = read_json(out_dir / MANIFEST)
         require_same_run(out_dir, manifest["identity"], run_identity(model.config, config, inputs))
@@ -58,20 +67,50 @@ def finetune(
     tokenizer = Tokenizer.load(tokenizer_dir)
     train_batches = sft_batches(sft_dir, "train", tokenizer, max_length, config.batch_size, config.seed)
     val_batches = sft_batches(sft_dir, "validation", tokenizer, max_length, config.batch_size, config.seed)
-    log.info("finetune: %d train / %d validation pairs, %d steps; %d train pairs cut to %d tokens (end kept), "
-             "%.0f%% of positions train", train_batches.num_rows, val_batches.num_rows, config.total_steps(max_length),
-             train_batches.info["rows_cut"], max_length, 100 * train_batches.info["trained_fraction"])
-    tracker.log_metrics({"finetune/train_pairs": train_batches.num_rows, "finetune/validation_pairs": val_batches.num_rows,
-                         "finetune/train_pairs_cut": train_batches.info["rows_cut"],
-                         "finetune/trained_fraction": train_batches.info["trained_fraction"]})
+    log.info(
+        "finetune: %d train / %d validation pairs, %d steps; %d train pairs cut to %d tokens (end kept), "
+        "%.0f%% of positions train",
+        train_batches.num_rows,
+        val_batches.num_rows,
+        config.total_steps(max_length),
+        train_batches.info["rows_cut"],
+        max_length,
+        100 * train_batches.info["trained_fraction"],
+    )
+    tracker.log_metrics(
+        {
+            "finetune/train_pairs": train_batches.num_rows,
+            "finetune/validation_pairs": val_batches.num_rows,
+            "finetune/train_pairs_cut": train_batches.info["rows_cut"],
+            "finetune/trained_fraction": train_batches.info["trained_fraction"],
+        }
+    )
     model.train()
-    metrics = fit(model, train_batches, val_batches.in_order(config.eval_batches), config, out_dir / "checkpoints",
-                  tracker=tracker, stage="finetune", sequence_length=max_length, inputs=inputs)
+    metrics = fit(
+        model,
+        train_batches,
+        val_batches.in_order(config.eval_batches),
+        config,
+        out_dir / "checkpoints",
+        tracker=tracker,
+        stage="finetune",
+        sequence_length=max_length,
+        inputs=inputs,
+    )
     model_sha256 = save_model(out_dir / "model.pt", model.to("cpu"), extra={"chat": True})
-    manifest = {"stage": "finetune", "model": "model.pt", "model_sha256": model_sha256, "base_model": str(Path(base_model).resolve()),
-                "model_config": asdict(model.config), "train_config": asdict(config), "max_length": max_length,
-                "metrics": metrics, "identity": run_identity(model.config, config, inputs), "tokenizer_dir": str(Path(tokenizer_dir).resolve()),
-                "sft_dir": str(Path(sft_dir).resolve())}
+    manifest = {
+        "stage": "finetune",
+        "model": "model.pt",
+        "model_sha256": model_sha256,
+        "base_model": str(Path(base_model).resolve()),
+        "model_config": asdict(model.config),
+        "train_config": asdict(config),
+        "max_length": max_length,
+        "metrics": metrics,
+        "identity": run_identity(model.config, config, inputs),
+        "tokenizer_dir": str(Path(tokenizer_dir).resolve()),
+        "sft_dir": str(Path(sft_dir).resolve()),
+    }
     atomic_write_json(out_dir / MANIFEST, manifest)
     return manifest
 
@@ -88,8 +127,14 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     train_args = {k: v for k, v in args.items() if k in TrainConfig.__dataclass_fields__ and v is not None}
     try:
-        manifest = finetune(args["base"], args["tokenizer"], args["sft"], replace(TrainConfig(), **train_args),
-                            args["out"], args["max_length"])
+        manifest = finetune(
+            args["base"],
+            args["tokenizer"],
+            args["sft"],
+            replace(TrainConfig(), **train_args),
+            args["out"],
+            args["max_length"],
+        )
     except ConfigError as error:
         parser.error(str(error))
     print({k: round(v, 4) for k, v in manifest["metrics"].items()})

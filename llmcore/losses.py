@@ -25,7 +25,11 @@ def token_loss(
     was_training = model.training
     model.eval()
     loss_sum, tokens, bits_sum, byte_sum = 0.0, 0, 0.0, 0
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
+    autocast = (
+        torch.autocast("cuda", dtype=torch.bfloat16)
+        if device.type == "cuda"
+        else torch.autocast("cpu", enabled=False)
+    )
     for x, y in batches:
         x, y = x.to(device), y.to(device)
         with autocast:

@@ -53,20 +53,26 @@ def num_params(config: GPTConfig) -> int:
     return config.n_layer * (attention + mlp + 2 * c) + embeddings + c
 
 
-def training_bytes(config: GPTConfig, batch_size: int, sequence_length: int, device: torch.device) -> Estimate:
+def training_bytes(
+    config: GPTConfig, batch_size: int, sequence_length: int, device: torch.device
+) -> Estimate:
     """Estimated peak memory of one optimizer step on micro-batches of batch_size x sequence_length."""
     tokens = batch_size * sequence_length
     activation_bytes = 2 if device.type == "cuda" else 4  # bf16 autocast on CUDA, fp32 elsewhere
     width_vectors = config.n_layer * PER_BLOCK + OUTSIDE_BLOCKS
-    return Estimate(states=16 * num_params(config),
-                    activations=tokens * width_vectors * config.n_embd * activation_bytes,
-                    logits=tokens * PER_VOCAB * config.vocab_size * 4)  # the model returns float32 logits
+    return Estimate(
+        states=16 * num_params(config),
+        activations=tokens * width_vectors * config.n_embd * activation_bytes,
+        logits=tokens * PER_VOCAB * config.vocab_size * 4,
+    )  # the model returns float32 logits
 
 
 def _cgroup_free() -> int | None:
     """Bytes left under this process's cgroup memory limit (v2, then v1); None without a limit."""
-    for limit, usage in (("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current"),
-                         ("/sys/fs/cgroup/memory/memory.limit_in_bytes", "/sys/fs/cgroup/memory/memory.usage_in_bytes")):
+    for limit, usage in (
+        ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current"),
+        ("/sys/fs/cgroup/memory/memory.limit_in_bytes", "/sys/fs/cgroup/memory/memory.usage_in_bytes"),
+    ):
         try:
             cap, used = Path(limit).read_text().strip(), Path(usage).read_text().strip()
         except OSError:
@@ -94,18 +100,25 @@ def _gib(n: int) -> str:
     return f"{n / 2**30:.1f} GiB"
 
 
-def require_fits(config: GPTConfig, batch_size: int, sequence_length: int, device: torch.device,
-                 stage: str = "training") -> Estimate:
+def require_fits(
+    config: GPTConfig, batch_size: int, sequence_length: int, device: torch.device, stage: str = "training"
+) -> Estimate:
     """ConfigError, naming what to lower, unless one training step fits the memory free on `device`."""
     estimate = training_bytes(config, batch_size, sequence_length, device)
     free = available_bytes(device)
     if estimate.total > free:
-        fits = max(0, int(batch_size * (free - estimate.states - FIXED) / (estimate.total - estimate.states - FIXED)))
+        fits = max(
+            0, int(batch_size * (free - estimate.states - FIXED) / (estimate.total - estimate.states - FIXED))
+        )
         raise ConfigError(
-            f"{stage} needs about {_gib(estimate.total)} on {device} (batch {batch_size} x {sequence_length} tokens: "
-            f"{_gib(estimate.activations + estimate.logits)} activations and logits, {_gib(estimate.states)} weights "
-            f"and optimizer) but {_gib(free)} is free: lower --batch-size (to {fits} or less) or --block-size, "
-            "or raise --grad-accum-steps to keep the tokens per step")
+            f"{stage} needs about {_gib(estimate.total)} on {device} "
+            f"(batch {batch_size} x {sequence_length} tokens: "
+            f"{_gib(estimate.activations + estimate.logits)} activations and logits, "
+            f"{_gib(estimate.states)} weights "
+            f"and optimizer) but {_gib(free)} is free: lower --batch-size (to {fits} or less) "
+            f"or --block-size, "
+            "or raise --grad-accum-steps to keep the tokens per step"
+        )
     return estimate
 
 
@@ -125,8 +138,10 @@ def main(argv: list[str] | None = None) -> None:
         estimate = training_bytes(config, batch_size, config.block_size, device)
     except ConfigError as error:
         parser.error(str(error))
-    print(f"{num_params(config):,} parameters; estimated peak {_gib(estimate.total)} ({estimate}); "
-          f"free on {device}: {_gib(available_bytes(device))}")
+    print(
+        f"{num_params(config):,} parameters; estimated peak {_gib(estimate.total)} ({estimate}); "
+        f"free on {device}: {_gib(available_bytes(device))}"
+    )
 
 
 if __name__ == "__main__":

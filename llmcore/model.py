@@ -51,14 +51,20 @@ class GPTConfig:
                 raise ConfigError(f"n_kv_head must be an integer, got {self.n_kv_head!r}: pass --n-kv-head N")
             require_positive("n_kv_head", self.n_kv_head)
         if self.n_embd % self.n_head:
-            raise ConfigError(f"n_head must divide n_embd (got n_embd={self.n_embd}, n_head={self.n_head}): "
-                              "pass --n-head that divides --n-embd")
+            raise ConfigError(
+                f"n_head must divide n_embd (got n_embd={self.n_embd}, n_head={self.n_head}): "
+                "pass --n-head that divides --n-embd"
+            )
         if self.n_head % self.kv_heads:
-            raise ConfigError(f"n_kv_head must divide n_head (got n_head={self.n_head}, n_kv_head={self.n_kv_head}): "
-                              "pass --n-kv-head that divides --n-head")
+            raise ConfigError(
+                f"n_kv_head must divide n_head (got n_head={self.n_head}, n_kv_head={self.n_kv_head}): "
+                "pass --n-kv-head that divides --n-head"
+            )
         if self.head_dim % 2:
-            raise ConfigError(f"head size n_embd/n_head must be even for rotary embeddings (got {self.n_embd}/"
-                              f"{self.n_head}={self.head_dim}): pass --n-embd and --n-head with an even quotient")
+            raise ConfigError(
+                f"head size n_embd/n_head must be even for rotary embeddings (got {self.n_embd}/"
+                f"{self.n_head}={self.head_dim}): pass --n-embd and --n-head with an even quotient"
+            )
 
     # Derived sizes: computed here and nowhere else.
     @property
@@ -85,13 +91,16 @@ class KVCache:
     from its queries and overwritten as it continues, so rows of different lengths share one batch.
     """
 
-    def __init__(self, config: GPTConfig, batch_size: int, max_len: int, device: torch.device | str,
-                 dtype: torch.dtype) -> None:
+    def __init__(
+        self, config: GPTConfig, batch_size: int, max_len: int, device: torch.device | str, dtype: torch.dtype
+    ) -> None:
         require_positive("batch_size", batch_size)
         require_positive("max_len", max_len)
         if max_len > config.block_size:
-            raise ConfigError(f"cache length {max_len} is longer than the model supports (block_size "
-                              f"{config.block_size}): pass max_len <= {config.block_size}")
+            raise ConfigError(
+                f"cache length {max_len} is longer than the model supports (block_size "
+                f"{config.block_size}): pass max_len <= {config.block_size}"
+            )
         shape = (config.n_layer, batch_size, config.kv_heads, max_len, config.head_dim)
         self.k = torch.zeros(shape, device=device, dtype=dtype)
         self.v = torch.zeros(shape, device=device, dtype=dtype)
@@ -112,7 +121,7 @@ class KVCache:
         """Store `layer`'s new keys/values (B, n_kv_head, T, hd) at each row's slots; return keys 0.._end."""
         self.k[layer][self._rows, :, self._slots] = k.transpose(1, 2)  # (B, T, nkv, hd) into (B, nkv, L, hd)
         self.v[layer][self._rows, :, self._slots] = v.transpose(1, 2)
-        return self.k[layer, :, :, :self._end], self.v[layer, :, :, :self._end]
+        return self.k[layer, :, :, : self._end], self.v[layer, :, :, : self._end]
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -136,11 +145,19 @@ class CausalSelfAttention(nn.Module):
         self.c_attn = nn.Linear(config.n_embd, (self.n_head + 2 * self.n_kv_head) * self.head_dim, bias=False)
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=False)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv_cache: KVCache | None,
-                mask: torch.Tensor | None) -> torch.Tensor:
+    def forward(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        kv_cache: KVCache | None,
+        mask: torch.Tensor | None,
+    ) -> torch.Tensor:
         B, T, C = x.size()
         q, k, v = self.c_attn(x).split(
-            [self.n_head * self.head_dim, self.n_kv_head * self.head_dim, self.n_kv_head * self.head_dim], dim=-1)
+            [self.n_head * self.head_dim, self.n_kv_head * self.head_dim, self.n_kv_head * self.head_dim],
+            dim=-1,
+        )
         q = q.view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, nh, T, hd)
         k = k.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, nkv, T, hd)
         v = v.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, nkv, T, hd)
@@ -174,8 +191,14 @@ class Block(nn.Module):
         self.norm_2 = nn.RMSNorm(config.n_embd)
         self.mlp = MLP(config)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv_cache: KVCache | None,
-                mask: torch.Tensor | None) -> torch.Tensor:
+    def forward(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        kv_cache: KVCache | None,
+        mask: torch.Tensor | None,
+    ) -> torch.Tensor:
         x = x + self.attn(self.norm_1(x), cos, sin, kv_cache, mask)
         return x + self.mlp(self.norm_2(x))
 
@@ -194,7 +217,9 @@ class GPT(nn.Module):
         # Rotary tables: derived from the config, so not saved in checkpoints.
         exponents = torch.arange(0, config.head_dim, 2, dtype=torch.float32) / config.head_dim
         inv_freq = 1.0 / config.rope_theta**exponents  # (hd/2,)
-        angles = torch.outer(torch.arange(config.block_size, dtype=torch.float32), inv_freq)  # (block_size, hd/2)
+        angles = torch.outer(
+            torch.arange(config.block_size, dtype=torch.float32), inv_freq
+        )  # (block_size, hd/2)
         # (cos, cos) and (-sin, sin) over the two halves of a head: see apply_rotary
         cos, sin = angles.cos(), angles.sin()
         self.register_buffer("cos", torch.cat([cos, cos], dim=-1), persistent=False)  # (block_size, hd)
@@ -211,12 +236,19 @@ class GPT(nn.Module):
         if isinstance(module, (nn.Linear, nn.Embedding)):
             nn.init.normal_(module.weight, mean=0.0, std=0.02)
 
-    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, *, kv_cache: KVCache | None = None,
-                reduction: str = "mean",
-                only: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def forward(
+        self,
+        idx: torch.Tensor,
+        targets: torch.Tensor | None = None,
+        *,
+        kv_cache: KVCache | None = None,
+        reduction: str = "mean",
+        only: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Logits (B, T, vocab) in float32 and, given targets (B, T; -100 = ignore), the loss.
 
-        reduction "mean" averages over the targets that are not ignored; "none" gives the loss per token (B, T).
+        reduction "mean" averages over the targets that are not ignored; "none" gives the loss per token
+        (B, T).
         With a `kv_cache`, each row of `idx` continues from that row's cache position, advanced past it.
         `only` (B,), without targets: the logits (B, 1, vocab) of one position per row, e.g. the last of each
         prompt in a prefill, sparing the output projection of every other position.
@@ -225,12 +257,16 @@ class GPT(nn.Module):
         B, T = idx.size()
         end = T if kv_cache is None else int(kv_cache.pos.max()) + T  # the furthest position reached
         if end > self.config.block_size:
-            raise ConfigError(f"context length {end} is longer than the model supports (block_size "
-                              f"{self.config.block_size}): shorten the input or pass --block-size >= {end}")
+            raise ConfigError(
+                f"context length {end} is longer than the model supports (block_size "
+                f"{self.config.block_size}): shorten the input or pass --block-size >= {end}"
+            )
         if kv_cache is not None and (kv_cache.k.size(1) != B or end > kv_cache.k.size(3)):
-            raise ConfigError(f"input of batch {B} reaching position {end} does not fit a cache of batch "
-                              f"{kv_cache.k.size(1)} and length {kv_cache.k.size(3)}: "
-                              "build a KVCache that fits")
+            raise ConfigError(
+                f"input of batch {B} reaching position {end} does not fit a cache of batch "
+                f"{kv_cache.k.size(1)} and length {kv_cache.k.size(3)}: "
+                "build a KVCache that fits"
+            )
 
         mask = None
         if kv_cache is None:
@@ -249,7 +285,9 @@ class GPT(nn.Module):
 
         if targets is None:
             return logits, None
-        loss = F.cross_entropy(logits.view(B * T, -1), targets.reshape(B * T), ignore_index=-100, reduction=reduction)
+        loss = F.cross_entropy(
+            logits.view(B * T, -1), targets.reshape(B * T), ignore_index=-100, reduction=reduction
+        )
         return logits, loss if reduction == "mean" else loss.view(B, T)
 
     def num_params(self, exclude_embeddings: bool = False) -> int:
@@ -261,7 +299,8 @@ class GPT(nn.Module):
         return n - self.wte.weight.numel() if exclude_embeddings else n
 
     def flops_per_token(self) -> float:
-        """Training flops (forward + backward) per token at full context: 6N + 12 * L * H * Q * T (PaLM, app. B).
+        """Training flops (forward + backward) per token at full context: 6N + 12 * L * H * Q * T
+        (PaLM, app. B).
 
         N counts the weights used in matmuls: every linear layer including the output projection (tied or
         not), but not the embedding lookup or the norms. The second term is attention's QK^T and AV.
@@ -272,8 +311,10 @@ class GPT(nn.Module):
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(prog="python -m llmcore.model",
-                                description="Print a GPT configuration's derived sizes, parameters and flops/token.")
+    p = argparse.ArgumentParser(
+        prog="python -m llmcore.model",
+        description="Print a GPT configuration's derived sizes, parameters and flops/token.",
+    )
     p.add_argument("--vocab-size", type=int, required=True)
     p.add_argument("--block-size", type=int, default=GPTConfig.block_size)
     p.add_argument("--n-layer", type=int, default=GPTConfig.n_layer)
@@ -281,7 +322,9 @@ def main() -> None:
     p.add_argument("--n-kv-head", type=int, default=GPTConfig.n_kv_head)
     p.add_argument("--n-embd", type=int, default=GPTConfig.n_embd)
     p.add_argument("--rope-theta", type=float, default=GPTConfig.rope_theta)
-    p.add_argument("--tie-embeddings", action=argparse.BooleanOptionalAction, default=GPTConfig.tie_embeddings)
+    p.add_argument(
+        "--tie-embeddings", action=argparse.BooleanOptionalAction, default=GPTConfig.tie_embeddings
+    )
     args = p.parse_args()
     try:
         config = GPTConfig(**vars(args))
@@ -291,7 +334,10 @@ def main() -> None:
         model = GPT(config)
     print(config)
     print(f"head_dim={config.head_dim} n_kv_head={config.kv_heads} mlp_hidden={config.mlp_hidden}")
-    print(f"parameters: {model.num_params():,} ({model.num_params(exclude_embeddings=True):,} without embeddings)")
+    print(
+        f"parameters: {model.num_params():,} "
+        f"({model.num_params(exclude_embeddings=True):,} without embeddings)"
+    )
     print(f"flops/token: {model.flops_per_token():.4g}")
 
 

@@ -38,8 +38,10 @@ class Preset:
 
     def __post_init__(self):
         if self.model.vocab_size != self.tokenizer.vocab_size:
-            raise ConfigError(f"preset {self.name}: model vocab_size {self.model.vocab_size} != tokenizer "
-                              f"vocab_size {self.tokenizer.vocab_size}: set both with --vocab-size")
+            raise ConfigError(
+                f"preset {self.name}: model vocab_size {self.model.vocab_size} != tokenizer "
+                f"vocab_size {self.tokenizer.vocab_size}: set both with --vocab-size"
+            )
 
 
 def tiny() -> Preset:
@@ -50,11 +52,27 @@ def tiny() -> Preset:
         corpus=CorpusConfig(source="stdlib", max_bytes=1_000_000),
         tokenizer=tokenizer,
         model=GPTConfig(vocab_size=tokenizer.vocab_size, block_size=64, n_layer=1, n_head=2, n_embd=64),
-        pretrain=TrainConfig(max_steps=30, batch_size=8, learning_rate=3e-3, warmup_steps=5,
-                             eval_interval=15, eval_batches=2, checkpoint_interval=15, log_interval=5),
+        pretrain=TrainConfig(
+            max_steps=30,
+            batch_size=8,
+            learning_rate=3e-3,
+            warmup_steps=5,
+            eval_interval=15,
+            eval_batches=2,
+            checkpoint_interval=15,
+            log_interval=5,
+        ),
         sft_data=SFTDataConfig(max_response_chars=600),
-        finetune=TrainConfig(max_steps=6, batch_size=8, learning_rate=1e-3, warmup_steps=2,
-                             eval_interval=6, eval_batches=2, checkpoint_interval=6, log_interval=2),
+        finetune=TrainConfig(
+            max_steps=6,
+            batch_size=8,
+            learning_rate=1e-3,
+            warmup_steps=2,
+            eval_interval=6,
+            eval_batches=2,
+            checkpoint_interval=6,
+            log_interval=2,
+        ),
         evaluation=EvalConfig(max_tokens=4096),
         prompts=PromptConfig(num_prompts=2),
         sampling=SamplingConfig(max_new_tokens=16, temperature=0.8),
@@ -69,11 +87,27 @@ def smoke() -> Preset:
         corpus=CorpusConfig(source="stdlib"),
         tokenizer=tokenizer,
         model=GPTConfig(vocab_size=tokenizer.vocab_size, block_size=128, n_layer=2, n_head=4, n_embd=128),
-        pretrain=TrainConfig(max_steps=1000, batch_size=16, learning_rate=3e-3, warmup_steps=50,
-                             eval_interval=250, eval_batches=8, checkpoint_interval=250, log_interval=10),
+        pretrain=TrainConfig(
+            max_steps=1000,
+            batch_size=16,
+            learning_rate=3e-3,
+            warmup_steps=50,
+            eval_interval=250,
+            eval_batches=8,
+            checkpoint_interval=250,
+            log_interval=10,
+        ),
         sft_data=SFTDataConfig(max_response_chars=1200),
-        finetune=TrainConfig(max_steps=120, batch_size=16, learning_rate=1e-3, warmup_steps=10,
-                             eval_interval=60, eval_batches=8, checkpoint_interval=60, log_interval=20),
+        finetune=TrainConfig(
+            max_steps=120,
+            batch_size=16,
+            learning_rate=1e-3,
+            warmup_steps=10,
+            eval_interval=60,
+            eval_batches=8,
+            checkpoint_interval=60,
+            log_interval=20,
+        ),
         evaluation=EvalConfig(max_tokens=32_768),
         prompts=PromptConfig(num_prompts=4),
         sampling=SamplingConfig(max_new_tokens=48, temperature=0.8),
@@ -88,11 +122,27 @@ def cpu() -> Preset:
         corpus=CorpusConfig(source="stdlib"),
         tokenizer=tokenizer,
         model=GPTConfig(vocab_size=tokenizer.vocab_size, block_size=256, n_layer=4, n_head=4, n_embd=256),
-        pretrain=TrainConfig(max_steps=2000, batch_size=16, learning_rate=2e-3, warmup_steps=100,
-                             eval_interval=250, eval_batches=16, checkpoint_interval=250, log_interval=25),
+        pretrain=TrainConfig(
+            max_steps=2000,
+            batch_size=16,
+            learning_rate=2e-3,
+            warmup_steps=100,
+            eval_interval=250,
+            eval_batches=16,
+            checkpoint_interval=250,
+            log_interval=25,
+        ),
         sft_data=SFTDataConfig(max_response_chars=2000),
-        finetune=TrainConfig(max_steps=300, batch_size=16, learning_rate=5e-4, warmup_steps=20,
-                             eval_interval=100, eval_batches=16, checkpoint_interval=100, log_interval=25),
+        finetune=TrainConfig(
+            max_steps=300,
+            batch_size=16,
+            learning_rate=5e-4,
+            warmup_steps=20,
+            eval_interval=100,
+            eval_batches=16,
+            checkpoint_interval=100,
+            log_interval=25,
+        ),
         evaluation=EvalConfig(max_tokens=262_144),
         prompts=PromptConfig(num_prompts=8),
         sampling=SamplingConfig(max_new_tokens=128, temperature=0.8),
@@ -106,14 +156,36 @@ def gpu() -> Preset:
         description="a ~124M-parameter GPT (GPT-2 small shape) for one GPU; point --corpus at real data",
         corpus=CorpusConfig(source="stdlib"),
         tokenizer=tokenizer,
-        model=GPTConfig(vocab_size=tokenizer.vocab_size, block_size=1024, n_layer=12, n_head=12, n_embd=768,
-                        tie_embeddings=True),
-        pretrain=TrainConfig(max_steps=5000, batch_size=32, grad_accum_steps=4, learning_rate=6e-4,
-                             warmup_steps=200, eval_interval=250, eval_batches=32, checkpoint_interval=500,
-                             log_interval=10),
+        model=GPTConfig(
+            vocab_size=tokenizer.vocab_size,
+            block_size=1024,
+            n_layer=12,
+            n_head=12,
+            n_embd=768,
+            tie_embeddings=True,
+        ),
+        pretrain=TrainConfig(
+            max_steps=5000,
+            batch_size=32,
+            grad_accum_steps=4,
+            learning_rate=6e-4,
+            warmup_steps=200,
+            eval_interval=250,
+            eval_batches=32,
+            checkpoint_interval=500,
+            log_interval=10,
+        ),
         sft_data=SFTDataConfig(max_response_chars=4000),
-        finetune=TrainConfig(max_steps=500, batch_size=32, learning_rate=1e-4, warmup_steps=50,
-                             eval_interval=100, eval_batches=16, checkpoint_interval=250, log_interval=10),
+        finetune=TrainConfig(
+            max_steps=500,
+            batch_size=32,
+            learning_rate=1e-4,
+            warmup_steps=50,
+            eval_interval=100,
+            eval_batches=16,
+            checkpoint_interval=250,
+            log_interval=10,
+        ),
         evaluation=EvalConfig(max_tokens=1_048_576, batch_size=16),
         prompts=PromptConfig(num_prompts=16),
         sampling=SamplingConfig(max_new_tokens=256, temperature=0.8),
@@ -131,5 +203,8 @@ def get_preset(name: str) -> Preset:
 
 def with_vocab_size(preset: Preset, vocab_size: int) -> Preset:
     """Change the vocabulary in both places it lives, the tokenizer and the model."""
-    return replace(preset, tokenizer=replace(preset.tokenizer, vocab_size=vocab_size),
-                   model=replace(preset.model, vocab_size=vocab_size))
+    return replace(
+        preset,
+        tokenizer=replace(preset.tokenizer, vocab_size=vocab_size),
+        model=replace(preset.model, vocab_size=vocab_size),
+    )

@@ -28,7 +28,9 @@ class SamplingConfig:
     max_new_tokens: int = 128  # generate at most this many tokens
     temperature: float = 0.8  # divides the logits; 0 means greedy (argmax), no randomness
     top_k: int | None = None  # keep the k most likely tokens; None = all
-    top_p: float | None = None  # nucleus: keep the smallest set with cumulative probability >= top_p; None = all
+    top_p: float | None = (
+        None  # nucleus: keep the smallest set with cumulative probability >= top_p; None = all
+    )
     seed: int = 0  # seeds the generator: the same seed gives the same output
 
     def __post_init__(self) -> None:
@@ -41,11 +43,14 @@ class SamplingConfig:
         if self.top_k is not None:
             require_positive("top_k", self.top_k)
         if self.top_p is not None and not (isinstance(self.top_p, (int, float)) and 0 < self.top_p <= 1):
-            raise ConfigError(f"top_p must be in (0, 1], got {self.top_p!r}: pass --top-p with 0 < value <= 1")
+            raise ConfigError(
+                f"top_p must be in (0, 1], got {self.top_p!r}: pass --top-p with 0 < value <= 1"
+            )
 
 
 def filter_logits(logits: torch.Tensor, top_k: int | None, top_p: float | None) -> torch.Tensor:
-    """Set to -inf every logit (..., vocab) outside the top k, then outside the top-p nucleus of what is left."""
+    """Set to -inf every logit (..., vocab) outside the top k, then outside the top-p nucleus of what is
+    left."""
     if top_k is not None and top_k < logits.size(-1):
         values, indices = torch.topk(logits, top_k, dim=-1)
         # scatter rather than compare with the k-th value, so that ties still leave exactly k tokens
@@ -59,19 +64,26 @@ def filter_logits(logits: torch.Tensor, top_k: int | None, top_p: float | None) 
     return logits
 
 
-def _next_tokens(logits: torch.Tensor, config: SamplingConfig,
-                 generators: list[torch.Generator]) -> torch.Tensor:
+def _next_tokens(
+    logits: torch.Tensor, config: SamplingConfig, generators: list[torch.Generator]
+) -> torch.Tensor:
     """Pick each row's next token (B,) from its last position's logits (B, vocab)."""
     if config.temperature == 0:
         return logits.argmax(dim=-1)
     probs = F.softmax(filter_logits(logits / config.temperature, config.top_k, config.top_p), dim=-1)
-    return torch.cat([torch.multinomial(row, 1, generator=g)
-                      for row, g in zip(probs, generators, strict=True)])
+    return torch.cat(
+        [torch.multinomial(row, 1, generator=g) for row, g in zip(probs, generators, strict=True)]
+    )
 
 
 @torch.inference_mode()
-def generate_batch(model: GPT, prompts: list[list[int]], config: SamplingConfig, stop_id: int | None = None,
-                   max_batch: int = 32) -> list[list[int]]:
+def generate_batch(
+    model: GPT,
+    prompts: list[list[int]],
+    config: SamplingConfig,
+    stop_id: int | None = None,
+    max_batch: int = 32,
+) -> list[list[int]]:
     """Continue each prompt; return, per prompt, only its new tokens, without the stop token.
 
     A row stops at `stop_id`, after `max_new_tokens`, or when its prompt plus output fill the context
@@ -81,17 +93,18 @@ def generate_batch(model: GPT, prompts: list[list[int]], config: SamplingConfig,
     """
     require_positive("max_batch", max_batch)
     if not all(prompts):
-        raise ConfigError("a prompt is empty: pass at least one token id per prompt "
-                          "(e.g. the tokenizer's BOS id)")
+        raise ConfigError(
+            "a prompt is empty: pass at least one token id per prompt (e.g. the tokenizer's BOS id)"
+        )
     block_size = model.config.block_size
-    cropped = [p[-max(block_size - 1, 1):] for p in prompts]
+    cropped = [p[-max(block_size - 1, 1) :] for p in prompts]
     order = sorted(range(len(cropped)), key=lambda i: len(cropped[i]))
     outputs: list[list[int]] = [[] for _ in prompts]
     was_training = model.training
     model.eval()
     try:
         for first in range(0, len(order), max_batch):
-            rows = order[first:first + max_batch]
+            rows = order[first : first + max_batch]
             done = _generate_rows(model, [cropped[i] for i in rows], config, stop_id)
             for i, new in zip(rows, done, strict=True):
                 outputs[i] = new
@@ -100,8 +113,9 @@ def generate_batch(model: GPT, prompts: list[list[int]], config: SamplingConfig,
     return outputs
 
 
-def _generate_rows(model: GPT, prompts: list[list[int]], config: SamplingConfig,
-                   stop_id: int | None) -> list[list[int]]:
+def _generate_rows(
+    model: GPT, prompts: list[list[int]], config: SamplingConfig, stop_id: int | None
+) -> list[list[int]]:
     """Decode one batch of prompts that fit the context (see `generate_batch`)."""
     block_size, B = model.config.block_size, len(prompts)
     param = next(model.parameters())
@@ -113,7 +127,7 @@ def _generate_rows(model: GPT, prompts: list[list[int]], config: SamplingConfig,
     cache = KVCache(model.config, batch_size=B, max_len=max_len, device=device, dtype=param.dtype)
     idx = torch.zeros(B, max(lengths), dtype=torch.long)  # (B, T): right-padded prompts
     for b, p in enumerate(prompts):
-        idx[b, :len(p)] = torch.tensor(p)
+        idx[b, : len(p)] = torch.tensor(p)
     last = torch.tensor(lengths, device=device)
     # the prefill, with logits at each row's last real position only
     logits = model(idx.to(device), kv_cache=cache, only=last - 1)[0][:, -1]  # (B, vocab)
@@ -139,8 +153,9 @@ def _generate_rows(model: GPT, prompts: list[list[int]], config: SamplingConfig,
         cache.pos -= torch.tensor(done, dtype=torch.long, device=device)
 
 
-def generate(model: GPT, prompt_ids: list[int], config: SamplingConfig,
-             stop_id: int | None = None) -> list[int]:
+def generate(
+    model: GPT, prompt_ids: list[int], config: SamplingConfig, stop_id: int | None = None
+) -> list[int]:
     """Continue one prompt: `generate_batch` with a batch of one."""
     if not prompt_ids:
         raise ConfigError("the prompt is empty: pass at least one token id (e.g. the tokenizer's BOS id)")

@@ -46,7 +46,9 @@ SOURCE_HINT = f"pass --source docstrings, hf:NAME or a {'/'.join(TABLE_SUFFIXES)
 
 @dataclass(frozen=True)
 class SFTDataConfig:
-    source: str = "docstrings"  # "docstrings" (from the ingested corpus) | a .jsonl/.csv/.parquet file | "hf:NAME"
+    source: str = (
+        "docstrings"  # "docstrings" (from the ingested corpus) | a .jsonl/.csv/.parquet file | "hf:NAME"
+    )
     prompt_column: str = "prompt"  # column holding the prompt in user data
     response_column: str = "response"  # column holding the response in user data
     validation_fraction: float = 0.05  # for user data only; docstring pairs follow the corpus split
@@ -68,11 +70,13 @@ class SFTDataConfig:
         require_positive("max_response_chars", self.max_response_chars)
         if not isinstance(self.max_response_chars, int):
             got = self.max_response_chars
-            raise ConfigError(f"max_response_chars must be a whole number, got {got!r}: pass --max-response-chars N")
+            raise ConfigError(
+                f"max_response_chars must be a whole number, got {got!r}: pass --max-response-chars N"
+            )
 
     @property
     def kind(self) -> str:
-        """"docstrings", "hf" or "file"."""
+        """ "docstrings", "hf" or "file"."""
         if self.source == "docstrings":
             return "docstrings"
         return "hf" if self.source.startswith("hf:") else "file"
@@ -116,7 +120,8 @@ def _corpus_candidates(corpus_dir: Path | None) -> tuple[list[tuple[str, str, st
     """(split, prompt, response) from the Python documents of a corpus, train first; counts; input digests."""
     if corpus_dir is None or not is_finished(corpus_dir):
         raise ConfigError(
-            f"{corpus_dir} is not a finished corpus (no {MANIFEST}): pass --corpus DIR from python -m llmcore.corpus"
+            f"{corpus_dir} is not a finished corpus (no {MANIFEST}): "
+            f"pass --corpus DIR from python -m llmcore.corpus"
         )
     candidates, parsed, failed = [], 0, 0
     for split in SPLITS:
@@ -125,7 +130,11 @@ def _corpus_candidates(corpus_dir: Path | None) -> tuple[list[tuple[str, str, st
                 continue
             try:
                 pairs = docstring_pairs(document["text"])
-            except (SyntaxError, ValueError, RecursionError):  # not Python 3, NUL bytes, nesting too deep to parse
+            except (
+                SyntaxError,
+                ValueError,
+                RecursionError,
+            ):  # not Python 3, NUL bytes, nesting too deep to parse
                 failed += 1
                 continue
             parsed += 1
@@ -136,7 +145,8 @@ def _corpus_candidates(corpus_dir: Path | None) -> tuple[list[tuple[str, str, st
 
 
 def _user_candidates(config: SFTDataConfig) -> tuple[list[tuple[str, str, str]], dict, dict]:
-    """(split, prompt, response) from a user file or HF dataset, split by the pair's hash; counts; input digests."""
+    """(split, prompt, response) from a user file or HF dataset, split by the pair's hash; counts; input
+    digests."""
     columns = {"prompt_column": config.prompt_column, "response_column": config.response_column}
     if config.kind == "hf":
         name = config.source[3:]
@@ -149,11 +159,15 @@ def _user_candidates(config: SFTDataConfig) -> tuple[list[tuple[str, str, str]],
         try:
             frame = read_table(path)
         except UnreadableFileError as e:
-            raise ConfigError(f"sft data file {path} is unreadable ({e}): pass a UTF-8 or parquet file") from e
+            raise ConfigError(
+                f"sft data file {path} is unreadable ({e}): pass a UTF-8 or parquet file"
+            ) from e
         rows = table_columns(frame, columns, f"sft data file {path}")
         inputs = {"file": str(path), "file_digest": file_digest(path)}
     fraction = config.validation_fraction
-    candidates = [("validation" if is_validation(json_digest([p, r]), fraction) else "train", p, r) for p, r in rows]
+    candidates = [
+        ("validation" if is_validation(json_digest([p, r]), fraction) else "train", p, r) for p, r in rows
+    ]
     return candidates, {"rows_read": len(rows)}, inputs
 
 
@@ -168,7 +182,8 @@ def build_sft_data(config: SFTDataConfig, corpus_dir: Path | None, out_dir: Path
     kept = {split: {} for split in SPLITS}  # split -> pair id -> pair
     seen: set[str] = set()
     empty = too_long = duplicates = 0
-    # Candidates come train first, so a pair found in both splits stays in train only: no leak into validation.
+    # Candidates come train first, so a pair found in both splits stays in train only: no leak into
+    # validation.
     for split, prompt, response in candidates:
         if not prompt.strip() or not response.strip():
             empty += 1
@@ -219,17 +234,25 @@ def read_pairs(sft_dir: Path, split: str) -> list[dict]:
     """The {"prompt", "response"} pairs of one split of a finished folder written by build_sft_data."""
     require_choice("split", split, SPLITS)
     if not is_finished(sft_dir):
-        raise ConfigError(f"{sft_dir} is not finished SFT data (no {MANIFEST}): run python -m llmcore.sft_data first")
+        raise ConfigError(
+            f"{sft_dir} is not finished SFT data (no {MANIFEST}): run python -m llmcore.sft_data first"
+        )
     with open(Path(sft_dir) / f"{split}.jsonl", encoding="utf-8") as f:
         return [json.loads(line) for line in f]
 
 
 def main(argv: list[str] | None = None) -> None:
     defaults = SFTDataConfig()
-    parser = argparse.ArgumentParser(prog="python -m llmcore.sft_data", description="Build fine-tuning pairs.")
-    parser.add_argument("--corpus", type=Path, help="folder from python -m llmcore.corpus (for --source docstrings)")
+    parser = argparse.ArgumentParser(
+        prog="python -m llmcore.sft_data", description="Build fine-tuning pairs."
+    )
+    parser.add_argument(
+        "--corpus", type=Path, help="folder from python -m llmcore.corpus (for --source docstrings)"
+    )
     parser.add_argument("--out", type=Path, required=True, help="output folder (replaced atomically)")
-    parser.add_argument("--source", default=defaults.source, help="docstrings, hf:NAME or a .jsonl/.csv/.parquet file")
+    parser.add_argument(
+        "--source", default=defaults.source, help="docstrings, hf:NAME or a .jsonl/.csv/.parquet file"
+    )
     parser.add_argument("--prompt-column", default=defaults.prompt_column)
     parser.add_argument("--response-column", default=defaults.response_column)
     parser.add_argument("--validation-fraction", type=float, default=defaults.validation_fraction)

@@ -26,13 +26,15 @@ ENCODE_HINT = "python -m llmcore.tokenizer encode --corpus DIR --tokenizer DIR -
 
 
 def token_dtype(vocab_size: int) -> np.dtype:
-    """The smallest unsigned dtype that holds every id below `vocab_size`: uint16 up to 65536 ids, else uint32."""
+    """The smallest unsigned dtype that holds every id below `vocab_size`: uint16 up to 65536 ids, else
+    uint32."""
     require_positive("vocab_size", vocab_size)
     return np.dtype(np.uint16) if vocab_size <= 2**16 else np.dtype(np.uint32)
 
 
 class ShardWriter:
-    """Appends token ids to `{split}_{k:06d}.bin` files in `folder`, starting a new file every `shard_tokens` ids.
+    """Appends token ids to `{split}_{k:06d}.bin` files in `folder`, starting a new file every
+    `shard_tokens` ids.
 
     Files are written in place: build the folder inside `atomic_output_dir` so that an interrupted run leaves
     nothing that looks finished. A split with no tokens gets no files (an empty file cannot be memory-mapped).
@@ -53,7 +55,10 @@ class ShardWriter:
         ids = np.asarray(ids).ravel()
         # astype would silently wrap an id that does not fit, corrupting the data without a trace.
         if ids.size and (ids.min() < 0 or ids.max() > np.iinfo(self.dtype).max):
-            raise ValueError(f"token ids must lie in [0, {np.iinfo(self.dtype).max}] for {self.dtype}, got {ids.min()}..{ids.max()}")
+            raise ValueError(
+                f"token ids must lie in [0, {np.iinfo(self.dtype).max}] for {self.dtype}, "
+                f"got {ids.min()}..{ids.max()}"
+            )
         ids = ids.astype(self.dtype, copy=False)
         while ids.size:
             if self._handle is None:
@@ -98,21 +103,29 @@ class TokenSplit:
 
 
 def open_split(folder: Path, split: str) -> TokenSplit:
-    """Memory-map the shards of `split` listed in `folder`'s manifest, checking each file's size against it."""
+    """Memory-map the shards of `split` listed in `folder`'s manifest, checking each file's size against
+    it."""
     folder = Path(folder)
     if not is_finished(folder):
-        raise ConfigError(f"no finished token shards in {folder} (no {MANIFEST}): run `{ENCODE_HINT} {folder}` first")
+        raise ConfigError(
+            f"no finished token shards in {folder} (no {MANIFEST}): run `{ENCODE_HINT} {folder}` first"
+        )
     manifest = read_json(folder / MANIFEST)
     splits = manifest["splits"]
     if split not in splits:
-        raise ConfigError(f"token shards in {folder} have no {split!r} split (only {', '.join(splits)}): pass one of those")
+        raise ConfigError(
+            f"token shards in {folder} have no {split!r} split (only {', '.join(splits)}): pass one of those"
+        )
     dtype = np.dtype(manifest["dtype"])
     shards = []
     for entry in splits[split]["files"]:
         path = folder / entry["file"]
         size = entry["tokens"] * dtype.itemsize
         if not path.is_file() or path.stat().st_size != size:
-            raise ConfigError(f"shard {path} is missing or not the {size} bytes its manifest says: rerun `{ENCODE_HINT} {folder}`")
+            raise ConfigError(
+                f"shard {path} is missing or not the {size} bytes its manifest says: "
+                f"rerun `{ENCODE_HINT} {folder}`"
+            )
         verify_digest(path, entry.get("sha256"), folder / MANIFEST, f"rerun `{ENCODE_HINT} {folder}`")
         shards.append(np.memmap(path, dtype=dtype, mode="r"))
     return TokenSplit(shards=shards, num_tokens=sum(len(s) for s in shards))
@@ -130,6 +143,7 @@ def main(argv: list[str] | None = None) -> None:
         parser.exit(2, f"error: {e}\n")
     head = data.shards[0][: args.head].tolist() if data.shards else []
     print(f"{args.split}: {data.num_tokens} tokens in {len(data.shards)} files, first ids {head}")
+
 
 if __name__ == "__main__":
     main()

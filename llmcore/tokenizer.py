@@ -21,8 +21,15 @@ from pathlib import Path
 import numpy as np
 import sentencepiece as spm
 
-from llmcore.artifacts import (MANIFEST, atomic_output_dir, atomic_write_json, file_digest, is_finished, read_json,
-                               verify_digest)
+from llmcore.artifacts import (
+    MANIFEST,
+    atomic_output_dir,
+    atomic_write_json,
+    file_digest,
+    is_finished,
+    read_json,
+    verify_digest,
+)
 from llmcore.cli import add_config_flags
 from llmcore.corpus import SPLITS, corpus_digest, read_documents
 from llmcore.errors import ConfigError, require_choice, require_non_negative, require_positive
@@ -94,7 +101,10 @@ class Tokenizer:
         self.vocab_size: int = processor.get_piece_size()
         ids = [processor.piece_to_id(symbol) for symbol in CONTROL_SYMBOLS]
         if not all(processor.is_control(i) for i in ids):
-            raise ConfigError("tokenizer model lacks the control symbols of llmcore.tokenizer: retrain it with `python -m llmcore.tokenizer train`")
+            raise ConfigError(
+                "tokenizer model lacks the control symbols of llmcore.tokenizer: "
+                "retrain it with `python -m llmcore.tokenizer train`"
+            )
         self.eot_id, self.user_id, self.assistant_id, self.end_id = ids
         self._space_bytes = [processor.piece_to_id(f"<0x{b:02X}>") for b in _SPACE.encode()]
         self._threads = _threads(0)
@@ -110,13 +120,18 @@ class Tokenizer:
         model = path / MODEL_FILE if path.is_dir() else path
         retrain = f"retrain it with `python -m llmcore.tokenizer train --corpus DIR --out {model.parent}`"
         if not model.is_file():
-            raise ConfigError(f"no tokenizer model at {model}: run `python -m llmcore.tokenizer train --corpus DIR --out DIR` first")
+            raise ConfigError(
+                f"no tokenizer model at {model}: "
+                f"run `python -m llmcore.tokenizer train --corpus DIR --out DIR` first"
+            )
         if (manifest := model.with_name(MANIFEST)).is_file():
             verify_digest(model, read_json(manifest).get("tokenizer_digest"), manifest, retrain)
         try:
             processor = spm.SentencePieceProcessor(model_file=str(model))
         except (RuntimeError, OSError) as error:
-            raise ConfigError(f"{model} is not a sentencepiece model ({str(error).splitlines()[0][:80]}): {retrain}") from None
+            raise ConfigError(
+                f"{model} is not a sentencepiece model ({str(error).splitlines()[0][:80]}): {retrain}"
+            ) from None
         return cls(processor)
 
     def encode(self, text: str) -> list[int]:
@@ -146,7 +161,11 @@ class Tokenizer:
         sp = self._sp
         return np.array(
             [
-                1 if sp.is_byte(i) else 0 if sp.is_control(i) or sp.is_unknown(i) else len(sp.id_to_piece(i).replace(_SPACE, " ").encode())
+                1
+                if sp.is_byte(i)
+                else 0
+                if sp.is_control(i) or sp.is_unknown(i)
+                else len(sp.id_to_piece(i).replace(_SPACE, " ").encode())
                 for i in range(self.vocab_size)
             ],
             dtype=np.int64,
@@ -210,8 +229,13 @@ class _DocumentEncoder:
         if self.pieces:
             eot = np.array([self.tokenizer.eot_id], dtype=self.dtype)
             ids = self.tokenizer.encode_batch(self.pieces)
-            parts = [part for piece, end in zip(ids, self.ends)
-                     for part in ((np.array(piece, dtype=self.dtype), eot) if end else (np.array(piece, dtype=self.dtype),))]
+            parts = [
+                part
+                for piece, end in zip(ids, self.ends, strict=True)
+                for part in (
+                    (np.array(piece, dtype=self.dtype), eot) if end else (np.array(piece, dtype=self.dtype),)
+                )
+            ]
             del ids
             self.pieces, self.ends, self.size = [], [], 0
             yield np.concatenate(parts)
@@ -291,7 +315,8 @@ def train_tokenizer(corpus_dir: Path, out_dir: Path, config: TokenizerConfig) ->
     # A corpus smaller than the vocabulary cannot fill it; say so before sentencepiece starts.
     if (seen := _train_bytes_at_least(corpus_dir, config.vocab_size)) < config.vocab_size:
         raise ConfigError(
-            f"corpus {corpus_dir} has {seen} bytes of training text, fewer than vocab_size {config.vocab_size}: "
+            f"corpus {corpus_dir} has {seen} bytes of training text, "
+            f"fewer than vocab_size {config.vocab_size}: "
             f"pass a larger corpus or a smaller --vocab-size"
         )
     seen_by_trainer = {"bytes": 0, "documents": 0}
@@ -326,7 +351,13 @@ def train_tokenizer(corpus_dir: Path, out_dir: Path, config: TokenizerConfig) ->
         manifest = {
             "config": asdict(config),
             "vocab_size": tokenizer.vocab_size,
-            "control_ids": dict(zip(CONTROL_SYMBOLS, (tokenizer.eot_id, tokenizer.user_id, tokenizer.assistant_id, tokenizer.end_id))),
+            "control_ids": dict(
+                zip(
+                    CONTROL_SYMBOLS,
+                    (tokenizer.eot_id, tokenizer.user_id, tokenizer.assistant_id, tokenizer.end_id),
+                    strict=True,
+                )
+            ),
             "train_seconds": round(train_seconds, 3),
             "train_bytes": seen_by_trainer["bytes"],
             "train_documents": seen_by_trainer["documents"],
@@ -351,7 +382,10 @@ def encode_corpus(corpus_dir: Path, tokenizer_dir: Path, out_dir: Path, shard_to
     require_positive("shard_tokens", shard_tokens)
     source_digest = corpus_digest(corpus_dir)
     if not is_finished(tokenizer_dir):
-        raise ConfigError(f"no finished tokenizer in {tokenizer_dir}: run `python -m llmcore.tokenizer train --corpus {corpus_dir} --out {tokenizer_dir}` first")
+        raise ConfigError(
+            f"no finished tokenizer in {tokenizer_dir}: "
+            f"run `python -m llmcore.tokenizer train --corpus {corpus_dir} --out {tokenizer_dir}` first"
+        )
     tokenizer = Tokenizer.load(tokenizer_dir)
     dtype = token_dtype(tokenizer.vocab_size)
     encoder = _DocumentEncoder(tokenizer, dtype)
@@ -369,7 +403,12 @@ def encode_corpus(corpus_dir: Path, tokenizer_dir: Path, out_dir: Path, shard_to
                 for ids in encoder.flush():
                     writer.write(ids)
                 files = writer.close()
-            splits[split] = {"files": files, "tokens": sum(f["tokens"] for f in files), "documents": documents, "bytes": n_bytes}
+            splits[split] = {
+                "files": files,
+                "tokens": sum(f["tokens"] for f in files),
+                "documents": documents,
+                "bytes": n_bytes,
+            }
         manifest = {
             "dtype": dtype.name,
             "vocab_size": tokenizer.vocab_size,
@@ -388,7 +427,9 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="Train the tokenizer, or encode a corpus into token shards.")
     commands = parser.add_subparsers(dest="command", required=True)
     train = commands.add_parser("train", help="train a sentencepiece tokenizer on a corpus folder")
-    train.add_argument("--corpus", type=Path, required=True, help="corpus folder (train.jsonl, validation.jsonl)")
+    train.add_argument(
+        "--corpus", type=Path, required=True, help="corpus folder (train.jsonl, validation.jsonl)"
+    )
     train.add_argument("--out", type=Path, required=True, help="tokenizer folder to write")
     add_config_flags(train, TokenizerConfig)
     encode = commands.add_parser("encode", help="encode a corpus folder into token shards")

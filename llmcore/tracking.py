@@ -26,9 +26,16 @@ log = logging.getLogger("llmcore.tracking")
 
 # Environment variables whose values must never reach a tracking server, whatever carries them.
 # MLflow error codes that mean "will never succeed", as opposed to an unreachable or failing server.
-_REFUSED = {"INVALID_PARAMETER_VALUE", "RESOURCE_DOES_NOT_EXIST", "RESOURCE_ALREADY_EXISTS", "BAD_REQUEST",
-            "INVALID_STATE"}
-_SECRET_NAME = re.compile(r"SECRET|TOKEN|PASSWORD|PASSWD|CREDENTIAL|PRIVATE|API_?KEY|ACCESS_?KEY|AUTH", re.IGNORECASE)
+_REFUSED = {
+    "INVALID_PARAMETER_VALUE",
+    "RESOURCE_DOES_NOT_EXIST",
+    "RESOURCE_ALREADY_EXISTS",
+    "BAD_REQUEST",
+    "INVALID_STATE",
+}
+_SECRET_NAME = re.compile(
+    r"SECRET|TOKEN|PASSWORD|PASSWD|CREDENTIAL|PRIVATE|API_?KEY|ACCESS_?KEY|AUTH", re.IGNORECASE
+)
 
 
 class Tracker(Protocol):
@@ -63,8 +70,14 @@ class MlflowTracker:
     to `fallback` (default `mlruns/fallback/<run_id>.jsonl`).
     """
 
-    def __init__(self, run_id: str, *, relative_to: Path | None = None, fallback: Path | None = None,
-                 max_pending: int = 100_000):
+    def __init__(
+        self,
+        run_id: str,
+        *,
+        relative_to: Path | None = None,
+        fallback: Path | None = None,
+        max_pending: int = 100_000,
+    ):
         from mlflow import MlflowClient
 
         self.run_id = run_id
@@ -79,7 +92,9 @@ class MlflowTracker:
         self._cond = threading.Condition()
         self._closing = False
         self._give_up = threading.Event()
-        self._thread = threading.Thread(target=self._send_loop, name=f"mlflow-tracker-{run_id[:8]}", daemon=True)
+        self._thread = threading.Thread(
+            target=self._send_loop, name=f"mlflow-tracker-{run_id[:8]}", daemon=True
+        )
         self._thread.start()
         with _OPEN_LOCK:
             _OPEN[run_id].append(self)
@@ -118,8 +133,13 @@ class MlflowTracker:
         if left:
             self._spill(left)
         if self.undelivered:
-            log.warning("%d tracking records of run %s could not be sent to MLflow (last error: %s); written to %s",
-                        self.undelivered, self.run_id, str(self.last_error).splitlines()[0][:200], self.fallback)
+            log.warning(
+                "%d tracking records of run %s could not be sent to MLflow (last error: %s); written to %s",
+                self.undelivered,
+                self.run_id,
+                str(self.last_error).splitlines()[0][:200],
+                self.fallback,
+            )
         return self.undelivered
 
     def _relative(self, value: Any) -> str:
@@ -144,7 +164,9 @@ class MlflowTracker:
     def _spill(self, ops: list[tuple]) -> None:
         self.fallback.parent.mkdir(parents=True, exist_ok=True)
         with open(self.fallback, "a", encoding="utf-8") as f:
-            f.writelines(json.dumps({"run_id": self.run_id, "kind": op[0], "value": op[1:]}) + "\n" for op in ops)
+            f.writelines(
+                json.dumps({"run_id": self.run_id, "kind": op[0], "value": op[1:]}) + "\n" for op in ops
+            )
         self.undelivered += len(ops)
 
     def _take(self) -> list[tuple]:
@@ -205,7 +227,9 @@ class MlflowTracker:
                     self._cond.notify_all()
                 if refused:
                     continue
-                log.warning("MLflow unreachable, retrying in %.0f s: %s", delay, str(error).splitlines()[0][:200])
+                log.warning(
+                    "MLflow unreachable, retrying in %.0f s: %s", delay, str(error).splitlines()[0][:200]
+                )
                 if self._give_up.wait(delay):
                     return
                 delay = min(delay * 2, 30.0)

@@ -62,15 +62,26 @@ class TrainConfig:
     compile: bool | None = None  # torch.compile; None = on CUDA only
 
     def __post_init__(self):
-        for name in ("max_steps", "batch_size", "grad_accum_steps", "learning_rate", "eval_interval",
-                     "eval_batches", "checkpoint_interval", "keep_checkpoints", "log_interval"):
+        for name in (
+            "max_steps",
+            "batch_size",
+            "grad_accum_steps",
+            "learning_rate",
+            "eval_interval",
+            "eval_batches",
+            "checkpoint_interval",
+            "keep_checkpoints",
+            "log_interval",
+        ):
             require_positive(name, getattr(self, name))
         for name in ("warmup_steps", "weight_decay", "grad_clip", "min_lr_ratio", "seed"):
             require_non_negative(name, getattr(self, name))
         if self.max_tokens is not None:
             require_positive("max_tokens", self.max_tokens)
         if self.min_lr_ratio > 1:
-            raise ConfigError(f"min_lr_ratio must be <= 1, got {self.min_lr_ratio}: pass --min-lr-ratio in [0, 1]")
+            raise ConfigError(
+                f"min_lr_ratio must be <= 1, got {self.min_lr_ratio}: pass --min-lr-ratio in [0, 1]"
+            )
         require_device(self.device)
 
     def total_steps(self, block_size: int) -> int:
@@ -82,8 +93,15 @@ class TrainConfig:
 
 # Fields that change how a run is executed or reported, not what it computes: a run may resume under
 # different values of these.
-EXECUTION_FIELDS = ("device", "compile", "eval_interval", "eval_batches", "checkpoint_interval",
-                    "keep_checkpoints", "log_interval")
+EXECUTION_FIELDS = (
+    "device",
+    "compile",
+    "eval_interval",
+    "eval_batches",
+    "checkpoint_interval",
+    "keep_checkpoints",
+    "log_interval",
+)
 
 
 def result_fields(config: TrainConfig) -> dict[str, Any]:
@@ -99,13 +117,19 @@ def run_identity(model: GPTConfig, config: TrainConfig, inputs: dict[str, Any]) 
 
 
 def require_same_run(where: Path, stored: dict[str, Any], expected: dict[str, Any]) -> None:
-    """ConfigError if the checkpoint or finished run in `where` was made with another model, recipe or data."""
-    changed = [f"{part}.{key}" for part in expected
-               for key in sorted(set(expected[part]) | set(stored.get(part, {})))
-               if stored.get(part, {}).get(key) != expected[part].get(key)]
+    """ConfigError if the checkpoint or finished run in `where` was made with another model, recipe or
+    data."""
+    changed = [
+        f"{part}.{key}"
+        for part in expected
+        for key in sorted(set(expected[part]) | set(stored.get(part, {})))
+        if stored.get(part, {}).get(key) != expected[part].get(key)
+    ]
     if changed:
-        raise ConfigError(f"{where} holds a run with different {', '.join(changed)}: pass another --out "
-                          "(or delete it) to start a new run, or the same settings and data to resume it")
+        raise ConfigError(
+            f"{where} holds a run with different {', '.join(changed)}: pass another --out "
+            "(or delete it) to start a new run, or the same settings and data to resume it"
+        )
 
 
 class TrainingDiverged(RuntimeError):
@@ -159,7 +183,9 @@ def fit(
     no_decay = [p for p in model.parameters() if p.dim() < 2]
     optimizer = torch.optim.AdamW(
         [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=config.learning_rate, betas=(config.beta1, config.beta2), fused=True,  # CPU too: 5x foreach
+        lr=config.learning_rate,
+        betas=(config.beta1, config.beta2),
+        fused=True,  # CPU too: 5x foreach
     )
 
     start_step, history = 0, {}
@@ -190,7 +216,9 @@ def fit(
         step_started = time.perf_counter()
         model.train()
         loss_sum = torch.zeros((), device=device)
-        micro_batches = [train_batches.get(step * config.grad_accum_steps + m) for m in range(config.grad_accum_steps)]
+        micro_batches = [
+            train_batches.get(step * config.grad_accum_steps + m) for m in range(config.grad_accum_steps)
+        ]
         # Every trained target weighs the same, however the step's targets fall into micro-batches: 2 x 4
         # accumulation is one batch of 8 even when padding leaves micro-batches with different token counts.
         tokens = sum(int((y != IGNORE).sum()) for _, y in micro_batches)
@@ -207,7 +235,8 @@ def fit(
         if not (math.isfinite(loss_value) and math.isfinite(grad_norm)):
             kept = latest_checkpoint(checkpoint_dir)
             raise TrainingDiverged(
-                f"{stage}: loss became {loss_value} (grad norm {grad_norm}) at step {step}; last good checkpoint: "
+                f"{stage}: loss became {loss_value} (grad norm {grad_norm}) at step {step}; "
+                f"last good checkpoint: "
                 f"{kept or 'none'}: start a new run with a lower --learning-rate or more --warmup-steps"
             )
         optimizer.step()
@@ -220,30 +249,66 @@ def fit(
 
         if done % config.log_interval == 0 or done == total_steps:
             elapsed = time.perf_counter() - started
-            metrics.update(loss=loss_value, lr=lr, grad_norm=grad_norm, tokens_per_second=window_tokens / window_seconds)
+            metrics.update(
+                loss=loss_value, lr=lr, grad_norm=grad_norm, tokens_per_second=window_tokens / window_seconds
+            )
             window_tokens, window_seconds = 0, 0.0
             if peak_flops:
                 metrics["mfu"] = model.flops_per_token() * metrics["tokens_per_second"] / peak_flops
-            tracker.log_metrics({f"{stage}/{k}": v for k, v in metrics.items() if not k.startswith("val_")}, step=done)
+            tracker.log_metrics(
+                {f"{stage}/{k}": v for k, v in metrics.items() if not k.startswith("val_")}, step=done
+            )
             eta = elapsed / (done - start_step) * (total_steps - done)
-            log.info("%s step %d/%d | loss %.4f | lr %.2e | grad %.2f | %.0f tok/s | %.0f ms/step | %s left",
-                     stage, done, total_steps, loss_value, lr, grad_norm, metrics["tokens_per_second"],
-                     1000 * step_seconds, _duration(eta))
+            log.info(
+                "%s step %d/%d | loss %.4f | lr %.2e | grad %.2f | %.0f tok/s | %.0f ms/step | %s left",
+                stage,
+                done,
+                total_steps,
+                loss_value,
+                lr,
+                grad_norm,
+                metrics["tokens_per_second"],
+                1000 * step_seconds,
+                _duration(eta),
+            )
 
         if done % config.eval_interval == 0 or done == total_steps:
             val = token_loss(model, val_batches, device, token_bytes)
             metrics.update({f"val_{k}": v for k, v in val.items() if k in ("loss", "bpb")})
-            tracker.log_metrics({f"{stage}/val_{k}": v for k, v in val.items() if k in ("loss", "bpb")}, step=done)
-            log.info("%s step %d/%d | val loss %.4f%s", stage, done, total_steps, val["loss"],
-                     f" | val bpb {val['bpb']:.4f}" if "bpb" in val else "")
+            tracker.log_metrics(
+                {f"{stage}/val_{k}": v for k, v in val.items() if k in ("loss", "bpb")}, step=done
+            )
+            log.info(
+                "%s step %d/%d | val loss %.4f%s",
+                stage,
+                done,
+                total_steps,
+                val["loss"],
+                f" | val bpb {val['bpb']:.4f}" if "bpb" in val else "",
+            )
 
         if done % config.checkpoint_interval == 0 or done == total_steps:
-            rng = {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}
+            rng = {
+                "torch": torch.get_rng_state(),
+                "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
+            }
             position = {"step": done, "batch_index": done * config.grad_accum_steps}  # the data position
-            state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "rng": rng, **position,
-                     "metrics": metrics, "identity": identity, "train_config": asdict(config)}
-            save_checkpoint(checkpoint_dir, done, state, {"stage": stage, "metrics": metrics, "identity": identity},
-                            keep=config.keep_checkpoints)
+            state = {
+                "model": model.state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "rng": rng,
+                **position,
+                "metrics": metrics,
+                "identity": identity,
+                "train_config": asdict(config),
+            }
+            save_checkpoint(
+                checkpoint_dir,
+                done,
+                state,
+                {"stage": stage, "metrics": metrics, "identity": identity},
+                keep=config.keep_checkpoints,
+            )
 
     metrics.update(steps=total_steps, wall_seconds=time.perf_counter() - started)
     return metrics
@@ -251,7 +316,11 @@ def fit(
 
 def _duration(seconds: float) -> str:
     seconds = int(seconds)
-    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
+    return (
+        f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+        if seconds >= 3600
+        else f"{seconds // 60}m{seconds % 60:02d}s"
+    )
 
 
 @locks_folder("out_dir")
@@ -270,9 +339,17 @@ def pretrain(
     """
     out_dir = Path(out_dir)
     block = model_config.block_size
-    tracker.log_params({"model": asdict(model_config), "pretrain": asdict(config) | {"total_steps": config.total_steps(block)}})
+    tracker.log_params(
+        {
+            "model": asdict(model_config),
+            "pretrain": asdict(config) | {"total_steps": config.total_steps(block)},
+        }
+    )
     tokens = read_json(Path(tokens_dir) / MANIFEST) if is_finished(Path(tokens_dir)) else {}
-    inputs = {"corpus_digest": tokens.get("corpus_digest"), "tokenizer_digest": tokens.get("tokenizer_digest")}
+    inputs = {
+        "corpus_digest": tokens.get("corpus_digest"),
+        "tokenizer_digest": tokens.get("tokenizer_digest"),
+    }
     if is_finished(out_dir):
         manifest = read_json(out_dir / MANIFEST)
         require_same_run(out_dir, manifest["identity"], run_identity(model_config, config, inputs))
@@ -281,32 +358,65 @@ def pretrain(
         return manifest
     tokenizer = Tokenizer.load(tokenizer_dir)
     if tokenizer.vocab_size != model_config.vocab_size:
-        raise ConfigError(f"model vocab_size {model_config.vocab_size} != tokenizer's {tokenizer.vocab_size}: "
-                          "pass --vocab-size equal to the tokenizer's")
-    train_batches = token_windows(open_split(tokens_dir, "train"), block, config.batch_size, config.seed, "train")
-    val_batches = token_windows(open_split(tokens_dir, "validation"), block, config.batch_size, config.seed,
-                                "validation").in_order(config.eval_batches)
+        raise ConfigError(
+            f"model vocab_size {model_config.vocab_size} != tokenizer's {tokenizer.vocab_size}: "
+            "pass --vocab-size equal to the tokenizer's"
+        )
+    train_batches = token_windows(
+        open_split(tokens_dir, "train"), block, config.batch_size, config.seed, "train"
+    )
+    val_batches = token_windows(
+        open_split(tokens_dir, "validation"), block, config.batch_size, config.seed, "validation"
+    ).in_order(config.eval_batches)
     torch.manual_seed(config.seed)
     model = GPT(model_config)
-    log.info("pretrain: %s parameters, %d steps of %d tokens on %s", f"{model.num_params():,}",
-             config.total_steps(block), config.batch_size * config.grad_accum_steps * block,
-             resolve_device(config.device))
+    log.info(
+        "pretrain: %s parameters, %d steps of %d tokens on %s",
+        f"{model.num_params():,}",
+        config.total_steps(block),
+        config.batch_size * config.grad_accum_steps * block,
+        resolve_device(config.device),
+    )
     tracker.log_metrics({"pretrain/num_params": model.num_params()})
-    metrics = fit(model, train_batches, val_batches, config, out_dir / "checkpoints", inputs=inputs,
-                  token_bytes=torch.from_numpy(tokenizer.token_byte_lengths()), tracker=tracker, stage="pretrain")
+    metrics = fit(
+        model,
+        train_batches,
+        val_batches,
+        config,
+        out_dir / "checkpoints",
+        inputs=inputs,
+        token_bytes=torch.from_numpy(tokenizer.token_byte_lengths()),
+        tracker=tracker,
+        stage="pretrain",
+    )
     model_sha256 = save_model(out_dir / "model.pt", model.to("cpu"))
-    manifest = {"stage": "pretrain", "model": "model.pt", "model_sha256": model_sha256, "model_config": asdict(model_config),
-                "train_config": asdict(config), "num_params": model.num_params(), "metrics": metrics,
-                "identity": run_identity(model_config, config, inputs), "torch_version": torch.__version__,
-                "tokenizer_dir": str(Path(tokenizer_dir).resolve()), "tokens_dir": str(Path(tokens_dir).resolve())}
+    manifest = {
+        "stage": "pretrain",
+        "model": "model.pt",
+        "model_sha256": model_sha256,
+        "model_config": asdict(model_config),
+        "train_config": asdict(config),
+        "num_params": model.num_params(),
+        "metrics": metrics,
+        "identity": run_identity(model_config, config, inputs),
+        "torch_version": torch.__version__,
+        "tokenizer_dir": str(Path(tokenizer_dir).resolve()),
+        "tokens_dir": str(Path(tokens_dir).resolve()),
+    }
     atomic_write_json(out_dir / MANIFEST, manifest)
     return manifest
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description="Pretrain a GPT on token shards (resumes from out/checkpoints).")
-    parser.add_argument("--tokenizer", type=Path, required=True, help="folder written by llmcore.tokenizer train")
-    parser.add_argument("--tokens", type=Path, required=True, help="folder written by llmcore.tokenizer encode")
+    parser = argparse.ArgumentParser(
+        description="Pretrain a GPT on token shards (resumes from out/checkpoints)."
+    )
+    parser.add_argument(
+        "--tokenizer", type=Path, required=True, help="folder written by llmcore.tokenizer train"
+    )
+    parser.add_argument(
+        "--tokens", type=Path, required=True, help="folder written by llmcore.tokenizer encode"
+    )
     parser.add_argument("--out", type=Path, required=True)
     add_config_flags(parser, GPTConfig, skip=("vocab_size",))
     add_config_flags(parser, TrainConfig)
@@ -316,8 +426,13 @@ def main(argv: list[str] | None = None) -> None:
     train_args = {k: v for k, v in args.items() if k in TrainConfig.__dataclass_fields__ and v is not None}
     try:
         tokenizer = Tokenizer.load(args["tokenizer"])
-        manifest = pretrain(args["tokenizer"], args["tokens"], GPTConfig(vocab_size=tokenizer.vocab_size, **model_args),
-                            replace(TrainConfig(), **train_args), args["out"])
+        manifest = pretrain(
+            args["tokenizer"],
+            args["tokens"],
+            GPTConfig(vocab_size=tokenizer.vocab_size, **model_args),
+            replace(TrainConfig(), **train_args),
+            args["out"],
+        )
     except ConfigError as error:
         parser.error(str(error))
     print({k: round(v, 4) for k, v in manifest["metrics"].items()})

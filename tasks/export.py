@@ -24,8 +24,10 @@ def require_run(run_id: str) -> None:
     try:
         MlflowClient().get_run(run_id)
     except MlflowException:
-        raise ConfigError(f"no MLflow run {run_id!r} in {uri}: pass --run-id of an existing run "
-                          "(or none, for a run of its own)") from None
+        raise ConfigError(
+            f"no MLflow run {run_id!r} in {uri}: pass --run-id of an existing run "
+            "(or none, for a run of its own)"
+        ) from None
 
 
 @task(name="export-hf", retries=2, retry_delay_seconds=2, retry_condition_fn=retry_unless_bad_input)

@@ -38,8 +38,10 @@ class GPTGenerator(mlflow.pyfunc.PythonModel):
         config = SamplingConfig(**given)
         tokenizer, context = self.tokenizer, self.model.config.block_size
         stop = tokenizer.end_id if self.chat else tokenizer.eot_id
-        ids = [chat_prompt(tokenizer, prompt, context) if self.chat else tokenizer.encode(prompt)
-               for prompt in map(str, prompts)]
+        ids = [
+            chat_prompt(tokenizer, prompt, context) if self.chat else tokenizer.encode(prompt)
+            for prompt in map(str, prompts)
+        ]
         return [tokenizer.decode(new) for new in generate_batch(self.model, ids, config, stop_id=stop)]
 
 

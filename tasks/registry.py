@@ -35,7 +35,11 @@ log = logging.getLogger("llmcore.registry")
 CHAMPION, CHALLENGER = "champion", "challenger"
 # The gated metrics, each with the direction that is better. Only bits per byte compares models whose
 # tokenizers differ; loss and perplexity are per token, so they gate fairly only under one tokenizer.
-PROMOTION_METRICS: dict[str, Literal["lower", "higher"]] = {"bpb": "lower", "loss": "lower", "perplexity": "lower"}
+PROMOTION_METRICS: dict[str, Literal["lower", "higher"]] = {
+    "bpb": "lower",
+    "loss": "lower",
+    "perplexity": "lower",
+}
 PromotionMetric = Literal["bpb", "loss", "perplexity"]
 HELD_OUT_BYTES_PER_TOKEN = 4  # the gate scores about EvalConfig.max_tokens tokens' worth of held-out bytes
 
@@ -69,18 +73,24 @@ def version_by_alias(name: str, alias: str) -> ModelVersion:
             raise
     known = [m.name for m in client.search_registered_models(max_results=50)]
     if name not in known:
-        raise ConfigError(f"no registered model {name!r} at {mlflow.get_tracking_uri()}: run the pipeline first "
-                          f"or pass one of: {', '.join(known) or '(none registered yet)'}") from None
+        raise ConfigError(
+            f"no registered model {name!r} at {mlflow.get_tracking_uri()}: run the pipeline first "
+            f"or pass one of: {', '.join(known) or '(none registered yet)'}"
+        ) from None
     aliases = sorted(client.get_registered_model(name).aliases)
-    raise ConfigError(f"registered model {name!r} has no alias {alias!r}: pass one of "
-                      f"{', '.join(aliases) or '(no aliases yet)'} or a version number") from None
+    raise ConfigError(
+        f"registered model {name!r} has no alias {alias!r}: pass one of "
+        f"{', '.join(aliases) or '(no aliases yet)'} or a version number"
+    ) from None
 
 
 def download_version(version: ModelVersion, into: Path) -> tuple[Path, Path, bool]:
     """The (model.pt, tokenizer.model, chat) files of a registered pyfunc version, downloaded into `into`."""
     import json
 
-    local = Path(mlflow.artifacts.download_artifacts(f"models:/{version.name}/{version.version}", dst_path=str(into)))
+    local = Path(
+        mlflow.artifacts.download_artifacts(f"models:/{version.name}/{version.version}", dst_path=str(into))
+    )
     files = local / "artifacts"
     chat = json.loads((files / "generator.json").read_text())["chat"]
     return files / "model.pt", files / "tokenizer.model", chat
@@ -88,18 +98,28 @@ def download_version(version: ModelVersion, into: Path) -> tuple[Path, Path, boo
 
 def logged_model(experiment_id: str, parent_run_id: str, name: str):
     """The model logged under `name` by one of the stage runs of a pipeline run, or None (stage skipped)."""
-    children = {r.info.run_id for r in MlflowClient().search_runs(
-        [experiment_id], filter_string=f"tags.mlflow.parentRunId = '{parent_run_id}'")}
-    found = [m for m in mlflow.search_logged_models(experiment_ids=[experiment_id], filter_string=f"name = '{name}'",
-                                                    output_format="list") if m.source_run_id in children]
+    children = {
+        r.info.run_id
+        for r in MlflowClient().search_runs(
+            [experiment_id], filter_string=f"tags.mlflow.parentRunId = '{parent_run_id}'"
+        )
+    }
+    found = [
+        m
+        for m in mlflow.search_logged_models(
+            experiment_ids=[experiment_id], filter_string=f"name = '{name}'", output_format="list"
+        )
+        if m.source_run_id in children
+    ]
     return max(found, key=lambda m: m.creation_timestamp) if found else None
 
 
 def register(candidate: Candidate, model_uri: str, name: str, tags: dict[str, str]) -> ModelVersion:
     """A new version of `name` for a logged model (linked to its run), tagged, aliased `challenger`."""
     client = MlflowClient()
-    version = mlflow.register_model(model_uri, name, tags=tags | {f"eval.{k}": f"{v:.6g}" for k, v in
-                                                                  candidate.metrics.items()})
+    version = mlflow.register_model(
+        model_uri, name, tags=tags | {f"eval.{k}": f"{v:.6g}" for k, v in candidate.metrics.items()}
+    )
     client.set_registered_model_alias(name, CHALLENGER, version.version)
     return version
 
@@ -112,21 +132,31 @@ def export_version(candidate: Candidate, run_id: str, version: ModelVersion) -> 
         try:
             hf_dir = export_hf.fn(candidate.model_file, candidate.tokenizer_dir, str(Path(tmp) / "hf"))
         except ConfigError as error:
-            log.warning("registry: %s v%s has no Hugging Face export: %s", version.name, version.version, error)
+            log.warning(
+                "registry: %s v%s has no Hugging Face export: %s", version.name, version.version, error
+            )
             return None
         uri = log_hf_export.fn(hf_dir, run_id)
     MlflowClient().set_model_version_tag(version.name, version.version, "hf_export", uri)
     return uri
 
 
-def gate(candidate: Candidate, version: ModelVersion, held_out: list[str], metric: str, config: EvalConfig) -> dict[str, Any]:
+def gate(
+    candidate: Candidate, version: ModelVersion, held_out: list[str], metric: str, config: EvalConfig
+) -> dict[str, Any]:
     """Score challenger and champion on the same held-out text; move `champion` if the challenger wins."""
     client = MlflowClient()
     name = version.name
     challenger = score_text(Path(candidate.model_file), Path(candidate.tokenizer_dir), held_out, config)
-    decision: dict[str, Any] = {"model": name, "version": version.version, "metric": metric,
-                                "challenger": challenger[metric], "bytes": challenger.get("bytes", 0.0),
-                                "champion": None, "champion_version": None}
+    decision: dict[str, Any] = {
+        "model": name,
+        "version": version.version,
+        "metric": metric,
+        "challenger": challenger[metric],
+        "bytes": challenger.get("bytes", 0.0),
+        "champion": None,
+        "champion_version": None,
+    }
     try:
         current = client.get_model_version_by_alias(name, CHAMPION)
     except MlflowException:
@@ -138,14 +168,24 @@ def gate(candidate: Candidate, version: ModelVersion, held_out: list[str], metri
         decision["champion_version"] = current.version
     promoted = current is None or beats(metric, decision["challenger"], decision["champion"])
     decision["promoted"] = promoted
-    decision["decision"] = (f"promoted v{version.version} (first version)" if current is None else
-                            f"promoted v{version.version} over v{current.version}" if promoted else
-                            f"kept v{current.version}: v{version.version} is not better")
-    tags = {"promotion.metric": metric, "promotion.challenger_score": f"{decision['challenger']:.6g}",
-            "promotion.promoted": str(promoted).lower(), "promotion.decision": decision["decision"]}
+    decision["decision"] = (
+        f"promoted v{version.version} (first version)"
+        if current is None
+        else f"promoted v{version.version} over v{current.version}"
+        if promoted
+        else f"kept v{current.version}: v{version.version} is not better"
+    )
+    tags = {
+        "promotion.metric": metric,
+        "promotion.challenger_score": f"{decision['challenger']:.6g}",
+        "promotion.promoted": str(promoted).lower(),
+        "promotion.decision": decision["decision"],
+    }
     if current is not None:
-        tags |= {"promotion.champion_score": f"{decision['champion']:.6g}",
-                 "promotion.champion_version": str(current.version)}
+        tags |= {
+            "promotion.champion_score": f"{decision['champion']:.6g}",
+            "promotion.champion_version": str(current.version),
+        }
     for key, value in tags.items():
         client.set_model_version_tag(name, version.version, key, value)
     if promoted:
@@ -154,11 +194,23 @@ def gate(candidate: Candidate, version: ModelVersion, held_out: list[str], metri
 
 
 @task(name="register-and-promote", retries=1, retry_delay_seconds=2)
-def register_and_promote(candidates: list[Candidate], experiment_id: str, parent_run_id: str, corpus_dir: str,
-                         prefix: str, metric: str, config: EvalConfig, tags: dict[str, str]) -> list[dict[str, Any]]:
-    """Register every candidate that was logged, then gate each against its champion. Returns the decisions."""
+def register_and_promote(
+    candidates: list[Candidate],
+    experiment_id: str,
+    parent_run_id: str,
+    corpus_dir: str,
+    prefix: str,
+    metric: str,
+    config: EvalConfig,
+    tags: dict[str, str],
+) -> list[dict[str, Any]]:
+    """Register every candidate that was logged, then gate each against its champion. Returns the
+    decisions."""
     if metric not in PROMOTION_METRICS:
-        raise ConfigError(f"unknown promotion metric {metric!r}: pass --promotion-metric one of {', '.join(PROMOTION_METRICS)}")
+        raise ConfigError(
+            f"unknown promotion metric {metric!r}: "
+            f"pass --promotion-metric one of {', '.join(PROMOTION_METRICS)}"
+        )
     held_out = held_out_text(Path(corpus_dir), config.max_tokens * HELD_OUT_BYTES_PER_TOKEN)
     decisions = []
     for candidate in candidates:
@@ -168,16 +220,25 @@ def register_and_promote(candidates: list[Candidate], experiment_id: str, parent
         version = register(candidate, logged.model_uri, registered_name(prefix, candidate.kind), tags)
         export_version(candidate, logged.source_run_id, version)
         decisions.append(gate(candidate, version, held_out, metric, config))
-    create_markdown_artifact(promotion_markdown(decisions), key="promotion",
-                             description="Champion promotion: challenger vs champion on this run's held-out text")
+    create_markdown_artifact(
+        promotion_markdown(decisions),
+        key="promotion",
+        description="Champion promotion: challenger vs champion on this run's held-out text",
+    )
     return decisions
 
 
 def promotion_markdown(decisions: list[dict[str, Any]]) -> str:
-    lines = ["| registered model | challenger | metric | challenger score | champion | champion score | decision |",
-             "|---|---|---|---|---|---|---|"]
+    lines = [
+        "| registered model | challenger | metric | challenger score "
+        "| champion | champion score | decision |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for d in decisions:
         champion = "-" if d["champion"] is None else f"{d['champion']:.4f}"
-        lines.append(f"| {d['model']} | v{d['version']} | {d['metric']} | {d['challenger']:.4f} | "
-                     f"{'v' + str(d['champion_version']) if d['champion_version'] else '-'} | {champion} | {d['decision']} |")
+        lines.append(
+            f"| {d['model']} | v{d['version']} | {d['metric']} | {d['challenger']:.4f} | "
+            f"{'v' + str(d['champion_version']) if d['champion_version'] else '-'} | "
+            f"{champion} | {d['decision']} |"
+        )
     return "\n".join(lines)

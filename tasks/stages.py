@@ -40,10 +40,20 @@ from tasks.tracking import (
     system_metrics,
 )
 
-
 # OSErrors that fail the same way however often they are retried.
-PERMANENT_ERRNOS = {errno.ENOENT, errno.EACCES, errno.EPERM, errno.EISDIR, errno.ENOTDIR, errno.ENOSPC,
-                    errno.EDQUOT, errno.EROFS, errno.ELOOP, errno.ENAMETOOLONG, errno.ENOMEM}
+PERMANENT_ERRNOS = {
+    errno.ENOENT,
+    errno.EACCES,
+    errno.EPERM,
+    errno.EISDIR,
+    errno.ENOTDIR,
+    errno.ENOSPC,
+    errno.EDQUOT,
+    errno.EROFS,
+    errno.ELOOP,
+    errno.ENAMETOOLONG,
+    errno.ENOMEM,
+}
 
 
 def retry_unless_bad_input(task, task_run, state) -> bool:
@@ -61,7 +71,9 @@ def retry_unless_bad_input(task, task_run, state) -> bool:
 
 def tracker_for(run_id: str | None, runs_dir: str | None = None) -> Tracker:
     """Paths under runs_dir are logged relative to it."""
-    return MlflowTracker(run_id, relative_to=Path(runs_dir) if runs_dir else None) if run_id else NullTracker()
+    return (
+        MlflowTracker(run_id, relative_to=Path(runs_dir) if runs_dir else None) if run_id else NullTracker()
+    )
 
 
 def _tokens_digest(tokens: dict) -> str:
@@ -75,15 +87,19 @@ def _key(*parts: Any) -> str:
 def _cache_key(name: str, *parts: Callable[[], Any]):
     """A Prefect cache_key_fn over digests computed from the task's parameters. When an input is not
     there (a ConfigError), no key: the task then runs and raises that error in one clean line."""
+
     def key(context, parameters) -> str | None:
         try:
             return f"{name}-" + _key(*(part(parameters) for part in parts))
         except ConfigError:
             return None
+
     return key
 
 
-def _reuse_or_build(out: Path, build: Callable[[], dict], verify: Callable[[Path], Any] | None = None) -> dict:
+def _reuse_or_build(
+    out: Path, build: Callable[[], dict], verify: Callable[[Path], Any] | None = None
+) -> dict:
     """The finished folder's manifest, or build it (llmcore writes the folder atomically).
 
     A finished folder whose files no longer match the digests in its manifest (`verify` raises
@@ -121,8 +137,11 @@ def _tokenizer_out(corpus_dir: str, config: tokenizer.TokenizerConfig, runs_dir:
 
 
 def _tokens_out(corpus_dir: str, tokenizer_dir: str, runs_dir: str) -> Path:
-    return Path(runs_dir) / "tokens" / _key(corpus.corpus_digest(corpus_dir),
-                                            _manifest(tokenizer_dir, "tokenizer")["tokenizer_digest"])
+    return (
+        Path(runs_dir)
+        / "tokens"
+        / _key(corpus.corpus_digest(corpus_dir), _manifest(tokenizer_dir, "tokenizer")["tokenizer_digest"])
+    )
 
 
 def _manifest(folder: str | Path, stage: str) -> dict:
@@ -136,11 +155,18 @@ def _manifest(folder: str | Path, stage: str) -> dict:
 # training fails after TRAINING_TIMEOUT_S instead of holding the slot forever.
 GPU_SLOT = "gpu"
 TRAINING_TIMEOUT_S = 24 * 3600
-DATA_TASK = dict(persist_result=True, retries=2, retry_delay_seconds=2, retry_condition_fn=retry_unless_bad_input)
+DATA_TASK = dict(
+    persist_result=True, retries=2, retry_delay_seconds=2, retry_condition_fn=retry_unless_bad_input
+)
 
 
-@task(name="ingest-corpus", **DATA_TASK,
-      cache_key_fn=_cache_key("ingest", lambda p: p["source_digest"], lambda p: asdict(p["config"]), lambda p: p["runs_dir"]))
+@task(
+    name="ingest-corpus",
+    **DATA_TASK,
+    cache_key_fn=_cache_key(
+        "ingest", lambda p: p["source_digest"], lambda p: asdict(p["config"]), lambda p: p["runs_dir"]
+    ),
+)
 def ingest_corpus(config: corpus.CorpusConfig, source_digest: str, runs_dir: str) -> str:
     """Ingest the source (whose content digest the flow computed once) into runs/corpus/<key>."""
     out = Path(runs_dir) / "corpus" / _key(source_digest, asdict(config))
@@ -151,8 +177,10 @@ def ingest_corpus(config: corpus.CorpusConfig, source_digest: str, runs_dir: str
 def log_corpus(corpus_dir: str, config: corpus.CorpusConfig, run_id: str | None) -> None:
     manifest, tracker = _manifest(corpus_dir, "corpus"), tracker_for(run_id)
     tracker.log_params({"corpus": asdict(config)})
-    tracker.log_metrics({f"corpus/{k}": v for k, v in manifest["counts"].items()} |
-                        {f"corpus/bytes_{k}": v for k, v in manifest["bytes"].items()})
+    tracker.log_metrics(
+        {f"corpus/{k}": v for k, v in manifest["counts"].items()}
+        | {f"corpus/bytes_{k}": v for k, v in manifest["bytes"].items()}
+    )
     tracker.log_artifact(Path(corpus_dir) / MANIFEST, "corpus")
     if run_id:
         from mlflow import MlflowClient
@@ -164,37 +192,82 @@ def log_corpus(corpus_dir: str, config: corpus.CorpusConfig, run_id: str | None)
 
 def log_corpus_dataset(run_id: str | None, corpus_dir: str, context: str) -> None:
     manifest = _manifest(corpus_dir, "corpus")
-    log_dataset(run_id, corpus_dir, context, "corpus", manifest["content_digest"],
-                {"source": manifest.get("source", ""), **manifest["counts"], **{f"bytes_{k}": v for k, v in manifest["bytes"].items()}})
+    log_dataset(
+        run_id,
+        corpus_dir,
+        context,
+        "corpus",
+        manifest["content_digest"],
+        {
+            "source": manifest.get("source", ""),
+            **manifest["counts"],
+            **{f"bytes_{k}": v for k, v in manifest["bytes"].items()},
+        },
+    )
 
 
-@task(name="train-tokenizer", **DATA_TASK,
-      cache_key_fn=_cache_key("tokenizer", lambda p: corpus.corpus_digest(p["corpus_dir"]), lambda p: asdict(p["config"]),
-                              lambda p: p["runs_dir"], lambda p: _intact(_tokenizer_out(**p), _verify_tokenizer)))
+@task(
+    name="train-tokenizer",
+    **DATA_TASK,
+    cache_key_fn=_cache_key(
+        "tokenizer",
+        lambda p: corpus.corpus_digest(p["corpus_dir"]),
+        lambda p: asdict(p["config"]),
+        lambda p: p["runs_dir"],
+        lambda p: _intact(_tokenizer_out(**p), _verify_tokenizer),
+    ),
+)
 def train_tokenizer(corpus_dir: str, config: tokenizer.TokenizerConfig, runs_dir: str) -> str:
     out = _tokenizer_out(corpus_dir, config, runs_dir)
     _reuse_or_build(out, lambda: tokenizer.train_tokenizer(Path(corpus_dir), out, config), _verify_tokenizer)
     return str(out)
 
 
-@task(name="encode-corpus", **DATA_TASK,
-      cache_key_fn=_cache_key("tokens", lambda p: corpus.corpus_digest(p["corpus_dir"]),
-                              lambda p: _manifest(p["tokenizer_dir"], "tokenizer")["tokenizer_digest"], lambda p: p["runs_dir"],
-                              lambda p: _intact(_tokens_out(**p), _verify_tokens)))
+@task(
+    name="encode-corpus",
+    **DATA_TASK,
+    cache_key_fn=_cache_key(
+        "tokens",
+        lambda p: corpus.corpus_digest(p["corpus_dir"]),
+        lambda p: _manifest(p["tokenizer_dir"], "tokenizer")["tokenizer_digest"],
+        lambda p: p["runs_dir"],
+        lambda p: _intact(_tokens_out(**p), _verify_tokens),
+    ),
+)
 def encode_corpus(corpus_dir: str, tokenizer_dir: str, runs_dir: str) -> str:
     out = _tokens_out(corpus_dir, tokenizer_dir, runs_dir)
-    _reuse_or_build(out, lambda: tokenizer.encode_corpus(Path(corpus_dir), Path(tokenizer_dir), out), _verify_tokens)
+    _reuse_or_build(
+        out, lambda: tokenizer.encode_corpus(Path(corpus_dir), Path(tokenizer_dir), out), _verify_tokens
+    )
     return str(out)
 
 
-def log_tokenizer(tokenizer_dir: str, tokens_dir: str, config: tokenizer.TokenizerConfig, run_id: str | None,
-                  corpus_dir: str | None = None) -> None:
-    manifest, tokens, tracker = _manifest(tokenizer_dir, "tokenizer"), _manifest(tokens_dir, "tokens"), tracker_for(run_id)
+def log_tokenizer(
+    tokenizer_dir: str,
+    tokens_dir: str,
+    config: tokenizer.TokenizerConfig,
+    run_id: str | None,
+    corpus_dir: str | None = None,
+) -> None:
+    manifest, tokens, tracker = (
+        _manifest(tokenizer_dir, "tokenizer"),
+        _manifest(tokens_dir, "tokens"),
+        tracker_for(run_id),
+    )
     tracker.log_params({"tokenizer": asdict(config)})
-    tracker.log_metrics({"tokenizer/vocab_size": manifest["vocab_size"], "tokenizer/train_seconds": manifest["train_seconds"],
-                         "tokenizer/bytes_per_token": manifest["bytes_per_token"]} |
-                        {f"tokens/{split}_{k}": v for split, info in tokens["splits"].items()
-                         for k, v in info.items() if isinstance(v, (int, float))})
+    tracker.log_metrics(
+        {
+            "tokenizer/vocab_size": manifest["vocab_size"],
+            "tokenizer/train_seconds": manifest["train_seconds"],
+            "tokenizer/bytes_per_token": manifest["bytes_per_token"],
+        }
+        | {
+            f"tokens/{split}_{k}": v
+            for split, info in tokens["splits"].items()
+            for k, v in info.items()
+            if isinstance(v, (int, float))
+        }
+    )
     if producer_of(tokenizer_dir) in (None, run_id):  # a reused tokenizer stays with the run that made it
         tracker.log_artifact(Path(tokenizer_dir), "tokenizer")
     tracker.log_artifact(Path(tokens_dir) / MANIFEST, "tokens")
@@ -207,28 +280,57 @@ def log_tokenizer(tokenizer_dir: str, tokens_dir: str, config: tokenizer.Tokeniz
 
 def log_tokens_dataset(run_id: str | None, tokens_dir: str, context: str) -> None:
     tokens = _manifest(tokens_dir, "tokens")
-    log_dataset(run_id, tokens_dir, context, "tokens", _tokens_digest(tokens),
-                {f"{split}_{k}": v for split, info in tokens["splits"].items() for k, v in info.items()
-                 if isinstance(v, (int, float))})
+    log_dataset(
+        run_id,
+        tokens_dir,
+        context,
+        "tokens",
+        _tokens_digest(tokens),
+        {
+            f"{split}_{k}": v
+            for split, info in tokens["splits"].items()
+            for k, v in info.items()
+            if isinstance(v, (int, float))
+        },
+    )
 
 
 def log_sft_dataset(run_id: str | None, sft_dir: str | None, context: str) -> None:
     if sft_dir is None:  # instruction tuning skipped
         return
     pairs = _manifest(sft_dir, "sft data")
-    log_dataset(run_id, sft_dir, context, "sft_data", pairs["content_digest"],
-                {k: v for k, v in pairs["counts"].items() if isinstance(v, (int, float))})
+    log_dataset(
+        run_id,
+        sft_dir,
+        context,
+        "sft_data",
+        pairs["content_digest"],
+        {k: v for k, v in pairs["counts"].items() if isinstance(v, (int, float))},
+    )
 
 
 @task(name="pretrain", retries=0, timeout_seconds=TRAINING_TIMEOUT_S)
-def pretrain(tokenizer_dir: str, tokens_dir: str, model: GPTConfig, config: TrainConfig, runs_dir: str,
-             run_id: str | None = None) -> str:
+def pretrain(
+    tokenizer_dir: str,
+    tokens_dir: str,
+    model: GPTConfig,
+    config: TrainConfig,
+    runs_dir: str,
+    run_id: str | None = None,
+) -> str:
     """Train (or resume, or reuse) the model for exactly this data, model and recipe; return model.pt."""
     tokens = _manifest(tokens_dir, "tokens")
-    out = Path(runs_dir) / "pretrain" / _key(tokens["corpus_digest"], tokens["tokenizer_digest"], asdict(model),
-                                             result_fields(config))
-    tracker = ProgressTracker(tracker_for(run_id, runs_dir), config.total_steps(model.block_size), "pretrain-progress",
-                              "Pretraining: optimizer steps done")
+    out = (
+        Path(runs_dir)
+        / "pretrain"
+        / _key(tokens["corpus_digest"], tokens["tokenizer_digest"], asdict(model), result_fields(config))
+    )
+    tracker = ProgressTracker(
+        tracker_for(run_id, runs_dir),
+        config.total_steps(model.block_size),
+        "pretrain-progress",
+        "Pretraining: optimizer steps done",
+    )
     log_tokens_dataset(run_id, tokens_dir, "training")
     with concurrency(GPU_SLOT, occupy=1), system_metrics(run_id):
         manifest = train.pretrain(Path(tokenizer_dir), Path(tokens_dir), model, config, out, tracker)
@@ -246,24 +348,45 @@ def _sft_source_digest(config: sft_data.SFTDataConfig) -> str | None:
 
 @task(name="build-sft-data", **DATA_TASK)
 def build_sft_data(config: sft_data.SFTDataConfig, corpus_dir: str, runs_dir: str) -> str:
-    out = Path(runs_dir) / "sft_data" / _key(corpus.corpus_digest(corpus_dir), asdict(config), _sft_source_digest(config))
+    out = (
+        Path(runs_dir)
+        / "sft_data"
+        / _key(corpus.corpus_digest(corpus_dir), asdict(config), _sft_source_digest(config))
+    )
     _reuse_or_build(out, lambda: sft_data.build_sft_data(config, Path(corpus_dir), out))
     return str(out)
 
 
 @task(name="finetune", retries=0, timeout_seconds=TRAINING_TIMEOUT_S)
-def finetune_model(base_model: str, tokenizer_dir: str, sft_dir: str, config: TrainConfig, runs_dir: str,
-                   max_length: int | None = None, run_id: str | None = None) -> str:
+def finetune_model(
+    base_model: str,
+    tokenizer_dir: str,
+    sft_dir: str,
+    config: TrainConfig,
+    runs_dir: str,
+    max_length: int | None = None,
+    run_id: str | None = None,
+) -> str:
     pairs = _manifest(sft_dir, "sft data")
-    out = Path(runs_dir) / "finetune" / _key(file_digest(Path(base_model)), pairs["content_digest"],
-                                             result_fields(config), max_length)
-    tracker = ProgressTracker(tracker_for(run_id, runs_dir), config.max_steps, "finetune-progress",
-                              "Fine-tuning: optimizer steps done")
-    tracker.log_metrics({f"sft_data/{k}": v for k, v in pairs["counts"].items() if isinstance(v, (int, float))})
+    out = (
+        Path(runs_dir)
+        / "finetune"
+        / _key(file_digest(Path(base_model)), pairs["content_digest"], result_fields(config), max_length)
+    )
+    tracker = ProgressTracker(
+        tracker_for(run_id, runs_dir),
+        config.max_steps,
+        "finetune-progress",
+        "Fine-tuning: optimizer steps done",
+    )
+    tracker.log_metrics(
+        {f"sft_data/{k}": v for k, v in pairs["counts"].items() if isinstance(v, (int, float))}
+    )
     log_sft_dataset(run_id, sft_dir, "training")
     with concurrency(GPU_SLOT, occupy=1), system_metrics(run_id):
-        manifest = finetune.finetune(Path(base_model), Path(tokenizer_dir), Path(sft_dir), config, out, max_length,
-                                     tracker)
+        manifest = finetune.finetune(
+            Path(base_model), Path(tokenizer_dir), Path(sft_dir), config, out, max_length, tracker
+        )
     tracker.log_metrics({f"finetune/final_{k}": v for k, v in manifest["metrics"].items()})
     tracker.log_artifact(out / MANIFEST, "finetune")  # the weights are logged once, in the pyfunc model
     tracker.log_artifact(Path(sft_dir) / MANIFEST, "sft_data")
@@ -279,14 +402,26 @@ def log_model(run_id: str, model_file: str, tokenizer_dir: str, chat: bool, name
 
 
 @task(name="evaluate")
-def evaluate_models(models: dict[str, str], tokenizer_dir: str, tokens_dir: str, sft_dir: str | None,
-                    config: EvalConfig, run_id: str | None = None) -> dict[str, float]:
+def evaluate_models(
+    models: dict[str, str],
+    tokenizer_dir: str,
+    tokens_dir: str,
+    sft_dir: str | None,
+    config: EvalConfig,
+    run_id: str | None = None,
+) -> dict[str, float]:
     """Held-out loss, perplexity and bits per byte of every model, the compressors on the same text, and
-    the response-only loss of every model on held-out instruction pairs (the pretrained one is the baseline)."""
+    the response-only loss of every model on held-out instruction pairs (the pretrained one is the
+    baseline)."""
     metrics: dict[str, float] = {}
     for name, model_file in models.items():
-        result = evaluate.evaluate_model(Path(model_file), Path(tokenizer_dir), Path(tokens_dir), config,
-                                         Path(sft_dir) if sft_dir else None)
+        result = evaluate.evaluate_model(
+            Path(model_file),
+            Path(tokenizer_dir),
+            Path(tokens_dir),
+            config,
+            Path(sft_dir) if sft_dir else None,
+        )
         for key in ("gzip_bpb", "bz2_bpb", "xz_bpb", "text_bytes"):
             metrics[key] = result.pop(key)
         metrics |= {f"{name}_{k}": v for k, v in result.items()}
@@ -295,32 +430,70 @@ def evaluate_models(models: dict[str, str], tokenizer_dir: str, tokens_dir: str,
     tracker.log_metrics({f"evaluate/{k}": v for k, v in metrics.items()})
     log_tokens_dataset(run_id, tokens_dir, "evaluation")
     log_sft_dataset(run_id, sft_dir, "evaluation")
-    rows = [{"model": name, **{k: round(metrics[f"{name}_{k}"], 4) for k in ("loss", "perplexity", "bpb", "response_loss")
-                               if f"{name}_{k}" in metrics}} for name in models]
-    rows += [{"model": key.removesuffix("_bpb") + " -9", "bpb": round(metrics[key], 4)} for key in ("gzip_bpb", "bz2_bpb", "xz_bpb")]
-    create_table_artifact(rows, key="held-out-evaluation", description="Held-out bits per byte, models vs compressors")
+    rows = [
+        {
+            "model": name,
+            **{
+                k: round(metrics[f"{name}_{k}"], 4)
+                for k in ("loss", "perplexity", "bpb", "response_loss")
+                if f"{name}_{k}" in metrics
+            },
+        }
+        for name in models
+    ]
+    rows += [
+        {"model": key.removesuffix("_bpb") + " -9", "bpb": round(metrics[key], 4)}
+        for key in ("gzip_bpb", "bz2_bpb", "xz_bpb")
+    ]
+    create_table_artifact(
+        rows, key="held-out-evaluation", description="Held-out bits per byte, models vs compressors"
+    )
     return metrics
 
 
 @task(name="sample")
-def sample(pretrained: str, finetuned: str | None, tokenizer_dir: str, corpus_dir: str, sft_dir: str | None,
-           prompts: completions.PromptConfig, sampling: SamplingConfig, device: str = "auto",
-           run_id: str | None = None) -> dict[str, Any]:
+def sample(
+    pretrained: str,
+    finetuned: str | None,
+    tokenizer_dir: str,
+    corpus_dir: str,
+    sft_dir: str | None,
+    prompts: completions.PromptConfig,
+    sampling: SamplingConfig,
+    device: str = "auto",
+    run_id: str | None = None,
+) -> dict[str, Any]:
     """Complete held-out prompts with each decoding strategy: document openings for the pretrained model,
     held-out instructions for the fine-tuned one. Logs the table and, for Python corpora, the parse rate."""
-    rows = [{"model": "pretrained", **row} for row in completions.complete(
-        Path(pretrained), Path(tokenizer_dir), completions.held_out_prompts(Path(corpus_dir), prompts), sampling, device)]
+    rows = [
+        {"model": "pretrained", **row}
+        for row in completions.complete(
+            Path(pretrained),
+            Path(tokenizer_dir),
+            completions.held_out_prompts(Path(corpus_dir), prompts),
+            sampling,
+            device,
+        )
+    ]
     if finetuned and sft_dir:
         instructions = completions.held_out_instructions(Path(sft_dir), prompts.num_prompts)
-        rows += [{"model": "finetuned", **row} for row in completions.complete(
-            Path(finetuned), Path(tokenizer_dir), instructions, sampling, device, chat=True)]
+        rows += [
+            {"model": "finetuned", **row}
+            for row in completions.complete(
+                Path(finetuned), Path(tokenizer_dir), instructions, sampling, device, chat=True
+            )
+        ]
     metrics: dict[str, float] = {"sample/num_completions": len(rows)}
     if completions.is_python_corpus(Path(corpus_dir)):
         for model in ("pretrained", "finetuned"):
-            chosen = [r if model == "pretrained" else {**r, "prompt": ""} for r in rows if r["model"] == model]
+            chosen = [
+                r if model == "pretrained" else {**r, "prompt": ""} for r in rows if r["model"] == model
+            ]
             if chosen:  # a fine-tuned answer must parse on its own, without the instruction
                 metrics[f"sample/{model}_python_parse_rate"] = completions.python_parse_rate(chosen)
-    create_table_artifact(rows, key="samples", description="Held-out prompt -> completion, per model and decoding strategy")
+    create_table_artifact(
+        rows, key="samples", description="Held-out prompt -> completion, per model and decoding strategy"
+    )
     if run_id:
         import pandas as pd
         from mlflow import MlflowClient

@@ -68,15 +68,21 @@ def experiment_id(name: str) -> str:
 def _process_tags() -> dict[str, str]:
     import psutil
 
-    return {"host": socket.gethostname(), "pid": str(os.getpid()),
-            "pid_started": f"{psutil.Process().create_time():.2f}"}
+    return {
+        "host": socket.gethostname(),
+        "pid": str(os.getpid()),
+        "pid_started": f"{psutil.Process().create_time():.2f}",
+    }
 
 
 def git_tags(folder: Path) -> dict[str, str]:
     """Commit and dirty flag of the git checkout holding `folder`; nothing when it is not in one."""
+
     def git(*args: str) -> str:
-        return subprocess.run(["git", "-C", str(folder), *args], capture_output=True, text=True, check=True,
-                              timeout=10).stdout.strip()
+        return subprocess.run(
+            ["git", "-C", str(folder), *args], capture_output=True, text=True, check=True, timeout=10
+        ).stdout.strip()
+
     try:
         commit = git("rev-parse", "HEAD")
         dirty = bool(git("status", "--porcelain", "--untracked-files=no"))
@@ -88,9 +94,14 @@ def git_tags(folder: Path) -> dict[str, str]:
 def _prefect_tags() -> dict[str, str]:
     from prefect.runtime import deployment, flow_run
 
-    tags = {"prefect.flow_run_id": str(flow_run.id or ""), "prefect.flow_name": str(flow_run.flow_name or ""),
-            "prefect.flow_run_name": str(flow_run.name or "")}
-    if os.environ.get("PREFECT_API_URL") and flow_run.ui_url:  # a temporary server's URL dies with the process
+    tags = {
+        "prefect.flow_run_id": str(flow_run.id or ""),
+        "prefect.flow_name": str(flow_run.flow_name or ""),
+        "prefect.flow_run_name": str(flow_run.name or ""),
+    }
+    if (
+        os.environ.get("PREFECT_API_URL") and flow_run.ui_url
+    ):  # a temporary server's URL dies with the process
         parts = urlsplit(flow_run.ui_url)  # without any user:password@ part
         tags["prefect.flow_run_url"] = urlunsplit(parts._replace(netloc=parts.netloc.rpartition("@")[2]))
     if deployment.name:
@@ -109,8 +120,9 @@ def close_ghost_runs(experiment: str) -> list[str]:
 
     client = MlflowClient()
     host = socket.gethostname().replace("'", "")
-    runs = client.search_runs([experiment], f"attributes.status = 'RUNNING' and tags.host = '{host}'",
-                              max_results=1000)
+    runs = client.search_runs(
+        [experiment], f"attributes.status = 'RUNNING' and tags.host = '{host}'", max_results=1000
+    )
     ghosts = []
     for run in runs:
         pid, started = run.data.tags.get("pid"), run.data.tags.get("pid_started")
@@ -127,7 +139,9 @@ def close_ghost_runs(experiment: str) -> list[str]:
 
 
 @contextlib.contextmanager
-def mlflow_run(experiment: str, name: str, parent_run_id: str | None = None, tags: dict[str, str] | None = None) -> Iterator[str]:
+def mlflow_run(
+    experiment: str, name: str, parent_run_id: str | None = None, tags: dict[str, str] | None = None
+) -> Iterator[str]:
     """Create a run (a child when parent_run_id is given), yield its id, end it FINISHED or FAILED.
 
     Queued tracking records of the run are delivered (or filed locally) before it is ended. A top-level
@@ -168,8 +182,11 @@ def system_metrics(run_id: str | None) -> Iterator[None]:
     from mlflow.environment_variables import MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL
     from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
 
-    monitor = SystemMetricsMonitor(run_id, sampling_interval=MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL.get() or 10,
-                                   tracking_uri=mlflow.get_tracking_uri())
+    monitor = SystemMetricsMonitor(
+        run_id,
+        sampling_interval=MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL.get() or 10,
+        tracking_uri=mlflow.get_tracking_uri(),
+    )
     monitor.start()
     try:
         yield
@@ -177,8 +194,9 @@ def system_metrics(run_id: str | None) -> Iterator[None]:
         monitor.finish()
 
 
-def log_dataset(run_id: str | None, folder: str | Path, context: str, name: str, digest: str,
-                profile: Mapping[str, Any]) -> None:
+def log_dataset(
+    run_id: str | None, folder: str | Path, context: str, name: str, digest: str, profile: Mapping[str, Any]
+) -> None:
     """Record a stage folder (`<runs_dir>/<kind>/<key>`, logged as `<kind>/<key>`) as a dataset the run
     read (`context` training, evaluation) or produced (`context` output), with its digest and counts."""
     if not run_id:
@@ -186,9 +204,16 @@ def log_dataset(run_id: str | None, folder: str | Path, context: str, name: str,
     from mlflow.entities import Dataset, DatasetInput, InputTag
 
     source = "/".join(Path(folder).resolve().parts[-2:])
-    dataset = Dataset(name=name, digest=digest[:36], source_type="local", source=json.dumps({"uri": source}),
-                      profile=json.dumps(dict(profile)))
-    MlflowClient().log_inputs(run_id, datasets=[DatasetInput(dataset, [InputTag("mlflow.data.context", context)])])
+    dataset = Dataset(
+        name=name,
+        digest=digest[:36],
+        source_type="local",
+        source=json.dumps({"uri": source}),
+        profile=json.dumps(dict(profile)),
+    )
+    MlflowClient().log_inputs(
+        run_id, datasets=[DatasetInput(dataset, [InputTag("mlflow.data.context", context)])]
+    )
 
 
 def producer_of(folder: str | Path) -> str | None:
@@ -205,7 +230,9 @@ def record_or_link(folder: str | Path, run_id: str | None, stage: str) -> str | 
     close_trackers(run_id)  # this run's queued metrics first, so that only missing histories are copied
     producer = producer_of(folder)
     if producer is None:
-        atomic_write_json(Path(folder) / PRODUCER, {"run_id": run_id, "tracking_uri": mlflow.get_tracking_uri()})
+        atomic_write_json(
+            Path(folder) / PRODUCER, {"run_id": run_id, "tracking_uri": mlflow.get_tracking_uri()}
+        )
         return None
     if producer == run_id:
         return None
@@ -221,7 +248,7 @@ def record_or_link(folder: str | Path, run_id: str | None, stage: str) -> str | 
             continue
         history = client.get_metric_history(producer, key)
         for start in range(0, len(history), 1000):
-            client.log_batch(run_id, metrics=history[start:start + 1000])
+            client.log_batch(run_id, metrics=history[start : start + 1000])
     return producer
 
 
@@ -247,11 +274,15 @@ def log_generator_model(run_id: str, model_file: Path, tokenizer_dir: Path, chat
     import llmcore
 
     client = MlflowClient()
-    digest = json_digest([file_digest(Path(model_file)), file_digest(Path(tokenizer_dir) / "tokenizer.model"),
-                          chat, name])[:32]
+    digest = json_digest(
+        [file_digest(Path(model_file)), file_digest(Path(tokenizer_dir) / "tokenizer.model"), chat, name]
+    )[:32]
     experiment = client.get_run(run_id).info.experiment_id
-    same = mlflow.search_logged_models(experiment_ids=[experiment], output_format="list",
-                                       filter_string=f"tags.`{MODEL_DIGEST_TAG}` = '{digest}'")
+    same = mlflow.search_logged_models(
+        experiment_ids=[experiment],
+        output_format="list",
+        filter_string=f"tags.`{MODEL_DIGEST_TAG}` = '{digest}'",
+    )
     ready = [m for m in same if str(m.status).endswith("READY")]
     if ready:
         client.log_outputs(run_id, [LoggedModelOutput(ready[0].model_id, step=0)])
@@ -259,8 +290,11 @@ def log_generator_model(run_id: str, model_file: Path, tokenizer_dir: Path, chat
         return ready[0].model_uri
 
     # An unnamed string column: predict takes a list of prompts, or a DataFrame (its "prompt" column).
-    signature = infer_signature(["def add(a, b):"], ["    return a + b"],
-                                params={"max_new_tokens": 128, "temperature": 0.8, "top_k": 0, "top_p": 1.0, "seed": 0})
+    signature = infer_signature(
+        ["def add(a, b):"],
+        ["    return a + b"],
+        params={"max_new_tokens": 128, "temperature": 0.8, "top_k": 0, "top_p": 1.0, "seed": 0},
+    )
     with tempfile.TemporaryDirectory() as tmp:
         config = Path(tmp) / "generator.json"
         config.write_text(json.dumps({"chat": chat}))
@@ -271,8 +305,11 @@ def log_generator_model(run_id: str, model_file: Path, tokenizer_dir: Path, chat
             info = mlflow.pyfunc.log_model(
                 name=name,
                 python_model=str(Path(__file__).with_name("pyfunc_model.py")),
-                artifacts={"model": str(model_file), "tokenizer": str(Path(tokenizer_dir) / "tokenizer.model"),
-                           "config": str(config)},
+                artifacts={
+                    "model": str(model_file),
+                    "tokenizer": str(Path(tokenizer_dir) / "tokenizer.model"),
+                    "config": str(config),
+                },
                 code_paths=[str(Path(llmcore.__file__).parent)],
                 signature=signature,
                 pip_requirements=_pinned("torch", "sentencepiece", "numpy", "pandas"),

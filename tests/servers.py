@@ -59,11 +59,24 @@ class MlflowServer:
 
     def start(self, timeout: float = 120) -> None:
         log = self.root / "mlflow-server.log"
-        command = [str(BIN / "mlflow"), "server", "--backend-store-uri", "sqlite:///mlruns/mlflow.db",
-                   "--serve-artifacts", "--artifacts-destination", "mlruns/artifacts",
-                   "--host", "127.0.0.1", "--port", str(self.port), "--workers", "1"]
-        self.process = subprocess.Popen(command, cwd=self.root, stdout=open(log, "ab"), stderr=subprocess.STDOUT,
-                                        start_new_session=True)
+        command = [
+            str(BIN / "mlflow"),
+            "server",
+            "--backend-store-uri",
+            "sqlite:///mlruns/mlflow.db",
+            "--serve-artifacts",
+            "--artifacts-destination",
+            "mlruns/artifacts",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(self.port),
+            "--workers",
+            "1",
+        ]
+        self.process = subprocess.Popen(
+            command, cwd=self.root, stdout=open(log, "ab"), stderr=subprocess.STDOUT, start_new_session=True
+        )
         wait_for(f"{self.url}/health", timeout, self.process, log)
 
     def kill(self) -> None:
@@ -95,8 +108,13 @@ def prefect_server(home: Path) -> Iterator[str]:
     Path(home).mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "PREFECT_HOME": str(home), "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
     env.pop("PREFECT_API_URL", None)
-    process = subprocess.Popen([str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)],
-                               env=env, stdout=open(log, "ab"), stderr=subprocess.STDOUT, start_new_session=True)
+    process = subprocess.Popen(
+        [str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)],
+        env=env,
+        stdout=open(log, "ab"),
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
     try:
         wait_for(f"http://127.0.0.1:{port}/api/health", 180, process, log)
         yield f"http://127.0.0.1:{port}/api"

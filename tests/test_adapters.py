@@ -47,7 +47,12 @@ def test_classifier_head_travels_with_the_adapter_and_survives_the_merge(tmp_pat
         SequenceClassifier(fresh(), 3), AdapterConfig(lora_rank=2), modules_to_save=("label_head",)
     ).eval()
     c, r = TINY, 2
-    shapes = [(c.n_embd, 3 * c.n_embd), (c.n_embd, c.n_embd), (c.n_embd, 2 * c.mlp_hidden), (c.mlp_hidden, c.n_embd)]
+    shapes = [
+        (c.n_embd, 3 * c.n_embd),
+        (c.n_embd, c.n_embd),
+        (c.n_embd, 2 * c.mlp_hidden),
+        (c.mlp_hidden, c.n_embd),
+    ]
     adapters = c.n_layer * sum(r * (fan_in + fan_out) for fan_in, fan_out in shapes)
     # the adapters and the label head train; nothing else (the tied lm_head/embedding stays frozen)
     assert parameter_counts(model)["trainable_params"] == adapters + c.n_embd * 3 + 3

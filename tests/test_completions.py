@@ -27,10 +27,12 @@ def test_prompts_end_at_the_first_definition_without_its_newline(tmp_path):
 
 
 def test_prose_prompts_are_document_openings_that_leave_text_to_continue(tmp_path):
-    notes = [(f"note{i}", f"Note {i}. " + "The river rose after the long rain and the mill stopped. " * (i + 1))
-             for i in range(4)]
+    notes = [
+        (f"note{i}", f"Note {i}. " + "The river rose after the long rain and the mill stopped. " * (i + 1))
+        for i in range(4)
+    ]
     prompts = held_out_prompts(corpus(tmp_path / "c", notes), PromptConfig(num_prompts=4, prompt_chars=80))
-    for prompt, (_, text) in zip(prompts, notes):
+    for prompt, (_, text) in zip(prompts, notes, strict=False):
         assert text.startswith(prompt) and prompt.strip() == prompt
         assert 0 < len(prompt) <= min(80, len(text) // 2)
         assert text[len(prompt)] in " \n"  # cut between words
@@ -39,7 +41,9 @@ def test_prose_prompts_are_document_openings_that_leave_text_to_continue(tmp_pat
 def test_parse_rate_counts_only_completions_that_finish_a_line():
     assert parses_as_python("def f(x):", "\n    return x\n    y = (")
     assert not parses_as_python("def f(x):", "\nreturn x\n")  # wrong indentation
-    assert not parses_as_python("x = 1\n", "y = 2")  # no line of its own finished: the prompt alone would pass
+    assert not parses_as_python(
+        "x = 1\n", "y = 2"
+    )  # no line of its own finished: the prompt alone would pass
     assert not parses_as_python("def f(x):", "\n")
 
 

@@ -21,7 +21,9 @@ from llmcore.errors import ConfigError
 def write_docs(folder: Path, n: int, suffix: str = ".txt", prefix: str = "doc") -> dict[str, str]:
     """n distinct one-document files; returns {relative path: text}."""
     folder.mkdir(parents=True, exist_ok=True)
-    docs = {f"{prefix}{i:03d}{suffix}": f"{prefix} number {i}: " + "lorem ipsum " * (i % 7 + 1) for i in range(n)}
+    docs = {
+        f"{prefix}{i:03d}{suffix}": f"{prefix} number {i}: " + "lorem ipsum " * (i % 7 + 1) for i in range(n)
+    }
     for name, text in docs.items():
         (folder / name).write_text(text)
     return docs
@@ -59,9 +61,13 @@ def mixed(tmp_path: Path) -> Path:
     (d / ".hidden" / "secret.txt").write_text("hidden text")  # hidden folder: ignored
     rows = [{"text": "row one"}, {"text": "row two"}, {"text": "123"}, {"text": None}]
     (d / "rows.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    (d / "numbers.jsonl").write_text('{"text": "0123"}\n')  # pandas would read a numeric-looking column as floats
+    (d / "numbers.jsonl").write_text(
+        '{"text": "0123"}\n'
+    )  # pandas would read a numeric-looking column as floats
     (d / "table.csv").write_text("text,n\ncsv one,1\nNA,2\n")
-    pd.DataFrame({"text": ["parquet one", "alpha text"]}).to_parquet(d / "table.parquet")  # second row: duplicate
+    pd.DataFrame({"text": ["parquet one", "alpha text"]}).to_parquet(
+        d / "table.parquet"
+    )  # second row: duplicate
     return d
 
 
@@ -72,8 +78,13 @@ def test_folder_of_every_kind_gives_exact_counts(mixed: Path, tmp_path: Path) ->
     assert counts["files_seen"] == 16
     assert counts["skipped_files"] == 5
     reasons = {s["path"]: s["reason"] for s in manifest["skipped"]}
-    assert reasons == {"binary.txt": "binary", "latin1.txt": "not_text", "image.png": "not_text",
-                       "sub/gone.txt": "unreadable", "pipe": "not_regular"}
+    assert reasons == {
+        "binary.txt": "binary",
+        "latin1.txt": "not_text",
+        "image.png": "not_text",
+        "sub/gone.txt": "unreadable",
+        "pipe": "not_regular",
+    }
     assert manifest["skipped_by_reason"] == {"binary": 1, "not_text": 2, "unreadable": 1, "not_regular": 1}
     assert counts["documents_read"] == 16  # 7 text files + 5 jsonl rows + 2 csv rows + 2 parquet rows
     assert counts["empty_dropped"] == 2  # empty.txt and the jsonl null
@@ -89,7 +100,9 @@ def test_folder_of_every_kind_gives_exact_counts(mixed: Path, tmp_path: Path) ->
     assert by_text["def f():\n    return 1\n"] == "code.py"
     assert by_text["license text without a suffix"] == "LICENSE"
     assert by_text["utf sixteen text"] == "utf16.dat"
-    assert manifest["bytes"]["train"] + manifest["bytes"]["validation"] == sum(len(t.encode()) for t in by_text)
+    assert manifest["bytes"]["train"] + manifest["bytes"]["validation"] == sum(
+        len(t.encode()) for t in by_text
+    )
     assert json.loads((out / "manifest.json").read_text()) == json.loads(json.dumps(manifest, default=str))
 
 
@@ -108,8 +121,12 @@ def test_hf_dataset_saved_to_disk(tmp_path: Path) -> None:
     datasets = pytest.importorskip("datasets")
     texts = [f"hf document {i}" for i in range(30)]
     saved = tmp_path / "saved"
-    datasets.Dataset.from_dict({"body": texts + [texts[0], ""], "n": list(range(32))}).save_to_disk(str(saved))
-    manifest = ingest(CorpusConfig(source=f"hf:{saved}", text_column="body", validation_fraction=0.3), tmp_path / "out")
+    datasets.Dataset.from_dict({"body": texts + [texts[0], ""], "n": list(range(32))}).save_to_disk(
+        str(saved)
+    )
+    manifest = ingest(
+        CorpusConfig(source=f"hf:{saved}", text_column="body", validation_fraction=0.3), tmp_path / "out"
+    )
     assert manifest["kind"] == "hf"
     assert manifest["counts"]["documents"] == 30
     assert (manifest["counts"]["duplicates_dropped"], manifest["counts"]["empty_dropped"]) == (1, 1)
@@ -133,8 +150,12 @@ def test_hf_dataset_dict_split_and_local_data_folder(tmp_path: Path, monkeypatch
         ingest(CorpusConfig(source=source, hf_split="nope"), tmp_path / "b")
     # A plain folder of data files goes through datasets.load_dataset.
     (tmp_path / "files").mkdir()
-    (tmp_path / "files" / "data.jsonl").write_text("".join(json.dumps({"text": f"row {i}"}) + "\n" for i in range(20)))
-    manifest = ingest(CorpusConfig(source=f"hf:{tmp_path / 'files'}", validation_fraction=0.3), tmp_path / "c")
+    (tmp_path / "files" / "data.jsonl").write_text(
+        "".join(json.dumps({"text": f"row {i}"}) + "\n" for i in range(20))
+    )
+    manifest = ingest(
+        CorpusConfig(source=f"hf:{tmp_path / 'files'}", validation_fraction=0.3), tmp_path / "c"
+    )
     assert manifest["counts"]["documents"] == 20
     with pytest.raises(ConfigError, match="--hf-split"):
         ingest(CorpusConfig(source=f"hf:{tmp_path / 'files'}", hf_split="nope"), tmp_path / "d")
@@ -142,7 +163,9 @@ def test_hf_dataset_dict_split_and_local_data_folder(tmp_path: Path, monkeypatch
 
 def test_split_is_by_whole_document_and_stable_when_documents_are_added(tmp_path: Path) -> None:
     texts = write_docs(tmp_path / "c", 60)
-    config = CorpusConfig(source=str(tmp_path / "c"), validation_fraction=0.3, min_validation_bytes=0)  # hash only
+    config = CorpusConfig(
+        source=str(tmp_path / "c"), validation_fraction=0.3, min_validation_bytes=0
+    )  # hash only
     ingest(config, tmp_path / "first")
     first = all_documents(tmp_path / "first")
     assert first["validation"] and first["train"]
@@ -164,10 +187,14 @@ def test_max_bytes_keeps_a_prefix_in_id_order(tmp_path: Path) -> None:
     for i in range(50):
         (folder / f"{i}.txt").write_text(f"{i:04d}" + "x" * 96)  # 100 bytes each
     full = ingest(CorpusConfig(source=str(folder), validation_fraction=0.5), tmp_path / "full")
-    small = ingest(CorpusConfig(source=str(folder), validation_fraction=0.5, max_bytes=1050), tmp_path / "small")
+    small = ingest(
+        CorpusConfig(source=str(folder), validation_fraction=0.5, max_bytes=1050), tmp_path / "small"
+    )
     assert small["counts"]["documents"] == 10
     assert small["counts"]["max_bytes_dropped"] == 40
-    assert small["counts"]["train_documents"] and small["counts"]["validation_documents"]  # selection is not the split
+    assert (
+        small["counts"]["train_documents"] and small["counts"]["validation_documents"]
+    )  # selection is not the split
     assert small["bytes"]["train"] + small["bytes"]["validation"] == 1000
     full_ids = sorted(d["id"] for split in all_documents(tmp_path / "full").values() for d in split)
     small_ids = sorted(d["id"] for split in all_documents(tmp_path / "small").values() for d in split)
@@ -301,7 +328,10 @@ def test_small_folder_holds_out_the_documents_nearest_the_cut(tmp_path: Path) ->
     moved = [d["id"] for d in docs["validation"] if not is_validation(d["id"], config.validation_fraction)]
     if moved:
         assert manifest["split"] == f"hash, {len(moved)} more held out for min_validation_bytes"
-        scores = lambda ds: [int(d["id"][-16:], 16) for d in ds]
+
+        def scores(ds):
+            return [int(d["id"][-16:], 16) for d in ds]
+
         assert max(scores([d for d in docs["validation"] if d["id"] in moved])) < min(scores(docs["train"]))
     assert ingest(config, tmp_path / "b")["content_digest"] == manifest["content_digest"]  # deterministic
 

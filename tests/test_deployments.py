@@ -36,9 +36,13 @@ def test_a_run_override_merges_with_the_deployment_defaults():
     from flows.pipeline import PipelineParams, pipeline
 
     (nightly,) = [d for d in SPEC["deployments"] if d["name"] == "nightly-cpu"]
-    merged = pipeline.validate_parameters({**nightly["parameters"], "max_steps": "7"})  # what a run override does
+    merged = pipeline.validate_parameters(
+        {**nightly["parameters"], "max_steps": "7"}
+    )  # what a run override does
     params = PipelineParams(**merged)
-    assert params.experiment == "llm-pipeline-nightly" and params.max_steps == 7 and params.build().name == "cpu"
+    assert (
+        params.experiment == "llm-pipeline-nightly" and params.max_steps == 7 and params.build().name == "cpu"
+    )
 
 
 def test_preset_is_a_choice_in_the_flow_schema():
@@ -57,8 +61,20 @@ def test_an_invalid_cron_is_refused_in_one_line(tmp_path):
     spec = yaml.safe_load((ROOT / "deployments" / "prefect.yaml").read_text())
     spec["deployments"][0]["schedules"][0]["cron"] = "0 2 * *"
     bad.write_text(yaml.safe_dump(spec))
-    done = subprocess.run([sys.executable, str(ROOT / "deployments" / "serve.py"), "up", "--state", str(tmp_path / "s"),
-                           "--prefect-file", str(bad)], capture_output=True, text=True, timeout=120)
+    done = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "deployments" / "serve.py"),
+            "up",
+            "--state",
+            str(tmp_path / "s"),
+            "--prefect-file",
+            str(bad),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert done.returncode == 2
     (line,) = done.stderr.strip().splitlines()
     assert line.startswith("error: ") and "invalid cron '0 2 * *'" in line and "nightly-cpu" in line

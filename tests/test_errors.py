@@ -45,17 +45,30 @@ def small_corpus(tmp_path_factory) -> Path:
     folder = tmp_path_factory.mktemp("corpus")
     lines = Path(sys.modules["argparse"].__file__).read_text().splitlines()
     for i in range(40):
-        (folder / f"f{i}.py").write_text("\n".join(lines[i * 50: i * 50 + 200]))
+        (folder / f"f{i}.py").write_text("\n".join(lines[i * 50 : i * 50 + 200]))
     return folder
 
 
-def command(module: str, *args: str, cwd: Path, prefect_home: Path, **env: str) -> subprocess.CompletedProcess:
+def command(
+    module: str, *args: str, cwd: Path, prefect_home: Path, **env: str
+) -> subprocess.CompletedProcess:
     environ = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "PREFECT_API"))}
     # a fresh Prefect home migrates its database on the first start: slow on a loaded machine
-    environ.update(PYTHONPATH=str(ROOT), PREFECT_HOME=str(prefect_home),
-                   PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS="300", **env)
-    return subprocess.run([sys.executable, "-m", module, *args], cwd=cwd, env=environ, capture_output=True,
-                          text=True, timeout=600, check=False)
+    environ.update(
+        PYTHONPATH=str(ROOT),
+        PREFECT_HOME=str(prefect_home),
+        PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS="300",
+        **env,
+    )
+    return subprocess.run(
+        [sys.executable, "-m", module, *args],
+        cwd=cwd,
+        env=environ,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
 
 
 def one_line_failure(done: subprocess.CompletedProcess, *fragments: str) -> str:
@@ -77,16 +90,25 @@ def _closed_port() -> int:
 
 
 @pytest.mark.cli
-@pytest.mark.parametrize("case", ["batch", "vocab_small", "vocab_large", "device", "mlflow_down", "missing_corpus"])
+@pytest.mark.parametrize(
+    "case", ["batch", "vocab_small", "vocab_large", "device", "mlflow_down", "missing_corpus"]
+)
 def test_bad_input_fails_in_one_line_before_prefect_starts(case, tmp_path, small_corpus, prefect_home):
     port = _closed_port()
     args, env, fragments = {
         "batch": (["--batch-size", "100000"], {}, ["--batch-size", "free"]),
         "vocab_small": (["--vocab-size", "100"], {}, ["--vocab-size >= 261"]),
-        "vocab_large": (["--corpus", str(small_corpus), "--vocab-size", "1000000"], {}, [str(small_corpus), "--vocab-size <="]),
+        "vocab_large": (
+            ["--corpus", str(small_corpus), "--vocab-size", "1000000"],
+            {},
+            [str(small_corpus), "--vocab-size <="],
+        ),
         "device": (["--device", "tpu"], {}, ["'tpu'", "--device"]),
-        "mlflow_down": (["--corpus", str(small_corpus)], {"MLFLOW_TRACKING_URI": f"http://127.0.0.1:{port}"},
-                        [f"http://127.0.0.1:{port}", "MLFLOW_TRACKING_URI"]),
+        "mlflow_down": (
+            ["--corpus", str(small_corpus)],
+            {"MLFLOW_TRACKING_URI": f"http://127.0.0.1:{port}"},
+            [f"http://127.0.0.1:{port}", "MLFLOW_TRACKING_URI"],
+        ),
         "missing_corpus": (["--corpus", "nowhere/"], {}, ["nowhere/", "--corpus"]),
     }[case]
     done = command("flows.pipeline", *args, cwd=tmp_path, prefect_home=prefect_home, **env)
@@ -98,11 +120,25 @@ def test_bad_input_fails_in_one_line_before_prefect_starts(case, tmp_path, small
 
 
 @pytest.mark.flow
-def test_diverged_pretraining_is_one_line_naming_real_flags_with_the_trace_in_a_log(tmp_path, small_corpus,
-                                                                                    prefect_home):
-    done = command("flows.pipeline", "--corpus", str(small_corpus), "--vocab-size", "400", *TINY_MODEL,
-                   "--max-steps", "5", "--learning-rate", "1e6", "--device", "cpu", cwd=tmp_path,
-                   prefect_home=prefect_home)
+def test_diverged_pretraining_is_one_line_naming_real_flags_with_the_trace_in_a_log(
+    tmp_path, small_corpus, prefect_home
+):
+    done = command(
+        "flows.pipeline",
+        "--corpus",
+        str(small_corpus),
+        "--vocab-size",
+        "400",
+        *TINY_MODEL,
+        "--max-steps",
+        "5",
+        "--learning-rate",
+        "1e6",
+        "--device",
+        "cpu",
+        cwd=tmp_path,
+        prefect_home=prefect_home,
+    )
     line = one_line_failure(done, "loss became", "last good checkpoint")
     assert done.returncode == 1
     flags = set(re.findall(r"--[a-z][a-z-]+", line))
@@ -124,9 +160,26 @@ def token_folders(tmp_path_factory, small_corpus) -> tuple[Path, Path]:
 @pytest.mark.flow
 def test_debug_prints_the_trace_and_still_ends_with_the_line(tmp_path, token_folders, prefect_home):
     tok, tokens = token_folders
-    done = command("flows.stages", "pretrain", "--tokenizer-dir", str(tok), "--tokens-dir", str(tokens),
-                   "--vocab-size", "400", *TINY_MODEL, "--max-steps", "3", "--learning-rate", "1e6",
-                   "--device", "cpu", "--debug", cwd=tmp_path, prefect_home=prefect_home)
+    done = command(
+        "flows.stages",
+        "pretrain",
+        "--tokenizer-dir",
+        str(tok),
+        "--tokens-dir",
+        str(tokens),
+        "--vocab-size",
+        "400",
+        *TINY_MODEL,
+        "--max-steps",
+        "3",
+        "--learning-rate",
+        "1e6",
+        "--device",
+        "cpu",
+        "--debug",
+        cwd=tmp_path,
+        prefect_home=prefect_home,
+    )
     assert done.returncode == 1
     assert "Traceback" in done.stderr and "TrainingDiverged" in done.stderr
     assert done.stderr.strip().splitlines()[-1].startswith("error: pretrain: loss became")
@@ -174,14 +227,22 @@ for _ in range(2):
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
 peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-print(json.dumps({"measured": peak - base, "estimate": training_bytes(config, B, T, torch.device("cpu")).total}))
+estimate = training_bytes(config, B, T, torch.device("cpu")).total
+print(json.dumps({"measured": peak - base, "estimate": estimate}))
 """
 
 
 @pytest.mark.parametrize("config", [(2048, 128, 2, 128, 16), (1024, 96, 3, 96, 24)])  # smoke preset; another
 def test_memory_estimate_bounds_the_measured_peak_of_real_training_steps(config):
-    done = subprocess.run([sys.executable, "-c", MEASURE, *map(str, config)], cwd=ROOT, capture_output=True,
-                          text=True, timeout=300, env={**os.environ, "PYTHONPATH": str(ROOT)}, check=False)
+    done = subprocess.run(
+        [sys.executable, "-c", MEASURE, *map(str, config)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        check=False,
+    )
     assert done.returncode == 0, done.stderr[-2000:]
     figures = json.loads(done.stdout)
     assert figures["measured"] <= figures["estimate"] <= 1.6 * figures["measured"], figures
@@ -192,8 +253,13 @@ def test_training_refuses_a_batch_that_cannot_fit_before_allocating_it(tmp_path)
     free = training_bytes(model.config, 1, 64, torch.device("cpu"))  # bytes per sequence, roughly
     batch = 10 * int(1e12 // (free.activations + free.logits))  # ~10 TB of activations
     with pytest.raises(ConfigError, match="--batch-size"):
-        fit(model, train_batches=None, val_batches=[], config=TrainConfig(batch_size=batch, device="cpu"),
-            checkpoint_dir=tmp_path / "checkpoints")
+        fit(
+            model,
+            train_batches=None,
+            val_batches=[],
+            config=TrainConfig(batch_size=batch, device="cpu"),
+            checkpoint_dir=tmp_path / "checkpoints",
+        )
     assert not (tmp_path / "checkpoints").exists()
     require_fits(model.config, 16, 64, torch.device("cpu"))  # a small batch passes
 
@@ -206,8 +272,9 @@ def _attempts(state) -> int:
 
 
 @pytest.mark.flow
-def test_a_transient_read_error_is_retried_with_no_duplicated_output(tmp_path, small_corpus, prefect_harness,
-                                                                      monkeypatch):
+def test_a_transient_read_error_is_retried_with_no_duplicated_output(
+    tmp_path, small_corpus, prefect_harness, monkeypatch
+):
     from tasks import stages
 
     flaky, failures = small_corpus / "f7.py", []
@@ -224,10 +291,15 @@ def test_a_transient_read_error_is_retried_with_no_duplicated_output(tmp_path, s
     state = stages.ingest_corpus(config, "transient-test", str(tmp_path / "runs"), return_state=True)
     assert state.is_completed() and failures == [flaky] and _attempts(state) == 2
     folder = Path(state.result())
-    sources = [json.loads(line)["source"] for split in ("train", "validation")
-               for line in (folder / f"{split}.jsonl").read_text().splitlines()]
+    sources = [
+        json.loads(line)["source"]
+        for split in ("train", "validation")
+        for line in (folder / f"{split}.jsonl").read_text().splitlines()
+    ]
     assert sorted(sources) == sorted(p.name for p in small_corpus.iterdir())  # each file once
-    assert [p.name for p in (tmp_path / "runs" / "corpus").iterdir()] == [folder.name]  # no half-written leftovers
+    assert [p.name for p in (tmp_path / "runs" / "corpus").iterdir()] == [
+        folder.name
+    ]  # no half-written leftovers
 
 
 @pytest.mark.flow
@@ -237,10 +309,13 @@ def test_a_vocabulary_sentencepiece_refuses_is_attempted_once(tmp_path, prefect_
     texts = tmp_path / "texts"
     texts.mkdir()
     for i in range(20):  # 22 KB of four words: more bytes than the vocabulary, too few distinct pieces
-        (texts / f"{i}.txt").write_text(" ".join(["alpha", "beta", "gamma", "delta"][(i * j) % 4] for j in range(300)))
+        (texts / f"{i}.txt").write_text(
+            " ".join(["alpha", "beta", "gamma", "delta"][(i * j) % 4] for j in range(300))
+        )
     ingest(CorpusConfig(source=str(texts), validation_fraction=0.3), tmp_path / "corpus")
-    state = stages.train_tokenizer(str(tmp_path / "corpus"), TokenizerConfig(vocab_size=2000), str(tmp_path / "runs"),
-                                   return_state=True)
+    state = stages.train_tokenizer(
+        str(tmp_path / "corpus"), TokenizerConfig(vocab_size=2000), str(tmp_path / "runs"), return_state=True
+    )
     assert state.is_failed() and _attempts(state) == 1
     with pytest.raises(ConfigError, match="--vocab-size <="):
         state.result()
@@ -255,8 +330,9 @@ def test_deterministic_errors_are_not_retried(prefect_harness):
 
     @task(**{**DATA_TASK, "persist_result": False})
     def refuse() -> None:  # sentencepiece's own RuntimeError "Vocabulary size too high", untranslated
-        spm.SentencePieceTrainer.train(sentence_iterator=iter(["abc def"] * 10), model_writer=io.BytesIO(),
-                                       vocab_size=300, minloglevel=2)
+        spm.SentencePieceTrainer.train(
+            sentence_iterator=iter(["abc def"] * 10), model_writer=io.BytesIO(), vocab_size=300, minloglevel=2
+        )
 
     @task(**{**DATA_TASK, "persist_result": False})
     def allocate() -> None:

@@ -18,8 +18,9 @@ class UniformModel(torch.nn.Module):
 
     def forward(self, x, y, reduction="mean"):
         logits = torch.zeros(*x.shape, self.vocab)
-        losses = torch.nn.functional.cross_entropy(logits.view(-1, self.vocab), y.view(-1), ignore_index=-100,
-                                                   reduction="none").view(y.shape)
+        losses = torch.nn.functional.cross_entropy(
+            logits.view(-1, self.vocab), y.view(-1), ignore_index=-100, reduction="none"
+        ).view(y.shape)
         return logits, losses
 
 
@@ -59,9 +60,15 @@ def test_model_and_compressors_are_scored_on_the_same_bytes(tmp_path):
     train_tokenizer(corpus, tmp_path / "tok", TokenizerConfig(vocab_size=512))
     encode_corpus(corpus, tmp_path / "tok", tmp_path / "tokens")
     torch.manual_seed(0)
-    save_model(tmp_path / "model.pt", GPT(GPTConfig(vocab_size=512, block_size=64, n_layer=1, n_head=2, n_embd=32)))
-    result = evaluate_model(tmp_path / "model.pt", tmp_path / "tok", tmp_path / "tokens",
-                            EvalConfig(max_tokens=4096, batch_size=4, device="cpu"))
+    save_model(
+        tmp_path / "model.pt", GPT(GPTConfig(vocab_size=512, block_size=64, n_layer=1, n_head=2, n_embd=32))
+    )
+    result = evaluate_model(
+        tmp_path / "model.pt",
+        tmp_path / "tok",
+        tmp_path / "tokens",
+        EvalConfig(max_tokens=4096, batch_size=4, device="cpu"),
+    )
     assert result["bytes"] == result["text_bytes"] > 5_000
     assert result["bpb"] > result["xz_bpb"]  # an untrained model loses to xz
     assert result["perplexity"] == pytest.approx(math.exp(result["loss"]))

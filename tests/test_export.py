@@ -33,11 +33,28 @@ from tests.test_tokenizer import (
 )
 
 TRICKY = [
-    "", " ", "  leading spaces", "trailing spaces   ", "a\tb\t\tc", "\t\tindented with tabs\n",
-    "def f(x):\n    if x:\n        return x\n", "line\r\nwindows\r\nold mac\rend", "\n\n\n", "   \n   \n",
-    "emoji 😀👍🏽👨‍👩‍👧 flags 🇫🇷", "中文字 日本語のテキスト 한국어", "e\u0301 a\u0300\u0316 combining",
-    "zero\u200bwidth\u200djoiner", "\ufeffbom", "nul\x00byte", "▁ literal lower eighth block ▁▁", "a▁b",
-    "<|endoftext|> <|user|> <|assistant|> <|end|> <unk> <0x41>", "x" * 300, " " * 64, "12345 3.14159",
+    "",
+    " ",
+    "  leading spaces",
+    "trailing spaces   ",
+    "a\tb\t\tc",
+    "\t\tindented with tabs\n",
+    "def f(x):\n    if x:\n        return x\n",
+    "line\r\nwindows\r\nold mac\rend",
+    "\n\n\n",
+    "   \n   \n",
+    "emoji 😀👍🏽👨‍👩‍👧 flags 🇫🇷",
+    "中文字 日本語のテキスト 한국어",
+    "e\u0301 a\u0300\u0316 combining",
+    "zero\u200bwidth\u200djoiner",
+    "\ufeffbom",
+    "nul\x00byte",
+    "▁ literal lower eighth block ▁▁",
+    "a▁b",
+    "<|endoftext|> <|user|> <|assistant|> <|end|> <unk> <0x41>",
+    "x" * 300,
+    " " * 64,
+    "12345 3.14159",
 ]
 
 
@@ -52,8 +69,16 @@ def tokenizer_dir(tmp_path_factory):
 
 def tiny_model(vocab_size: int, tie_embeddings: bool) -> GPT:
     torch.manual_seed(0)
-    config = GPTConfig(vocab_size=vocab_size, block_size=64, n_layer=2, n_head=4, n_kv_head=2, n_embd=64,
-                       rope_theta=5000.0, tie_embeddings=tie_embeddings)
+    config = GPTConfig(
+        vocab_size=vocab_size,
+        block_size=64,
+        n_layer=2,
+        n_head=4,
+        n_kv_head=2,
+        n_embd=64,
+        rope_theta=5000.0,
+        tie_embeddings=tie_embeddings,
+    )
     model = GPT(config)
     with torch.no_grad():
         for name, param in model.named_parameters():
@@ -115,9 +140,13 @@ def test_greedy_generation_matches_token_for_token(exported, tokenizer_dir, hf_t
     stops = {tokenizer.eot_id, tokenizer.end_id}
     expected = next((ours[: i + 1] for i, t in enumerate(ours) if t in stops), ours)
     with torch.no_grad():
-        out = hf.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
-                          do_sample=False, max_new_tokens=20)
-    assert out[0, len(prompt):].tolist() == expected
+        out = hf.generate(
+            torch.tensor([prompt]),
+            attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+            do_sample=False,
+            max_new_tokens=20,
+        )
+    assert out[0, len(prompt) :].tolist() == expected
     assert len(set(expected)) > 1  # a real continuation, not one token repeated
 
 
@@ -154,8 +183,15 @@ def test_folder_files_and_manifest(exported, tokenizer_dir):
     model, root, manifest = exported
     hf = root / "hf"
     names = {p.name for p in hf.iterdir()}
-    assert names == {"config.json", "generation_config.json", "model.safetensors", "tokenizer.json",
-                     "tokenizer_config.json", "tokenizer.model", "manifest.json"}
+    assert names == {
+        "config.json",
+        "generation_config.json",
+        "model.safetensors",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "tokenizer.model",
+        "manifest.json",
+    }
     assert read_json(hf / "manifest.json") == json.loads(json.dumps(manifest))
     assert manifest["source_model_digest"] == file_digest(root / "model.pt")
     assert manifest["tokenizer_digest"] == file_digest(tokenizer_dir / "tokenizer.model")
@@ -194,26 +230,39 @@ def test_bad_inputs_fail_in_one_line_and_keep_the_old_folder(tied_export, tokeni
     assert [p.name for p in out.iterdir()] == ["keep.txt"]
 
 
-def test_command_line_exports_without_transformers_and_fails_in_one_line(tied_export, tokenizer_dir, tmp_path):
+def test_command_line_exports_without_transformers_and_fails_in_one_line(
+    tied_export, tokenizer_dir, tmp_path
+):
     _, root = tied_export
-    code = ("import sys; from llmcore.export import main; main(sys.argv[1:]); "
-            "assert 'transformers' not in sys.modules, 'export imported transformers'")
-    args = ["--model", str(root / "model.pt"), "--tokenizer", str(tokenizer_dir), "--out", str(tmp_path / "hf")]
+    code = (
+        "import sys; from llmcore.export import main; main(sys.argv[1:]); "
+        "assert 'transformers' not in sys.modules, 'export imported transformers'"
+    )
+    args = [
+        "--model",
+        str(root / "model.pt"),
+        "--tokenizer",
+        str(tokenizer_dir),
+        "--out",
+        str(tmp_path / "hf"),
+    ]
     done = subprocess.run([sys.executable, "-c", code, *args], check=False, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     assert json.loads(done.stdout)["source_model_digest"] == file_digest(root / "model.pt")
     assert (tmp_path / "hf" / "model.safetensors").is_file()
 
     args[1] = str(tmp_path / "missing.pt")
-    failed = subprocess.run([sys.executable, "-m", "llmcore.export", *args], check=False, capture_output=True,
-                            text=True)
+    failed = subprocess.run(
+        [sys.executable, "-m", "llmcore.export", *args], check=False, capture_output=True, text=True
+    )
     assert failed.returncode == 2
     assert failed.stderr.count("\n") == 1 and "missing.pt does not exist" in failed.stderr, failed.stderr
 
 
 @pytest.mark.flow
-def test_flow_logs_the_folder_to_the_run_and_it_loads_from_there(prefect_harness, tied_export, tokenizer_dir,
-                                                                   tmp_path, monkeypatch):
+def test_flow_logs_the_folder_to_the_run_and_it_loads_from_there(
+    prefect_harness, tied_export, tokenizer_dir, tmp_path, monkeypatch
+):
     from mlflow import MlflowClient
     from mlflow.artifacts import download_artifacts
 
@@ -244,7 +293,12 @@ def test_flow_logs_the_folder_to_the_run_and_it_loads_from_there(prefect_harness
 
 def test_flow_command_line_fails_in_one_line(tokenizer_dir, tmp_path):
     args = ["--model", str(tmp_path / "missing.pt"), "--tokenizer", str(tokenizer_dir)]
-    failed = subprocess.run([sys.executable, "-m", "flows.export", *args], check=False, capture_output=True,
-                            text=True, cwd=tmp_path)
+    failed = subprocess.run(
+        [sys.executable, "-m", "flows.export", *args],
+        check=False,
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+    )
     assert failed.returncode == 2
     assert failed.stderr.count("\n") == 1 and "missing.pt does not exist" in failed.stderr, failed.stderr

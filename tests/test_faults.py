@@ -63,7 +63,9 @@ def kill_when(cmd: list[str], log: Path, point, what: str) -> bool:
     """Start `cmd` in its own session, SIGKILL its whole process group as soon as point() holds.
     Returns False when the process finished before reaching the point (the kill missed)."""
     with open(log, "w") as err:
-        proc = subprocess.Popen(cmd, env=env(), cwd=ROOT, stdout=subprocess.DEVNULL, stderr=err, start_new_session=True)
+        proc = subprocess.Popen(
+            cmd, env=env(), cwd=ROOT, stdout=subprocess.DEVNULL, stderr=err, start_new_session=True
+        )
     try:
         reached = _wait(point, what, proc)
         if reached:
@@ -84,8 +86,12 @@ def test_kill_before_the_first_checkpoint(reference, tmp_path):
     for attempt in range(ATTEMPTS):
         out = tmp_path / f"pre{attempt}"
         log = tmp_path / f"kill{attempt}.log"
-        landed = kill_when(pretrain_cmd(data, out, *PRETRAIN), log, lambda log=log: "pretrain step 1/12" in log.read_text(),
-                           "the first step")
+        landed = kill_when(
+            pretrain_cmd(data, out, *PRETRAIN),
+            log,
+            lambda log=log: "pretrain step 1/12" in log.read_text(),
+            "the first step",
+        )
         if landed and not list_checkpoints(out / "checkpoints"):
             break
     else:
@@ -99,8 +105,12 @@ def test_kill_after_a_checkpoint(reference, tmp_path):
     data, root = reference
     out = tmp_path / "pre"
     log = tmp_path / "kill.log"
-    assert kill_when(pretrain_cmd(data, out, *PRETRAIN), log,
-                     lambda: (out / "checkpoints" / "step_000004.json").is_file(), "the first checkpoint")
+    assert kill_when(
+        pretrain_cmd(data, out, *PRETRAIN),
+        log,
+        lambda: (out / "checkpoints" / "step_000004.json").is_file(),
+        "the first checkpoint",
+    )
     assert not (out / MANIFEST).exists()
     rerun = run(pretrain_cmd(data, out, *PRETRAIN))
     assert "resuming from step_0000" in rerun.stderr
@@ -116,7 +126,12 @@ def test_kill_during_a_checkpoint_write(reference, tmp_path):
     checkpoints = out / "checkpoints"
     for attempt in range(ATTEMPTS):
         log = tmp_path / f"kill{attempt}.log"
-        kill_when(cmd, log, lambda: any(p.name.startswith(".step_") for p in temps(checkpoints)), "a checkpoint write")
+        kill_when(
+            cmd,
+            log,
+            lambda: any(p.name.startswith(".step_") for p in temps(checkpoints)),
+            "a checkpoint write",
+        )
         half_written = temps(checkpoints)
         if half_written:
             break
@@ -135,7 +150,9 @@ def test_kill_during_fine_tuning(reference, tmp_path):
     out = tmp_path / "ft"
     log = tmp_path / "kill.log"
     cmd = finetune_cmd(data, root / "pre" / "model.pt", out, *FINETUNE)
-    assert kill_when(cmd, log, lambda: (out / "checkpoints" / "step_000002.json").is_file(), "a fine-tuning checkpoint")
+    assert kill_when(
+        cmd, log, lambda: (out / "checkpoints" / "step_000002.json").is_file(), "a fine-tuning checkpoint"
+    )
     rerun = run(cmd)
     assert "finetune: resuming from step_0000" in rerun.stderr
     assert_same_weights(out / "model.pt", root / "ft" / "model.pt")
@@ -161,10 +178,22 @@ def test_a_truncated_latest_checkpoint_falls_back_to_the_previous_one(reference,
 def test_temp_folder_of_a_killed_stage_is_removed_on_the_next_run(reference, tmp_path):
     data, _ = reference
     out = tmp_path / "tokens"
-    cmd = [sys.executable, "-m", "llmcore.tokenizer", "encode", "--corpus", str(data["corpus"]), "--tokenizer",
-           str(data["tokenizer"]), "--out", str(out)]
-    for attempt in range(ATTEMPTS):
-        kill_when(cmd, tmp_path / "kill.log", lambda: bool(temps(tmp_path)), "the encoding's temporary folder")
+    cmd = [
+        sys.executable,
+        "-m",
+        "llmcore.tokenizer",
+        "encode",
+        "--corpus",
+        str(data["corpus"]),
+        "--tokenizer",
+        str(data["tokenizer"]),
+        "--out",
+        str(out),
+    ]
+    for _attempt in range(ATTEMPTS):
+        kill_when(
+            cmd, tmp_path / "kill.log", lambda: bool(temps(tmp_path)), "the encoding's temporary folder"
+        )
         left = temps(tmp_path)
         if left:
             break
@@ -209,8 +238,11 @@ def _fill(folder: Path) -> Path:
 
 def _limit_file_size(limit: int):
     def apply() -> None:
-        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails with EFBIG instead of killing
+        signal.signal(
+            signal.SIGXFSZ, signal.SIG_IGN
+        )  # a write past the limit fails with EFBIG instead of killing
         resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
     return apply
 
 
@@ -224,8 +256,14 @@ def test_disk_full_while_writing_a_checkpoint(reference, tmp_path, method):
     mount = tmp_path / "disk"
     mount.mkdir()
     if method == "tmpfs":
-        mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=32m", "tmpfs", str(mount)],
-                                 capture_output=True, check=False).returncode == 0
+        mounted = (
+            subprocess.run(
+                ["mount", "-t", "tmpfs", "-o", "size=32m", "tmpfs", str(mount)],
+                capture_output=True,
+                check=False,
+            ).returncode
+            == 0
+        )
         method = "tmpfs" if mounted else "rlimit"
     out = mount / "pre"
     cmd = pretrain_cmd(data, out, *PRETRAIN)
@@ -234,7 +272,9 @@ def test_disk_full_while_writing_a_checkpoint(reference, tmp_path, method):
             log = tmp_path / "full.log"
             with open(log, "w") as err:
                 proc = subprocess.Popen(cmd, env=env(), cwd=ROOT, stdout=subprocess.DEVNULL, stderr=err)
-            assert _wait(lambda: (out / "checkpoints" / "step_000004.json").is_file(), "the first checkpoint", proc)
+            assert _wait(
+                lambda: (out / "checkpoints" / "step_000004.json").is_file(), "the first checkpoint", proc
+            )
             os.kill(proc.pid, signal.SIGSTOP)
             filler = _fill(mount)
             os.kill(proc.pid, signal.SIGCONT)
@@ -242,10 +282,22 @@ def test_disk_full_while_writing_a_checkpoint(reference, tmp_path, method):
             stderr, returncode = log.read_text(), proc.returncode
         else:
             # the first checkpoint written without a limit, then the process killed; the rerun runs limited
-            assert kill_when(cmd, tmp_path / "kill.log", lambda: (out / "checkpoints" / "step_000004.json").is_file(),
-                             "the first checkpoint")
-            done = subprocess.run(cmd, env=env(), cwd=ROOT, capture_output=True, text=True, timeout=300, check=False,
-                                  preexec_fn=_limit_file_size(1 << 20))
+            assert kill_when(
+                cmd,
+                tmp_path / "kill.log",
+                lambda: (out / "checkpoints" / "step_000004.json").is_file(),
+                "the first checkpoint",
+            )
+            done = subprocess.run(
+                cmd,
+                env=env(),
+                cwd=ROOT,
+                capture_output=True,
+                text=True,
+                timeout=300,
+                check=False,
+                preexec_fn=_limit_file_size(1 << 20),
+            )
             stderr, returncode, filler = done.stderr, done.returncode, None
         errors = [line for line in stderr.splitlines() if "error:" in line]
         assert returncode == 2 and len(errors) == 1 and "Traceback" not in stderr, stderr[-3000:]

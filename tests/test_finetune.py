@@ -23,13 +23,20 @@ def test_loss_is_on_response_tokens_and_end_only():
 def test_long_pairs_are_cut_keeping_some_response_and_the_end_token():
     ids, labels, cut = encode_pair(FakeTokenizer(), "p" * 100, "r" * 100, max_length=32)
     assert cut and len(ids) == len(labels) == 33
-    assert sum(l != IGNORE for l in labels) >= 15
+    assert sum(label != IGNORE for label in labels) >= 15
     assert ids[-1] == labels[-1] == FakeTokenizer.end_id  # a cut answer still ends: the model learns to stop
 
 
-@pytest.mark.parametrize(("prompt", "response", "length", "cut"),
-                         [("hi", "yes", 12, False), ("hi", "y" * 10, 12, True), ("hi", "y" * 8, 12, False),
-                          ("hello", "y", 12, True), ("hell", "y", 12, False)])
+@pytest.mark.parametrize(
+    ("prompt", "response", "length", "cut"),
+    [
+        ("hi", "yes", 12, False),
+        ("hi", "y" * 10, 12, True),
+        ("hi", "y" * 8, 12, False),
+        ("hello", "y", 12, True),
+        ("hell", "y", 12, False),
+    ],
+)
 def test_cut_is_reported_exactly_when_tokens_are_lost(prompt, response, length, cut):
     turn = encode_pair(FakeTokenizer(), prompt, response, max_length=length)
     whole = [1, *FakeTokenizer().encode(prompt), 2, *FakeTokenizer().encode(response), 3]
@@ -40,7 +47,7 @@ def test_cut_is_reported_exactly_when_tokens_are_lost(prompt, response, length, 
 def test_ids_and_labels_always_align(length):
     ids, labels, _ = encode_pair(FakeTokenizer(), "abc", "defghijklmnop", max_length=length)
     assert len(ids) == len(labels) <= length + 1
-    assert all(l in (IGNORE, i) for i, l in zip(ids, labels))
+    assert all(label in (IGNORE, i) for i, label in zip(ids, labels, strict=True))
 
 
 def test_batches_shift_targets_and_ignore_padding(tmp_path):
@@ -55,5 +62,7 @@ def test_batches_shift_targets_and_ignore_padding(tmp_path):
     ids, labels, _ = encode_pair(FakeTokenizer(), "hi", "yes", max_length=12)
     assert x[0, : len(ids) - 1].tolist() == ids[:-1]
     assert y[0, : len(ids) - 1].tolist() == labels[1:]  # position t is trained to predict token t + 1
-    assert y[0, 3].item() == ids[4]  # the first learned target is the first response token, after <|assistant|>
+    assert (
+        y[0, 3].item() == ids[4]
+    )  # the first learned target is the first response token, after <|assistant|>
     assert (y[0, len(ids) - 1 :] == IGNORE).all() and (x[0, len(ids) - 1 :] == FakeTokenizer.eot_id).all()

@@ -17,7 +17,9 @@ ENCODINGS = ("utf-8", "utf-8-sig", "utf-16", "latin-1")
 MEMORY_FACTOR = 8  # the whole file, its text, its UTF-8 bytes and its JSON line, with room to spare
 MEMORY_SLACK = 2 << 20  # bookkeeping that does not grow with a file
 
-names = st.text(st.characters(blacklist_characters="/\0", blacklist_categories=("Cs",)), min_size=1, max_size=30)
+names = st.text(
+    st.characters(blacklist_characters="/\0", blacklist_categories=("Cs",)), min_size=1, max_size=30
+)
 names = names.filter(lambda n: n not in (".", "..") and len(n.encode()) < 200)
 suffixes = st.sampled_from(["", ".txt", ".md", ".py", ".bin", ".TXT", ". odd"])
 texts = st.text(min_size=0, max_size=300)
@@ -30,10 +32,14 @@ contents = st.one_of(
     st.just(("empty", b"")),
     st.binary(min_size=1, max_size=500).map(lambda b: ("nul", b + b"\0" + b)),
 )
-folders = st.lists(st.tuples(names, suffixes, contents), min_size=1, max_size=6, unique_by=lambda f: f[0] + f[1])
+folders = st.lists(
+    st.tuples(names, suffixes, contents), min_size=1, max_size=6, unique_by=lambda f: f[0] + f[1]
+)
 
 
-@settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+@settings(
+    max_examples=20, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large]
+)
 @given(folders)
 def test_ingestion_never_crashes_counts_what_it_skips_and_stays_within_memory(files):
     root = Path(tempfile.mkdtemp())
@@ -59,9 +65,14 @@ def test_ingestion_never_crashes_counts_what_it_skips_and_stays_within_memory(fi
 
         counts = manifest["counts"]
         assert counts["files_seen"] == visible
-        assert counts["skipped_files"] == sum(manifest["skipped_by_reason"].values()) == len(manifest["skipped"])
+        assert (
+            counts["skipped_files"] == sum(manifest["skipped_by_reason"].values()) == len(manifest["skipped"])
+        )
         assert counts["documents_read"] == visible - counts["skipped_files"]  # one document per text file
-        assert counts["documents_read"] == counts["documents"] + counts["duplicates_dropped"] + counts["empty_dropped"]
+        assert (
+            counts["documents_read"]
+            == counts["documents"] + counts["duplicates_dropped"] + counts["empty_dropped"]
+        )
         skipped = {s["path"] for s in manifest["skipped"]}
         docs = [d for split in ("train", "validation") for d in read_documents(root / "out", split)]
         for name, suffix, (kind, data) in files:
@@ -70,7 +81,9 @@ def test_ingestion_never_crashes_counts_what_it_skips_and_stays_within_memory(fi
             if kind == "nul" and not data.startswith((b"\xff\xfe", b"\xfe\xff")):
                 assert name + suffix in skipped  # NUL bytes: binary
             if kind in ("huge", "text") and data.strip() and name + suffix not in skipped:
-                assert any(d["source"].startswith(name + suffix) for d in docs) or counts["duplicates_dropped"]
+                assert (
+                    any(d["source"].startswith(name + suffix) for d in docs) or counts["duplicates_dropped"]
+                )
         assert counts["train_documents"] >= 1 and counts["validation_documents"] >= 1
     finally:
         shutil.rmtree(root)

@@ -87,10 +87,12 @@ def test_causality(name):
 
 
 def decode_in_chunks(model: GPT, idx: torch.Tensor, chunks: list[int]) -> torch.Tensor:
-    cache = KVCache(model.config, batch_size=idx.size(0), max_len=idx.size(1), device="cpu", dtype=torch.float32)
+    cache = KVCache(
+        model.config, batch_size=idx.size(0), max_len=idx.size(1), device="cpu", dtype=torch.float32
+    )
     logits, start = [], 0
     for size in chunks:
-        logits.append(model(idx[:, start:start + size], kv_cache=cache)[0])
+        logits.append(model(idx[:, start : start + size], kv_cache=cache)[0])
         start += size
     assert cache.pos.tolist() == [idx.size(1)] * idx.size(0)
     return torch.cat(logits, dim=1)
@@ -128,16 +130,22 @@ def test_input_that_does_not_fit_the_cache_raises():
         KVCache(config, 1, 33, "cpu", torch.float32)
 
 
-@pytest.mark.parametrize("changes, match", [
-    (dict(n_embd=100, n_head=3), r"n_head must divide n_embd \(got n_embd=100, n_head=3\): pass --n-head"),
-    (dict(n_head=4, n_kv_head=3), r"n_kv_head must divide n_head .*: pass --n-kv-head"),
-    (dict(n_embd=12, n_head=4), r"must be even for rotary .*: pass --n-embd"),
-    (dict(vocab_size=0), r"vocab_size .*: pass --vocab-size"),
-    (dict(n_layer=-1), r"n_layer .*: pass --n-layer"),
-    (dict(n_kv_head=0), r"n_kv_head .*: pass --n-kv-head"),
-    (dict(rope_theta=float("nan")), r"rope_theta .*: pass --rope-theta"),
-    (dict(block_size=2.5), r"block_size must be an integer"),
-])
+@pytest.mark.parametrize(
+    "changes, match",
+    [
+        (
+            dict(n_embd=100, n_head=3),
+            r"n_head must divide n_embd \(got n_embd=100, n_head=3\): pass --n-head",
+        ),
+        (dict(n_head=4, n_kv_head=3), r"n_kv_head must divide n_head .*: pass --n-kv-head"),
+        (dict(n_embd=12, n_head=4), r"must be even for rotary .*: pass --n-embd"),
+        (dict(vocab_size=0), r"vocab_size .*: pass --vocab-size"),
+        (dict(n_layer=-1), r"n_layer .*: pass --n-layer"),
+        (dict(n_kv_head=0), r"n_kv_head .*: pass --n-kv-head"),
+        (dict(rope_theta=float("nan")), r"rope_theta .*: pass --rope-theta"),
+        (dict(block_size=2.5), r"block_size must be an integer"),
+    ],
+)
 def test_bad_config_raises(changes, match):
     with pytest.raises(ConfigError, match=match):
         GPTConfig(**{**TINY, **changes})
@@ -162,10 +170,15 @@ def test_reduction_none_is_per_token_cross_entropy_and_ignores_minus_100():
 
 
 def test_cli_prints_size(monkeypatch, capsys):
-    argv = "--vocab-size 100 --block-size 16 --n-layer 3 --n-head 4 --n-kv-head 2 --n-embd 64 --no-tie-embeddings"
+    argv = (
+        "--vocab-size 100 --block-size 16 --n-layer 3 --n-head 4 --n-kv-head 2 --n-embd 64 "
+        "--no-tie-embeddings"
+    )
     monkeypatch.setattr(sys, "argv", ["llmcore.model", *argv.split()])
     main()
-    config = GPTConfig(vocab_size=100, block_size=16, n_layer=3, n_head=4, n_kv_head=2, n_embd=64, tie_embeddings=False)
+    config = GPTConfig(
+        vocab_size=100, block_size=16, n_layer=3, n_head=4, n_kv_head=2, n_embd=64, tie_embeddings=False
+    )
     model = make_model(config)
     out = capsys.readouterr().out
     assert f"parameters: {model.num_params():,}" in out

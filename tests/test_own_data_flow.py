@@ -14,10 +14,12 @@ import pytest
 
 pytestmark = pytest.mark.flow
 
-TEXT = ("the river rose after a long rain and every mill along the valley stopped while farmers moved "
-         "their sheep to higher ground where old walls kept the wind from small houses of grey stone "
-         "children watched boats drift past bridges that their grandparents had built from oak and iron "
-         "letters arrived late because roads were closed so news travelled by word of mouth at markets")
+TEXT = (
+    "the river rose after a long rain and every mill along the valley stopped while farmers moved "
+    "their sheep to higher ground where old walls kept the wind from small houses of grey stone "
+    "children watched boats drift past bridges that their grandparents had built from oak and iron "
+    "letters arrived late because roads were closed so news travelled by word of mouth at markets"
+)
 WORDS = TEXT.split()
 
 
@@ -44,12 +46,23 @@ def run_pipeline(workdir: Path, **overrides) -> tuple[list[dict], str]:
     from flows.pipeline import PipelineParams, pipeline
 
     previous, logger, lines = os.getcwd(), logging.getLogger("llmcore"), Lines()
-    os.environ.pop("MLFLOW_TRACKING_URI", None)  # set by an earlier run in this process: track to workdir/mlruns
+    os.environ.pop(
+        "MLFLOW_TRACKING_URI", None
+    )  # set by an earlier run in this process: track to workdir/mlruns
     os.chdir(workdir)
     logger.addHandler(lines)
     try:
-        params = PipelineParams(preset="smoke", experiment="own-data", vocab_size=512, max_steps=20, batch_size=8,
-                                finetune_steps=4, device="cpu", seed=3, **overrides)
+        params = PipelineParams(
+            preset="smoke",
+            experiment="own-data",
+            vocab_size=512,
+            max_steps=20,
+            batch_size=8,
+            finetune_steps=4,
+            device="cpu",
+            seed=3,
+            **overrides,
+        )
         summary = pipeline(**params.model_dump())
     finally:
         logger.removeHandler(lines)
@@ -70,9 +83,13 @@ def parent_metrics(workdir: Path) -> dict[str, float]:
     mlflow.set_tracking_uri(f"sqlite:///{workdir / 'mlruns' / 'mlflow.db'}")
     client = MlflowClient()
     experiment = client.get_experiment_by_name("own-data")
-    (parent,) = [r for r in client.search_runs([experiment.experiment_id]) if "mlflow.parentRunId" not in r.data.tags]
+    (parent,) = [
+        r for r in client.search_runs([experiment.experiment_id]) if "mlflow.parentRunId" not in r.data.tags
+    ]
     assert parent.info.status == "FINISHED"
-    return {k.removeprefix("evaluate/"): v for k, v in parent.data.metrics.items() if k.startswith("evaluate/")}
+    return {
+        k.removeprefix("evaluate/"): v for k, v in parent.data.metrics.items() if k.startswith("evaluate/")
+    }
 
 
 def assert_completed(summary: list[dict], finetuned: bool) -> dict:
@@ -114,11 +131,15 @@ def test_plain_text_folder_runs_end_to_end_and_skips_instruction_tuning(prefect_
 def test_parquet_file_with_user_pairs_fine_tunes(prefect_harness, tmp_path):
     rng = random.Random(1)
     data = tmp_path / "articles.parquet"
-    pd.DataFrame({"body": [prose(rng, rng.randint(8, 20)) for _ in range(60)], "n": range(60)}).to_parquet(data)
+    pd.DataFrame({"body": [prose(rng, rng.randint(8, 20)) for _ in range(60)], "n": range(60)}).to_parquet(
+        data
+    )
     pairs = tmp_path / "pairs.jsonl"
     with open(pairs, "w") as f:
-        f.writelines(json.dumps({"prompt": f"Describe the valley, part {i}.", "response": prose(rng, 2)}) + "\n"
-                     for i in range(80))
+        f.writelines(
+            json.dumps({"prompt": f"Describe the valley, part {i}.", "response": prose(rng, 2)}) + "\n"
+            for i in range(80)
+        )
     summary, _ = run_pipeline(tmp_path, corpus=str(data), text_column="body", sft_data=str(pairs))
     by_stage = assert_completed(summary, finetuned=True)
     assert by_stage["corpus"]["value"] == 60

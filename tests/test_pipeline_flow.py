@@ -23,8 +23,17 @@ def pipeline_run(prefect_harness, tmp_path_factory):
     previous = os.getcwd()
     os.chdir(workdir)
     try:
-        params = PipelineParams(preset="smoke", experiment="flow-test", max_corpus_bytes=1_500_000, vocab_size=1024,
-                                max_steps=30, finetune_steps=6, batch_size=8, device="cpu", seed=7)
+        params = PipelineParams(
+            preset="smoke",
+            experiment="flow-test",
+            max_corpus_bytes=1_500_000,
+            vocab_size=1024,
+            max_steps=30,
+            finetune_steps=6,
+            batch_size=8,
+            device="cpu",
+            seed=7,
+        )
         summary = pipeline(**params.model_dump())
         rerun = pipeline(**params.model_dump())  # unchanged inputs: cached stages, finished training reused
     finally:
@@ -48,21 +57,34 @@ def test_pipeline_logs_a_parent_run_with_one_child_per_stage(pipeline_run):
     parent = parents[0]
     assert parent.data.tags["prefect.flow_run_id"] and parent.info.status == "FINISHED"
     assert parent.data.params["preset"] == "smoke" and parent.data.params["model.vocab_size"] == "1024"
-    children = {r.data.tags["stage"]: r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id}
+    children = {
+        r.data.tags["stage"]: r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id
+    }
     assert set(children) == set(STAGES)
 
     corpus = children["corpus"].data
     assert corpus.metrics["corpus/documents"] > 50 and corpus.params["corpus.max_bytes"] == "1500000"
     tokenizer = children["tokenizer"].data
-    assert tokenizer.metrics["tokenizer/vocab_size"] == 1024 and tokenizer.metrics["tokenizer/bytes_per_token"] > 1.5
+    assert (
+        tokenizer.metrics["tokenizer/vocab_size"] == 1024
+        and tokenizer.metrics["tokenizer/bytes_per_token"] > 1.5
+    )
     pretrain = children["pretrain"]
     assert pretrain.data.params["pretrain.max_steps"] == "30"
     history = client.get_metric_history(pretrain.info.run_id, "pretrain/loss")
     assert len(history) == 3 and history[-1].value < history[0].value  # step metrics, and learning
     assert "pretrain/tokens_per_second" in pretrain.data.metrics
     evaluation = {k.removeprefix("evaluate/"): v for k, v in children["evaluate"].data.metrics.items()}
-    for key in ("pretrained_bpb", "finetuned_bpb", "gzip_bpb", "bz2_bpb", "xz_bpb", "finetuned_response_loss",
-                "pretrained_response_loss", "pretrained_perplexity"):
+    for key in (
+        "pretrained_bpb",
+        "finetuned_bpb",
+        "gzip_bpb",
+        "bz2_bpb",
+        "xz_bpb",
+        "finetuned_response_loss",
+        "pretrained_response_loss",
+        "pretrained_perplexity",
+    ):
         assert key in evaluation, key
     assert 0 < evaluation["xz_bpb"] < evaluation["gzip_bpb"]
     assert evaluation["finetuned_response_loss"] < evaluation["pretrained_response_loss"]
@@ -70,11 +92,18 @@ def test_pipeline_logs_a_parent_run_with_one_child_per_stage(pipeline_run):
         assert 0 <= children["sample"].data.metrics[f"sample/{model}_python_parse_rate"] <= 1
 
     # the rerun's stages were skipped or reused, yet every child run still carries its record
-    rerun = {r.data.tags["stage"]: r for r in runs if r.data.tags.get("mlflow.parentRunId") == parents[1].info.run_id}
+    rerun = {
+        r.data.tags["stage"]: r
+        for r in runs
+        if r.data.tags.get("mlflow.parentRunId") == parents[1].info.run_id
+    }
     assert set(rerun) == set(STAGES)
     for stage, run in rerun.items():
         assert run.data.params and run.data.metrics and run.info.status == "FINISHED", stage
-    assert rerun["tokenizer"].data.metrics["tokenizer/bytes_per_token"] == tokenizer.metrics["tokenizer/bytes_per_token"]
+    assert (
+        rerun["tokenizer"].data.metrics["tokenizer/bytes_per_token"]
+        == tokenizer.metrics["tokenizer/bytes_per_token"]
+    )
 
     artifacts = {a.path for a in client.list_artifacts(pretrain.info.run_id, "pretrain")}
     assert artifacts == {"pretrain/manifest.json"}  # the weights live in the logged model only
@@ -99,7 +128,9 @@ def test_rerun_reuses_cached_stages(pipeline_run):
             runs = client.read_task_runs(task_run_filter=TaskRunFilter(name=TaskRunFilterName(like_=name)))
             states = sorted(r.state.name for r in runs)
             assert states == ["Cached", "Completed"], (name, states)
-    assert [r["value"] for r in rerun if r["stage"] == "pretrain"] == [r["value"] for r in first if r["stage"] == "pretrain"]
+    assert [r["value"] for r in rerun if r["stage"] == "pretrain"] == [
+        r["value"] for r in first if r["stage"] == "pretrain"
+    ]
 
 
 def test_logged_pyfunc_model_generates_in_a_fresh_process(pipeline_run, tmp_path):
@@ -123,7 +154,9 @@ def test_logged_pyfunc_model_generates_in_a_fresh_process(pipeline_run, tmp_path
         "assert len(out) == 2 and all(isinstance(t, str) and t for t in out), out\n"
         "print('OK', out)\n"
     )
-    done = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True, timeout=180)
+    done = subprocess.run(
+        [sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True, timeout=180
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.startswith("OK")
 
@@ -139,18 +172,31 @@ def test_a_rerun_links_to_the_runs_it_reuses_and_stores_no_new_model(pipeline_ru
     assert client.get_experiment(experiment).tags["mlflow.experimentKind"] == "custom_model_development"
     runs = client.search_runs([experiment], order_by=["attributes.start_time ASC"])
     first, second = [r for r in runs if r.data.tags.get("stage") == "pipeline"]
-    assert first.info.run_name == second.info.run_name and first.info.run_name.startswith("pipeline-smoke-stdlib-")
+    assert first.info.run_name == second.info.run_name and first.info.run_name.startswith(
+        "pipeline-smoke-stdlib-"
+    )
 
     def stage_runs(parent):
-        return {r.data.tags["stage"]: r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id}
+        return {
+            r.data.tags["stage"]: r
+            for r in runs
+            if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id
+        }
 
     made, reused = stage_runs(first), stage_runs(second)
-    for stage, folder in (("corpus", "corpus"), ("tokenizer", "tokenizer"), ("tokenizer", "tokens"),
-                          ("pretrain", "pretrain"), ("finetune", "finetune"), ("finetune", "sft_data")):
+    for stage, folder in (
+        ("corpus", "corpus"),
+        ("tokenizer", "tokenizer"),
+        ("tokenizer", "tokens"),
+        ("pretrain", "pretrain"),
+        ("finetune", "finetune"),
+        ("finetune", "sft_data"),
+    ):
         assert reused[stage].data.tags[f"reused.{folder}"] == made[stage].info.run_id, folder
     curve = client.get_metric_history(reused["pretrain"].info.run_id, "pretrain/loss")
-    assert [m.value for m in curve] == [m.value for m in client.get_metric_history(made["pretrain"].info.run_id,
-                                                                                    "pretrain/loss")]
+    assert [m.value for m in curve] == [
+        m.value for m in client.get_metric_history(made["pretrain"].info.run_id, "pretrain/loss")
+    ]
     models = mlflow.search_logged_models(experiment_ids=[experiment], output_format="list")
     assert sorted(m.name for m in models) == ["finetuned", "pretrained"]  # the rerun stored no new copy
     assert reused["pretrain"].data.tags["reused.model.pretrained"] in {m.model_id for m in models}

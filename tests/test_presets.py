@@ -28,8 +28,18 @@ def test_gpu_preset_is_gpt2_small_sized():
 
 
 def test_overrides_reach_the_right_configs():
-    preset = PipelineParams(vocab_size=3000, n_layer=3, max_steps=9, batch_size=5, learning_rate=0.01,
-                            finetune_steps=4, device="cpu", seed=3, corpus="docs", max_corpus_bytes=1000).build()
+    preset = PipelineParams(
+        vocab_size=3000,
+        n_layer=3,
+        max_steps=9,
+        batch_size=5,
+        learning_rate=0.01,
+        finetune_steps=4,
+        device="cpu",
+        seed=3,
+        corpus="docs",
+        max_corpus_bytes=1000,
+    ).build()
     assert preset.tokenizer.vocab_size == preset.model.vocab_size == 3000
     assert preset.model.n_layer == 3 and preset.pretrain.max_steps == 9 and preset.finetune.max_steps == 4
     assert preset.pretrain.batch_size == preset.finetune.batch_size == 5
@@ -38,34 +48,46 @@ def test_overrides_reach_the_right_configs():
     assert replace(preset, name="x").pretrain.learning_rate == 0.01
 
 
-@pytest.mark.parametrize("params, message", [
-    (dict(preset="huge"), "unknown preset"),
-    (dict(learning_rate=float("nan")), "learning_rate"),
-    (dict(learning_rate=float("inf")), "learning_rate"),
-    (dict(max_steps=0), "max_steps"),
-    (dict(batch_size=-2), "batch_size"),
-    (dict(vocab_size=100), "does not fit the byte fallback"),
-    (dict(max_length=4096), "does not fit the model"),
-    (dict(n_head=3), "n_head"),
-    (dict(corpus="s3://bucket/data"), "unsupported corpus source"),
-    (dict(max_length=0), "does not fit the model"),
-    (dict(device="cudax"), "unknown device"),
-])
+@pytest.mark.parametrize(
+    "params, message",
+    [
+        (dict(preset="huge"), "unknown preset"),
+        (dict(learning_rate=float("nan")), "learning_rate"),
+        (dict(learning_rate=float("inf")), "learning_rate"),
+        (dict(max_steps=0), "max_steps"),
+        (dict(batch_size=-2), "batch_size"),
+        (dict(vocab_size=100), "does not fit the byte fallback"),
+        (dict(max_length=4096), "does not fit the model"),
+        (dict(n_head=3), "n_head"),
+        (dict(corpus="s3://bucket/data"), "unsupported corpus source"),
+        (dict(max_length=0), "does not fit the model"),
+        (dict(device="cudax"), "unknown device"),
+    ],
+)
 def test_bad_parameters_are_config_errors(params, message):
     with pytest.raises(ConfigError, match=message):
         PipelineParams(**params).build()
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["--corpus", "/no/such/folder"], "does not exist"),
-    (["--preset", "huge"], "unknown preset"),
-    (["--learning-rate", "nan"], "learning_rate"),
-    (["--vocab-size", "64"], "does not fit the byte fallback"),
-    (["--sft-data", "/no/such/pairs.jsonl"], "fine-tuning data /no/such/pairs.jsonl does not exist"),
-])
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--corpus", "/no/such/folder"], "does not exist"),
+        (["--preset", "huge"], "unknown preset"),
+        (["--learning-rate", "nan"], "learning_rate"),
+        (["--vocab-size", "64"], "does not fit the byte fallback"),
+        (["--sft-data", "/no/such/pairs.jsonl"], "fine-tuning data /no/such/pairs.jsonl does not exist"),
+    ],
+)
 def test_cli_fails_before_any_work_with_one_line(argv, message, tmp_path):
-    done = subprocess.run([sys.executable, "-m", "flows.pipeline", *argv], cwd=tmp_path, capture_output=True,
-                          text=True, timeout=120, env={**__import__("os").environ, "PYTHONPATH": str(__import__("pathlib").Path(__file__).parents[1])})
+    done = subprocess.run(
+        [sys.executable, "-m", "flows.pipeline", *argv],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**__import__("os").environ, "PYTHONPATH": str(__import__("pathlib").Path(__file__).parents[1])},
+    )
     assert done.returncode == 2
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], done.stderr
@@ -73,9 +95,23 @@ def test_cli_fails_before_any_work_with_one_line(argv, message, tmp_path):
 
 
 def test_help_lists_the_knobs_users_turn():
-    done = subprocess.run([sys.executable, "-m", "flows.pipeline", "--help"], capture_output=True, text=True, timeout=120)
-    for flag in ("--preset", "--corpus", "--experiment", "--vocab-size", "--n-layer", "--max-steps", "--max-tokens",
-                 "--batch-size", "--learning-rate", "--device", "--seed", "--runs-dir"):
+    done = subprocess.run(
+        [sys.executable, "-m", "flows.pipeline", "--help"], capture_output=True, text=True, timeout=120
+    )
+    for flag in (
+        "--preset",
+        "--corpus",
+        "--experiment",
+        "--vocab-size",
+        "--n-layer",
+        "--max-steps",
+        "--max-tokens",
+        "--batch-size",
+        "--learning-rate",
+        "--device",
+        "--seed",
+        "--runs-dir",
+    ):
         assert flag in done.stdout, flag
 
 
@@ -94,10 +130,17 @@ def test_a_stage_error_inside_the_flow_ends_with_one_clear_line(tmp_path):
     corpus.mkdir()
     for i in range(30):
         (corpus / f"note{i}.md").write_text(f"Note {i}: the quick brown fox {i * 7} jumps.\n" * 3)
-    done = subprocess.run([sys.executable, "-m", "flows.pipeline", "--corpus", str(corpus), "--vocab-size", "8000"],
-                          cwd=tmp_path, capture_output=True, text=True, timeout=300,
-                          env={**__import__("os").environ, "PYTHONPATH": str(__import__("pathlib").Path(__file__).parents[1])})
+    done = subprocess.run(
+        [sys.executable, "-m", "flows.pipeline", "--corpus", str(corpus), "--vocab-size", "8000"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**__import__("os").environ, "PYTHONPATH": str(__import__("pathlib").Path(__file__).parents[1])},
+    )
     assert done.returncode == 2
-    (error,) = [line for line in done.stderr.splitlines() if line.startswith("error: ")]  # after Prefect's own log
+    (error,) = [
+        line for line in done.stderr.splitlines() if line.startswith("error: ")
+    ]  # after Prefect's own log
     assert "fewer than vocab_size 8000" in error and "--vocab-size" in error, done.stderr[-2000:]
     assert not list((tmp_path / "runs").glob("tokenizer/*"))  # nothing a later stage could take for finished

@@ -24,7 +24,7 @@ def test_greedy_equals_repeated_argmax_of_full_forward(model):
     for _ in range(GREEDY.max_new_tokens):
         logits, _ = model(torch.tensor([ids]))
         ids.append(int(logits[0, -1].argmax()))
-    assert generate(model, prompt, GREEDY) == ids[len(prompt):]
+    assert generate(model, prompt, GREEDY) == ids[len(prompt) :]
 
 
 def test_eval_mode_during_the_call_and_restored_after(model):
@@ -64,7 +64,7 @@ def test_stops_when_the_context_is_full_and_crops_long_prompts(model):
     long_prompt = [i % CONFIG.vocab_size for i in range(40)]
     out = generate(model, long_prompt, many)
     assert len(out) == 1
-    assert out == generate(model, long_prompt[-(CONFIG.block_size - 1):], many)
+    assert out == generate(model, long_prompt[-(CONFIG.block_size - 1) :], many)
 
 
 def test_empty_prompt_raises(model):
@@ -101,26 +101,48 @@ def test_filtered_tokens_are_never_sampled(model):
     logits, _ = model(torch.tensor([[7, 8, 9]]))
     allowed = set(logits[0, -1].topk(2).indices.tolist())
     for seed in range(5):
-        out = generate(model, [7, 8, 9], SamplingConfig(max_new_tokens=1, temperature=2.0, top_k=2, seed=seed))
+        out = generate(
+            model, [7, 8, 9], SamplingConfig(max_new_tokens=1, temperature=2.0, top_k=2, seed=seed)
+        )
         assert set(out) <= allowed
 
 
-@pytest.mark.parametrize("kwargs, match", [
-    (dict(max_new_tokens=0), "--max-new-tokens"),
-    (dict(temperature=-0.1), "--temperature"),
-    (dict(temperature=math.inf), "--temperature"),
-    (dict(top_k=0), "--top-k"),
-    (dict(top_p=0.0), "--top-p"),
-    (dict(top_p=1.5), "--top-p"),
-    (dict(max_new_tokens=1.5), "--max-new-tokens"),
-])
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(max_new_tokens=0), "--max-new-tokens"),
+        (dict(temperature=-0.1), "--temperature"),
+        (dict(temperature=math.inf), "--temperature"),
+        (dict(top_k=0), "--top-k"),
+        (dict(top_p=0.0), "--top-p"),
+        (dict(top_p=1.5), "--top-p"),
+        (dict(max_new_tokens=1.5), "--max-new-tokens"),
+    ],
+)
 def test_bad_sampling_config_raises(kwargs, match):
     with pytest.raises(ConfigError, match=match):
         SamplingConfig(**kwargs)
 
 
 def test_tiny_model_overfit_on_one_sequence_generates_it():
-    sequence = [3, 17, 8, 3, 25, 11, 8, 30, 2, 19, 25, 6, 14, 3, 17, 9]  # repeats: the next token needs context
+    sequence = [
+        3,
+        17,
+        8,
+        3,
+        25,
+        11,
+        8,
+        30,
+        2,
+        19,
+        25,
+        6,
+        14,
+        3,
+        17,
+        9,
+    ]  # repeats: the next token needs context
     config = GPTConfig(vocab_size=32, block_size=16, n_layer=2, n_head=2, n_embd=32)
     torch.manual_seed(0)
     model = GPT(config)
@@ -133,7 +155,6 @@ def test_tiny_model_overfit_on_one_sequence_generates_it():
         optimizer.step()
     assert loss.item() < 0.05
     assert generate(model, sequence[:1], SamplingConfig(max_new_tokens=15, temperature=0.0)) == sequence[1:]
-
 
 
 PROMPTS = [[5, 9, 13, 2], [1], list(range(20, 31)), [7, 7, 7, 8, 1, 2, 3]]  # lengths 4, 1, 11, 7
@@ -171,12 +192,15 @@ def test_rows_stop_on_their_own(untied):
     free = generate_batch(untied, PROMPTS, config)
     # a token that row 0 first emits after its first step and some other row never emits: with it as the
     # stop token, row 0 ends right there while that row runs to max_new_tokens
-    i = next(i for i in range(1, len(free[0])) if free[0][i] not in free[0][:i]
-             and any(free[0][i] not in other for other in free[1:]))
+    i = next(
+        i
+        for i in range(1, len(free[0]))
+        if free[0][i] not in free[0][:i] and any(free[0][i] not in other for other in free[1:])
+    )
     stop = free[0][i]
     stopped = generate_batch(untied, PROMPTS, config, stop_id=stop)
     for out, whole in zip(stopped, free, strict=True):
-        assert out == (whole[:whole.index(stop)] if stop in whole else whole)
+        assert out == (whole[: whole.index(stop)] if stop in whole else whole)
     assert len(stopped[0]) == i and any(len(out) == config.max_new_tokens for out in stopped)
 
 

@@ -128,7 +128,10 @@ def test_a_planted_checkpoint_without_its_digest_is_skipped_and_removed(trained,
     newest = run_dir / "checkpoints" / "step_000006.pt"
     plant_evil(newest, marker)
     done = run(pretrain_cmd(data, run_dir, *STEPS))
-    assert f"skipping corrupt checkpoint {newest}" in done.stderr and "resuming from step_000003.pt" in done.stderr
+    assert (
+        f"skipping corrupt checkpoint {newest}" in done.stderr
+        and "resuming from step_000003.pt" in done.stderr
+    )
     assert not marker.exists()
     assert_same_weights(run_dir / "model.pt", pre / "model.pt")  # retrained from step 3, bit for bit
 
@@ -160,7 +163,12 @@ def reverse_one_piece(model: Path) -> str:
     proto.ParseFromString(model.read_bytes())
     pieces = {p.piece for p in proto.pieces}
     for p in proto.pieces:
-        if p.type == p.NORMAL and len(p.piece) > 2 and p.piece[::-1] != p.piece and p.piece[::-1] not in pieces:
+        if (
+            p.type == p.NORMAL
+            and len(p.piece) > 2
+            and p.piece[::-1] != p.piece
+            and p.piece[::-1] not in pieces
+        ):
             original, p.piece = p.piece, p.piece[::-1]
             break
     data = proto.SerializeToString()
@@ -178,8 +186,21 @@ def test_a_reversed_tokenizer_piece_is_caught_by_load_and_by_the_command_line(tr
     with pytest.raises(ConfigError, match="does not match the sha256") as error:
         Tokenizer.load(tok)
     assert str(tok / MODEL_FILE) in one_line(error.value)
-    done = run([sys.executable, "-m", "llmcore.tokenizer", "encode", "--corpus", str(data["corpus"]), "--tokenizer",
-                str(tok), "--out", str(tmp_path / "tokens")], returncode=2)
+    done = run(
+        [
+            sys.executable,
+            "-m",
+            "llmcore.tokenizer",
+            "encode",
+            "--corpus",
+            str(data["corpus"]),
+            "--tokenizer",
+            str(tok),
+            "--out",
+            str(tmp_path / "tokens"),
+        ],
+        returncode=2,
+    )
     assert str(tok / MODEL_FILE) in done.stderr and "Traceback" not in done.stderr
     assert not (tmp_path / "tokens").exists()
 
@@ -227,7 +248,10 @@ def test_the_pipeline_task_rebuilds_a_tampered_tokenizer_and_tokens(trained, tmp
         with pytest.raises(ConfigError, match="train_000000.bin does not match the sha256"):
             open_split(tokens, "train")
         tokens_key = stages.encode_corpus.cache_key_fn
-        assert tokens_key(None, {"corpus_dir": str(data["corpus"]), "tokenizer_dir": str(tok), "runs_dir": runs}) is None
+        assert (
+            tokens_key(None, {"corpus_dir": str(data["corpus"]), "tokenizer_dir": str(tok), "runs_dir": runs})
+            is None
+        )
         stages.encode_corpus.fn(str(data["corpus"]), str(tok), runs)
         assert (tokens / "train_000000.bin").read_bytes() == shard_bytes
 
@@ -266,8 +290,15 @@ print(mode(root / "file.bin"), mode(root / "folder"), mode(root / "folder" / "in
 
 @pytest.mark.parametrize("umask, file_mode, dir_mode", [("022", "0o644", "0o755"), ("077", "0o600", "0o700")])
 def test_files_and_folders_get_the_users_umask(tmp_path, umask, file_mode, dir_mode):
-    done = subprocess.run([sys.executable, "-c", UMASK_PROBE, umask, str(tmp_path)], env=env(), cwd=ROOT,
-                          capture_output=True, text=True, timeout=120, check=False)
+    done = subprocess.run(
+        [sys.executable, "-c", UMASK_PROBE, umask, str(tmp_path)],
+        env=env(),
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
     assert done.returncode == 0, done.stderr
     assert done.stdout.split() == [file_mode, dir_mode, file_mode]
 
@@ -290,16 +321,20 @@ def test_two_identical_runs_on_one_folder_train_once(trained, tmp_path):
     data, pre = trained
     out = tmp_path / "pre"
     with open(tmp_path / "a.log", "w") as a_err:
-        a = subprocess.Popen(pretrain_cmd(data, out, *STEPS), env=env(), cwd=ROOT, stderr=a_err,
-                             stdout=subprocess.DEVNULL)
+        a = subprocess.Popen(
+            pretrain_cmd(data, out, *STEPS), env=env(), cwd=ROOT, stderr=a_err, stdout=subprocess.DEVNULL
+        )
         b = None
     try:
         _wait_for(lambda: list((out / "checkpoints").glob("step_*.json")), "the first run's first checkpoint")
         os.kill(a.pid, signal.SIGSTOP)
         with open(tmp_path / "b.log", "w") as b_err:
-            b = subprocess.Popen(pretrain_cmd(data, out, *STEPS), env=env(), cwd=ROOT, stderr=b_err,
-                                 stdout=subprocess.DEVNULL)
-        _wait_for(lambda: "is locked by" in (tmp_path / "b.log").read_text(), "the second run to meet the lock")
+            b = subprocess.Popen(
+                pretrain_cmd(data, out, *STEPS), env=env(), cwd=ROOT, stderr=b_err, stdout=subprocess.DEVNULL
+            )
+        _wait_for(
+            lambda: "is locked by" in (tmp_path / "b.log").read_text(), "the second run to meet the lock"
+        )
         os.kill(a.pid, signal.SIGCONT)
         assert a.wait(timeout=240) == 0 and b.wait(timeout=240) == 0
     finally:
@@ -317,10 +352,24 @@ def test_two_identical_runs_on_one_folder_train_once(trained, tmp_path):
 def test_two_runs_with_different_settings_at_once_both_complete(trained, tmp_path):
     data, pre = trained
     outs = {"a": tmp_path / "runs" / "a", "b": tmp_path / "runs" / "b"}
-    procs = {"a": subprocess.Popen(pretrain_cmd(data, outs["a"], *STEPS), env=env(), cwd=ROOT,
-                                   stderr=subprocess.PIPE, stdout=subprocess.PIPE, text=True),
-             "b": subprocess.Popen(pretrain_cmd(data, outs["b"], *STEPS, "--seed", "7"), env=env(), cwd=ROOT,
-                                   stderr=subprocess.PIPE, stdout=subprocess.PIPE, text=True)}
+    procs = {
+        "a": subprocess.Popen(
+            pretrain_cmd(data, outs["a"], *STEPS),
+            env=env(),
+            cwd=ROOT,
+            stderr=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        ),
+        "b": subprocess.Popen(
+            pretrain_cmd(data, outs["b"], *STEPS, "--seed", "7"),
+            env=env(),
+            cwd=ROOT,
+            stderr=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        ),
+    }
     for proc in procs.values():
         _, err = proc.communicate(timeout=300)
         assert proc.returncode == 0, err[-2000:]
@@ -330,5 +379,7 @@ def test_two_runs_with_different_settings_at_once_both_complete(trained, tmp_pat
     wa = torch.load(outs["a"] / "model.pt", weights_only=True)["model"]
     wb = torch.load(outs["b"] / "model.pt", weights_only=True)["model"]
     assert any(not torch.equal(wa[k], wb[k]) for k in wa)  # b trained its own model, not a's
-    assert hashlib.sha256((outs["b"] / "model.pt").read_bytes()).hexdigest() == \
-        json.loads((outs["b"] / MANIFEST).read_text())["model_sha256"]
+    assert (
+        hashlib.sha256((outs["b"] / "model.pt").read_bytes()).hexdigest()
+        == json.loads((outs["b"] / MANIFEST).read_text())["model_sha256"]
+    )

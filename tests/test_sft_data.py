@@ -75,8 +75,8 @@ def test_docstring_pairs() -> None:
 def python_doc(i: int) -> str:
     body = "\n".join(f"    value = value + {j}" for j in range(80)) if i == 0 else f"    return {i}"
     return (
-        f"def func_{i}(value):\n    \"\"\"Compute thing number {i}.\"\"\"\n{body}\n\n\n"
-        f"def shared():\n    \"\"\"Shared helper.\"\"\"\n    return 0\n\n\n# file {i}\n"
+        f'def func_{i}(value):\n    """Compute thing number {i}."""\n{body}\n\n\n'
+        f'def shared():\n    """Shared helper."""\n    return 0\n\n\n# file {i}\n'
     )
 
 
@@ -99,7 +99,9 @@ def test_docstring_pairs_follow_the_corpus_split(corpus: Path, tmp_path: Path) -
     assert (counts["documents_parsed"], counts["documents_failed"]) == (40, 1)
     assert counts["too_long_dropped"] == 1  # func_0's long body
     assert counts["duplicates_dropped"] == 39  # `shared` appears in every file and is kept once
-    split_of = {d["source"]: split for split in ("train", "validation") for d in read_documents(corpus, split)}
+    split_of = {
+        d["source"]: split for split in ("train", "validation") for d in read_documents(corpus, split)
+    }
     for split in ("train", "validation"):
         pairs = read_pairs(tmp_path / "sft", split)
         assert len(pairs) == counts[f"{split}_pairs"] > 0
@@ -123,14 +125,18 @@ def test_user_jsonl_is_split_by_pair_hash(tmp_path: Path) -> None:
     rows += [{"prompt": "7", "response": 7}]
     path = tmp_path / "pairs.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    manifest = build_sft_data(SFTDataConfig(source=str(path), validation_fraction=0.3), None, tmp_path / "sft")
+    manifest = build_sft_data(
+        SFTDataConfig(source=str(path), validation_fraction=0.3), None, tmp_path / "sft"
+    )
     counts = manifest["counts"]
     assert (counts["rows_read"], counts["duplicates_dropped"], counts["empty_dropped"]) == (44, 1, 2)
     assert counts["train_pairs"] + counts["validation_pairs"] == 41
     assert manifest["inputs"]["file_digest"]
     for split in ("train", "validation"):
         for pair in read_pairs(tmp_path / "sft", split):
-            assert is_validation(json_digest([pair["prompt"], pair["response"]]), 0.3) == (split == "validation")
+            assert is_validation(json_digest([pair["prompt"], pair["response"]]), 0.3) == (
+                split == "validation"
+            )
     everything = read_pairs(tmp_path / "sft", "train") + read_pairs(tmp_path / "sft", "validation")
     assert {"prompt": "7", "response": "7"} in everything  # a number in a text column becomes text
 
@@ -139,7 +145,9 @@ def test_user_csv_with_named_columns(tmp_path: Path) -> None:
     questions, answers = [f"q{i}" for i in range(30)] + ["q-na"], [f"a{i}" for i in range(30)] + ["NA"]
     pd.DataFrame({"question": questions, "answer": answers}).to_csv(tmp_path / "pairs.csv", index=False)
     path = str(tmp_path / "pairs.csv")
-    config = SFTDataConfig(source=path, prompt_column="question", response_column="answer", validation_fraction=0.3)
+    config = SFTDataConfig(
+        source=path, prompt_column="question", response_column="answer", validation_fraction=0.3
+    )
     manifest = build_sft_data(config, None, tmp_path / "sft")
     pairs = read_pairs(tmp_path / "sft", "train") + read_pairs(tmp_path / "sft", "validation")
     assert len(pairs) == manifest["counts"]["train_pairs"] + manifest["counts"]["validation_pairs"] == 31
@@ -163,7 +171,9 @@ def test_user_parquet_and_hf(tmp_path: Path) -> None:
 
 
 def _two_pairs(tmp_path: Path) -> str:
-    (tmp_path / "two.jsonl").write_text('{"prompt": "a", "response": "b"}\n{"prompt": "c", "response": "d"}\n')
+    (tmp_path / "two.jsonl").write_text(
+        '{"prompt": "a", "response": "b"}\n{"prompt": "c", "response": "d"}\n'
+    )
     return str(tmp_path / "two.jsonl")
 
 
@@ -181,7 +191,11 @@ def _latin1_csv(tmp_path: Path) -> str:
         (lambda p: "hf:", {}, "hf:NAME"),
         (lambda p: "docstrings", {}, "not a finished corpus"),
         (_latin1_csv, {}, "unreadable"),
-        (_two_pairs, {"validation_fraction": 1e-9}, "0 validation pairs: add pairs or change --validation-fraction"),
+        (
+            _two_pairs,
+            {"validation_fraction": 1e-9},
+            "0 validation pairs: add pairs or change --validation-fraction",
+        ),
         (_two_pairs, {"max_response_chars": 0}, "--max-response-chars"),
         (_two_pairs, {"prompt_column": "x", "response_column": "x"}, "--prompt-column"),
     ],

@@ -18,7 +18,11 @@ def write_split(folder, split, chunks, shard_tokens, dtype=np.uint16):
 def write_manifest(folder, splits, dtype="uint16"):
     atomic_write_json(
         folder / "manifest.json",
-        {"dtype": dtype, "vocab_size": 1000, "splits": {s: {"files": f, "tokens": sum(x["tokens"] for x in f)} for s, f in splits.items()}},
+        {
+            "dtype": dtype,
+            "vocab_size": 1000,
+            "splits": {s: {"files": f, "tokens": sum(x["tokens"] for x in f)} for s, f in splits.items()},
+        },
     )
 
 
@@ -39,7 +43,9 @@ def test_writer_splits_files_at_shard_tokens_and_reads_back(tmp_path):
         {"file": "train_000002.bin", "tokens": 5},
     ]
     assert [(tmp_path / f["file"]).stat().st_size for f in files] == [20, 20, 10]
-    assert [f["sha256"] for f in files] == [hashlib.sha256((tmp_path / f["file"]).read_bytes()).hexdigest() for f in files]
+    assert [f["sha256"] for f in files] == [
+        hashlib.sha256((tmp_path / f["file"]).read_bytes()).hexdigest() for f in files
+    ]
     write_manifest(tmp_path, {"train": files})
     split = open_split(tmp_path, "train")
     assert split.num_tokens == 25

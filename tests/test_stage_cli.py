@@ -19,14 +19,31 @@ pytestmark = pytest.mark.flow
 
 ROOT = Path(__file__).resolve().parents[1]
 STAGES = ("corpus", "tokenizer", "pretrain", "finetune", "evaluate", "sample")
-TINY_MODEL = ["--vocab-size", "512", "--block-size", "64", "--n-layer", "1", "--n-head", "2", "--n-embd", "32"]
+TINY_MODEL = [
+    "--vocab-size",
+    "512",
+    "--block-size",
+    "64",
+    "--n-layer",
+    "1",
+    "--n-head",
+    "2",
+    "--n-embd",
+    "32",
+]
 TINY_TRAIN = ["--batch-size", "4", "--eval-batches", "2", "--device", "cpu"]
 
 
 def stage(name: str, args: list[str], cwd: Path, env: dict[str, str]):
     """Run one stage command; return what it printed last (a path, or a dict of paths/metrics)."""
-    done = subprocess.run([sys.executable, "-m", "flows.stages", name, *args, "--experiment", "adhoc"],
-                          cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
+    done = subprocess.run(
+        [sys.executable, "-m", "flows.stages", name, *args, "--experiment", "adhoc"],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert done.returncode == 0, f"{name}: {done.stderr[-4000:]}"
     last = done.stdout.strip().splitlines()[-1]
     return ast.literal_eval(last) if last.startswith("{") else last
@@ -36,16 +53,81 @@ def run_chain(cwd: Path, env: dict[str, str]) -> dict:
     cwd.mkdir(parents=True)
     corpus = stage("corpus", ["--source", "stdlib", "--max-bytes", "300000"], cwd, env)
     tok = stage("tokenizer", ["--corpus-dir", corpus, "--vocab-size", "512"], cwd, env)
-    pretrained = stage("pretrain", ["--tokenizer-dir", tok["tokenizer_dir"], "--tokens-dir", tok["tokens_dir"],
-                                    *TINY_MODEL, *TINY_TRAIN, "--max-steps", "6"], cwd, env)
-    tuned = stage("finetune", ["--base-model", pretrained, "--tokenizer-dir", tok["tokenizer_dir"], "--corpus-dir",
-                               corpus, *TINY_TRAIN, "--max-steps", "3"], cwd, env)
-    scores = stage("evaluate", ["--pretrained", pretrained, "--finetuned", tuned["model"], "--tokenizer-dir",
-                                tok["tokenizer_dir"], "--tokens-dir", tok["tokens_dir"], "--sft-dir", tuned["sft_dir"],
-                                "--max-tokens", "2000", "--device", "cpu"], cwd, env)
-    samples = stage("sample", ["--pretrained", pretrained, "--finetuned", tuned["model"], "--tokenizer-dir",
-                               tok["tokenizer_dir"], "--corpus-dir", corpus, "--sft-dir", tuned["sft_dir"],
-                               "--num-prompts", "2", "--max-new-tokens", "8", "--device", "cpu"], cwd, env)
+    pretrained = stage(
+        "pretrain",
+        [
+            "--tokenizer-dir",
+            tok["tokenizer_dir"],
+            "--tokens-dir",
+            tok["tokens_dir"],
+            *TINY_MODEL,
+            *TINY_TRAIN,
+            "--max-steps",
+            "6",
+        ],
+        cwd,
+        env,
+    )
+    tuned = stage(
+        "finetune",
+        [
+            "--base-model",
+            pretrained,
+            "--tokenizer-dir",
+            tok["tokenizer_dir"],
+            "--corpus-dir",
+            corpus,
+            *TINY_TRAIN,
+            "--max-steps",
+            "3",
+        ],
+        cwd,
+        env,
+    )
+    scores = stage(
+        "evaluate",
+        [
+            "--pretrained",
+            pretrained,
+            "--finetuned",
+            tuned["model"],
+            "--tokenizer-dir",
+            tok["tokenizer_dir"],
+            "--tokens-dir",
+            tok["tokens_dir"],
+            "--sft-dir",
+            tuned["sft_dir"],
+            "--max-tokens",
+            "2000",
+            "--device",
+            "cpu",
+        ],
+        cwd,
+        env,
+    )
+    samples = stage(
+        "sample",
+        [
+            "--pretrained",
+            pretrained,
+            "--finetuned",
+            tuned["model"],
+            "--tokenizer-dir",
+            tok["tokenizer_dir"],
+            "--corpus-dir",
+            corpus,
+            "--sft-dir",
+            tuned["sft_dir"],
+            "--num-prompts",
+            "2",
+            "--max-new-tokens",
+            "8",
+            "--device",
+            "cpu",
+        ],
+        cwd,
+        env,
+    )
     return {"corpus": corpus, **tok, "pretrained": pretrained, **tuned, "scores": scores, "samples": samples}
 
 
@@ -57,8 +139,13 @@ def prefect_api(tmp_path_factory):
 
 def _env(prefect_api: str, **extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "PREFECT_"))}
-    return env | {"PYTHONPATH": str(ROOT), "PREFECT_API_URL": prefect_api, "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-                  "HF_HUB_OFFLINE": "1", **extra}
+    return env | {
+        "PYTHONPATH": str(ROOT),
+        "PREFECT_API_URL": prefect_api,
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        "HF_HUB_OFFLINE": "1",
+        **extra,
+    }
 
 
 def check_runs(tracking_uri: str, prefect_api: str) -> list:
@@ -79,7 +166,9 @@ def check_runs(tracking_uri: str, prefect_api: str) -> list:
             tags = run.data.tags
             assert run.info.status == "FINISHED" and run.info.run_name.startswith(tags["stage"] + "-")
             flow_run_id = tags["prefect.flow_run_id"]
-            (flow_run,) = prefect.read_flow_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
+            (flow_run,) = prefect.read_flow_runs(
+                flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id]))
+            )
             assert flow_run.name == run.info.run_name
             assert tags["prefect.flow_run_url"].endswith(flow_run_id)
             assert tags["mlflow.source.git.commit"] and tags["git.dirty"] in ("true", "false")
@@ -105,27 +194,47 @@ def test_stage_commands_chain_against_a_server_and_the_model_loads_elsewhere(tmp
     with mlflow_server(tmp_path / "server") as server:
         cwd = tmp_path / "fresh"
         run_chain(cwd, _env(prefect_api, MLFLOW_TRACKING_URI=server.url))
-        assert not (cwd / "mlflow.db").exists() and not (cwd / "mlruns").exists()  # everything went to the server
+        assert (
+            not (cwd / "mlflow.db").exists() and not (cwd / "mlruns").exists()
+        )  # everything went to the server
         check_runs(server.url, prefect_api)
         mlflow.set_tracking_uri(server.url)
         experiment = MlflowClient().get_experiment_by_name("adhoc")
         assert experiment.artifact_location.startswith("mlflow-artifacts:")  # the server's artifact proxy
-        (model,) = [m for m in mlflow.search_logged_models(experiment_ids=[experiment.experiment_id],
-                                                           output_format="list") if m.name == "finetuned"]
+        (model,) = [
+            m
+            for m in mlflow.search_logged_models(
+                experiment_ids=[experiment.experiment_id], output_format="list"
+            )
+            if m.name == "finetuned"
+        ]
         elsewhere = tmp_path / "elsewhere"
         elsewhere.mkdir()
-        script = ("import mlflow, pandas as pd\n"
-                  f"model = mlflow.pyfunc.load_model({model.model_uri!r})\n"
-                  "out = model.predict(pd.DataFrame({'prompt': ['Add two numbers.']}), params={'max_new_tokens': 5})\n"
-                  "assert len(out) == 1 and isinstance(out[0], str), out\n"
-                  "print('OK')\n")
-        env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")} | {"MLFLOW_TRACKING_URI": server.url}
+        script = (
+            "import mlflow, pandas as pd\n"
+            f"model = mlflow.pyfunc.load_model({model.model_uri!r})\n"
+            "out = model.predict(pd.DataFrame({'prompt': ['Add two numbers.']}), "
+            "params={'max_new_tokens': 5})\n"
+            "assert len(out) == 1 and isinstance(out[0], str), out\n"
+            "print('OK')\n"
+        )
+        env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")} | {
+            "MLFLOW_TRACKING_URI": server.url
+        }
         env.pop("PYTHONPATH", None)  # the model's own code travels in its artifacts
-        done = subprocess.run([sys.executable, "-c", script], cwd=elsewhere, env=env, capture_output=True, text=True,
-                              timeout=300)
+        done = subprocess.run(
+            [sys.executable, "-c", script],
+            cwd=elsewhere,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
         assert done.returncode == 0 and done.stdout.strip().endswith("OK"), done.stderr[-3000:]
 
 
 def test_prefect_home_is_ignored_by_git():
-    done = subprocess.run(["git", "-C", str(ROOT), "check-ignore", "-q", ".prefect/storage"], capture_output=True)
+    done = subprocess.run(
+        ["git", "-C", str(ROOT), "check-ignore", "-q", ".prefect/storage"], capture_output=True
+    )
     assert done.returncode == 0

@@ -17,7 +17,9 @@ def test_io_errors_are_retried_but_bad_input_and_divergence_are_not():
 
 def test_resume_and_cache_keys_ignore_how_a_run_is_executed_or_reported():
     base = TrainConfig()
-    assert result_fields(base) == result_fields(TrainConfig(device="cpu", log_interval=1, checkpoint_interval=7))
+    assert result_fields(base) == result_fields(
+        TrainConfig(device="cpu", log_interval=1, checkpoint_interval=7)
+    )
     assert result_fields(base) != result_fields(TrainConfig(learning_rate=base.learning_rate / 2))
 
 

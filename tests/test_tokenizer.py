@@ -25,8 +25,38 @@ from llmcore.tokenizer import (
     train_tokenizer,
 )
 
-WHITESPACE = [" ", "  ", "    ", "\t", "\n", "\n\n", "\r\n", "\r", "\u3000", "\xa0", "\u2028", "\x0b", "\x0c", "\x00"]
-SNIPPETS = ["def ", "return x\n", "    ", "中文字", "😀👍🏽", "e\u0301", "\ufeff", "⁇", "▁", "a▁b", "<|endoftext|>", "<|user|>", "12345", "日本語のテキスト"]
+WHITESPACE = [
+    " ",
+    "  ",
+    "    ",
+    "\t",
+    "\n",
+    "\n\n",
+    "\r\n",
+    "\r",
+    "\u3000",
+    "\xa0",
+    "\u2028",
+    "\x0b",
+    "\x0c",
+    "\x00",
+]
+SNIPPETS = [
+    "def ",
+    "return x\n",
+    "    ",
+    "中文字",
+    "😀👍🏽",
+    "e\u0301",
+    "\ufeff",
+    "⁇",
+    "▁",
+    "a▁b",
+    "<|endoftext|>",
+    "<|user|>",
+    "12345",
+    "日本語のテキスト",
+]
 
 
 def write_corpus(folder, train, validation):
@@ -44,7 +74,11 @@ def write_corpus(folder, train, validation):
 def source_documents():
     """Real Python source (a few stdlib modules, ~330 KB) plus some prose in other scripts."""
     docs = [inspect.getsource(module) for module in (textwrap, argparse, json, random, inspect)]
-    docs += ["Привет, мир! Как дела?\n" * 20, "こんにちは世界。今日はいい天気です。\n" * 20, "Ünïcödé façade naïve café\n" * 20]
+    docs += [
+        "Привет, мир! Как дела?\n" * 20,
+        "こんにちは世界。今日はいい天気です。\n" * 20,
+        "Ünïcödé façade naïve café\n" * 20,
+    ]
     return docs
 
 
@@ -82,9 +116,19 @@ def tok(trained):
 def test_round_trip_is_exact_for_any_text(tok):
     rng = random.Random(1234)
     texts = [random_text(rng) for _ in range(3000)]
-    texts += ["", " ", "  lead", "trail  ", "\n\n\n", "\tx\r\n\ty", "\n    if x:\n        return 1\n", "▁▁", " ▁ "]
+    texts += [
+        "",
+        " ",
+        "  lead",
+        "trail  ",
+        "\n\n\n",
+        "\tx\r\n\ty",
+        "\n    if x:\n        return 1\n",
+        "▁▁",
+        " ▁ ",
+    ]
     batch = tok.encode_batch(texts)
-    for text, ids in zip(texts, batch):
+    for text, ids in zip(texts, batch, strict=True):
         assert tok.decode(ids) == text, repr(text)
     assert batch[:50] == [tok.encode(t) for t in texts[:50]]
 
@@ -104,14 +148,22 @@ def test_control_symbols_have_fixed_ids_and_never_come_from_text(tok):
     ids = [tok.eot_id, tok.user_id, tok.assistant_id, tok.end_id]
     assert ids == [1, 2, 3, 4]
     rng = random.Random(7)
-    texts = [EOT, USER, ASSISTANT, END, "".join(CONTROL_SYMBOLS), f"a{EOT}b"] + [random_text(rng) for _ in range(300)]
+    texts = [EOT, USER, ASSISTANT, END, "".join(CONTROL_SYMBOLS), f"a{EOT}b"] + [
+        random_text(rng) for _ in range(300)
+    ]
     for encoded in tok.encode_batch(texts):
         assert not set(encoded) & set(ids)
     assert tok.decode(tok.encode(EOT)) == EOT
 
 
 def test_decode_drops_control_ids(tok):
-    ids = [tok.user_id] + tok.encode("hi there") + [tok.end_id, tok.assistant_id] + tok.encode("\n  ok") + [tok.eot_id]
+    ids = (
+        [tok.user_id]
+        + tok.encode("hi there")
+        + [tok.end_id, tok.assistant_id]
+        + tok.encode("\n  ok")
+        + [tok.eot_id]
+    )
     assert tok.decode(ids) == "hi there\n  ok"
     assert tok.decode([tok.eot_id]) == ""
 
@@ -128,7 +180,9 @@ def test_token_byte_lengths_sum_to_utf8_length(tok):
 
 def test_load_accepts_folder_or_model_file_and_explains_missing(trained, tmp_path):
     folder = trained[1]
-    assert Tokenizer.load(folder / "tokenizer.model").encode("x = 1") == Tokenizer.load(folder).encode("x = 1")
+    assert Tokenizer.load(folder / "tokenizer.model").encode("x = 1") == Tokenizer.load(folder).encode(
+        "x = 1"
+    )
     with pytest.raises(ConfigError, match="llmcore.tokenizer train"):
         Tokenizer.load(tmp_path)
 
@@ -147,7 +201,11 @@ def test_manifest_records_provenance_and_training_is_deterministic(trained, tmp_
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
-        ({"vocab_size": 200}, r"vocab_size 200 does not fit the byte fallback \(256 byte tokens \+ 5 specials\): pass --vocab-size >= 261"),
+        (
+            {"vocab_size": 200},
+            r"vocab_size 200 does not fit the byte fallback \(256 byte tokens \+ 5 specials\): "
+            r"pass --vocab-size >= 261",
+        ),
         ({"vocab_size": 0}, "--vocab-size"),
         ({"model_type": "wordpiece"}, "--model-type"),
         ({"max_training_sentences": 0}, "--max-training-sentences"),
@@ -161,13 +219,18 @@ def test_config_rejects_bad_values(kwargs, message):
 
 def test_corpus_too_small_for_vocab_fails_cleanly(tmp_path):
     corpus = write_corpus(tmp_path / "corpus", ["def f(x):\n    return x + 1\n" * 400], ["x = 1\n"])
-    with pytest.raises(ConfigError, match=r"too small for vocab_size 8000: pass a larger corpus or --vocab-size <= \d+$") as info:
+    with pytest.raises(
+        ConfigError, match=r"too small for vocab_size 8000: pass a larger corpus or --vocab-size <= \d+$"
+    ) as info:
         train_tokenizer(corpus, tmp_path / "tok", TokenizerConfig(vocab_size=8000))
     assert info.value.__cause__ is None and "\n" not in str(info.value)
     assert not (tmp_path / "tok").exists()
     # the suggested size then trains
     suggested = int(str(info.value).rsplit(" ", 1)[1])
-    assert train_tokenizer(corpus, tmp_path / "tok", TokenizerConfig(vocab_size=suggested))["vocab_size"] == suggested
+    assert (
+        train_tokenizer(corpus, tmp_path / "tok", TokenizerConfig(vocab_size=suggested))["vocab_size"]
+        == suggested
+    )
 
 
 def test_vocab_too_small_for_the_corpus_characters(tmp_path):
@@ -220,7 +283,7 @@ def test_encode_corpus_writes_every_document_then_eot(trained, tok, tmp_path):
         ends = np.flatnonzero(flat == tok.eot_id)
         assert len(ends) == len(docs) and ends[-1] == len(flat) - 1
         starts = np.concatenate([[0], ends[:-1] + 1])
-        assert [tok.decode(flat[a:b].tolist()) for a, b in zip(starts, ends)] == docs
+        assert [tok.decode(flat[a:b].tolist()) for a, b in zip(starts, ends, strict=True)] == docs
     assert len(manifest["splits"]["train"]["files"]) > 1
     assert manifest["corpus_digest"] == "digest-of-corpus"
 
@@ -233,9 +296,31 @@ def test_encode_corpus_needs_a_trained_tokenizer(trained, tmp_path):
 
 def test_cli_train_then_encode(tmp_path, capsys):
     corpus = write_corpus(tmp_path / "corpus", source_documents()[:2], ["print('hello')\n"])
-    main(["train", "--corpus", str(corpus), "--out", str(tmp_path / "tok"), "--vocab-size", "512", "--num-threads", "2"])
+    main(
+        [
+            "train",
+            "--corpus",
+            str(corpus),
+            "--out",
+            str(tmp_path / "tok"),
+            "--vocab-size",
+            "512",
+            "--num-threads",
+            "2",
+        ]
+    )
     assert json.loads(capsys.readouterr().out)["vocab_size"] == 512
-    main(["encode", "--corpus", str(corpus), "--tokenizer", str(tmp_path / "tok"), "--out", str(tmp_path / "shards")])
+    main(
+        [
+            "encode",
+            "--corpus",
+            str(corpus),
+            "--tokenizer",
+            str(tmp_path / "tok"),
+            "--out",
+            str(tmp_path / "shards"),
+        ]
+    )
     assert json.loads(capsys.readouterr().out)["splits"]["validation"]["documents"] == 1
     with pytest.raises(SystemExit) as exit_info:
         main(["train", "--corpus", str(corpus), "--out", str(tmp_path / "x"), "--vocab-size", "100"])

@@ -46,14 +46,25 @@ def test_params_skip_none_log_paths_relative_to_runs_and_mask_secrets(local_stor
     monkeypatch.setenv("MY_API_TOKEN", SECRET)
     run_id = _run(local_store)
     tracker = MlflowTracker(run_id, relative_to=tmp_path / "runs")
-    tracker.log_params({"finetune": {"max_length": None, "base_model": str(tmp_path / "runs" / "pretrain" / "a" / "model.pt"),
-                                     "note": f"token={SECRET}"}, "source": "/elsewhere/data"})
+    tracker.log_params(
+        {
+            "finetune": {
+                "max_length": None,
+                "base_model": str(tmp_path / "runs" / "pretrain" / "a" / "model.pt"),
+                "note": f"token={SECRET}",
+            },
+            "source": "/elsewhere/data",
+        }
+    )
     tracker.log_metrics({"pretrain/loss": 2.0}, step=1)
     tracker.log_metrics({"pretrain/loss": 1.0, "skipped": None}, step=2)
     assert tracker.close() == 0
     run = MlflowClient().get_run(run_id)
-    assert run.data.params == {"finetune.base_model": "pretrain/a/model.pt", "finetune.note": "token=***",
-                               "source": "/elsewhere/data"}
+    assert run.data.params == {
+        "finetune.base_model": "pretrain/a/model.pt",
+        "finetune.note": "token=***",
+        "source": "/elsewhere/data",
+    }
     assert [m.value for m in MlflowClient().get_metric_history(run_id, "pretrain/loss")] == [2.0, 1.0]
     assert "skipped" not in run.data.metrics
 
@@ -69,7 +80,10 @@ def test_a_refused_record_goes_to_the_fallback_file_and_the_rest_is_delivered(lo
     tracker.log_params({"lr": 2})  # MLflow params are immutable: the store refuses this one
     tracker.log_metrics({"loss": 3.0}, step=1)
     assert tracker.close() == 1
-    records = [json.loads(line) for line in (tmp_path / "mlruns" / "fallback" / f"{run_id}.jsonl").read_text().splitlines()]
+    records = [
+        json.loads(line)
+        for line in (tmp_path / "mlruns" / "fallback" / f"{run_id}.jsonl").read_text().splitlines()
+    ]
     assert records == [{"run_id": run_id, "kind": "param", "value": ["lr", "2"]}]
     assert MlflowClient().get_run(run_id).data.metrics == {"loss": 3.0}
 
@@ -133,7 +147,9 @@ def test_git_tags_name_the_commit_and_dirty_flag_and_nothing_outside_a_checkout(
     (tmp_path / "a.txt").write_text("a")
     subprocess.run([*git, "add", "a.txt"], check=True)
     subprocess.run([*git, "commit", "-qm", "a"], check=True)
-    head = subprocess.run([*git, "rev-parse", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
+    head = subprocess.run(
+        [*git, "rev-parse", "HEAD"], capture_output=True, text=True, check=True
+    ).stdout.strip()
     assert git_tags(tmp_path) == {"mlflow.source.git.commit": head, "git.dirty": "false"}
     (tmp_path / "a.txt").write_text("b")
     assert git_tags(tmp_path)["git.dirty"] == "true"
@@ -148,7 +164,9 @@ def test_runs_of_dead_processes_are_marked_killed_and_live_ones_are_left(local_s
     gone.wait()
     ours = _process_tags()
     dead = _run(local_store, ours | {"pid": str(gone.pid)})
-    reused_pid = _run(local_store, ours | {"pid_started": "1.00"})  # our pid, but another process's start time
+    reused_pid = _run(
+        local_store, ours | {"pid_started": "1.00"}
+    )  # our pid, but another process's start time
     alive = _run(local_store, ours)
     assert set(close_ghost_runs(local_store)) == {dead, reused_pid}
     client = MlflowClient()
@@ -158,9 +176,30 @@ def test_runs_of_dead_processes_are_marked_killed_and_live_ones_are_left(local_s
 
 # --- the pipeline command against real servers ---------------------------------------------------------
 
-TINY = ["--preset", "smoke", "--max-corpus-bytes", "300000", "--vocab-size", "512", "--block-size", "64",
-        "--n-layer", "1", "--n-head", "2", "--n-embd", "32", "--batch-size", "4", "--finetune-steps", "3",
-        "--device", "cpu", "--experiment", "faults"]
+TINY = [
+    "--preset",
+    "smoke",
+    "--max-corpus-bytes",
+    "300000",
+    "--vocab-size",
+    "512",
+    "--block-size",
+    "64",
+    "--n-layer",
+    "1",
+    "--n-head",
+    "2",
+    "--n-embd",
+    "32",
+    "--batch-size",
+    "4",
+    "--finetune-steps",
+    "3",
+    "--device",
+    "cpu",
+    "--experiment",
+    "faults",
+]
 
 
 @pytest.fixture(scope="module")
@@ -176,16 +215,31 @@ def servers(tmp_path_factory):
         mlflow_server.stop()
 
 
-def _pipeline(root: Path, server: MlflowServer, prefect_api: str, args: list[str], workdir: str) -> subprocess.Popen:
+def _pipeline(
+    root: Path, server: MlflowServer, prefect_api: str, args: list[str], workdir: str
+) -> subprocess.Popen:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "PREFECT_"))}
-    env |= {"PYTHONPATH": str(ROOT), "MLFLOW_TRACKING_URI": server.url, "PREFECT_API_URL": prefect_api,
-            "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "HF_HUB_OFFLINE": "1",
-            "MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL": "1",
-            "AWS_SECRET_ACCESS_KEY": SECRET, "MY_API_TOKEN": SECRET + "-token"}
+    env |= {
+        "PYTHONPATH": str(ROOT),
+        "MLFLOW_TRACKING_URI": server.url,
+        "PREFECT_API_URL": prefect_api,
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        "HF_HUB_OFFLINE": "1",
+        "MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL": "1",
+        "AWS_SECRET_ACCESS_KEY": SECRET,
+        "MY_API_TOKEN": SECRET + "-token",
+    }
     cwd = root / workdir
     cwd.mkdir()
-    return subprocess.Popen([sys.executable, "-m", "flows.pipeline", *TINY, *args], cwd=cwd, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    return subprocess.Popen(
+        [sys.executable, "-m", "flows.pipeline", *TINY, *args],
+        cwd=cwd,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
 
 
 def _wait_for_line(process: subprocess.Popen, text: str, lines: list[str]) -> None:
@@ -225,19 +279,30 @@ def test_pipeline_survives_an_mlflow_outage_mid_training_and_leaks_no_secret(ser
     client = MlflowClient()
     experiment = client.get_experiment_by_name("faults")
     runs = client.search_runs([experiment.experiment_id])
-    parent = next(r for r in runs if r.data.tags.get("stage") == "pipeline" and r.data.params["pretrain.seed"] == "1")
-    children = {r.data.tags["stage"]: r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id}
+    parent = next(
+        r for r in runs if r.data.tags.get("stage") == "pipeline" and r.data.params["pretrain.seed"] == "1"
+    )
+    children = {
+        r.data.tags["stage"]: r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id
+    }
     assert parent.info.run_name.startswith("pipeline-smoke-stdlib-") and parent.info.status == "FINISHED"
     label = parent.info.run_name.removeprefix("pipeline-")
     assert {r.info.run_name for r in children.values()} == {f"{stage}-{label}" for stage in children}
     pretrain = children["pretrain"]
     assert pretrain.info.status == "FINISHED"
-    total, every = int(pretrain.data.params["pretrain.total_steps"]), int(pretrain.data.params["pretrain.log_interval"])
+    total, every = (
+        int(pretrain.data.params["pretrain.total_steps"]),
+        int(pretrain.data.params["pretrain.log_interval"]),
+    )
     history = client.get_metric_history(pretrain.info.run_id, "pretrain/loss")
-    assert [m.step for m in history] == sorted({s for s in range(every, total + 1, every)} | {total})  # whole curve
+    assert [m.step for m in history] == sorted(
+        {s for s in range(every, total + 1, every)} | {total}
+    )  # whole curve
     assert any(down <= m.timestamp <= up for m in history), "no step was logged while the server was down"
     assert any(key.startswith("system/") for key in pretrain.data.metrics)
-    assert parent.data.tags["corpus"].startswith("stdlib") and parent.data.params["pretrain.max_steps"] == "1500"
+    assert (
+        parent.data.tags["corpus"].startswith("stdlib") and parent.data.params["pretrain.max_steps"] == "1500"
+    )
     assert not any(v == "None" for r in runs for v in r.data.params.values())
 
     # No planted secret in any param, tag, metric name, artifact or logged model: read every stored byte.

@@ -19,8 +19,18 @@ def split(tokens: int, seed: int = 0) -> TokenSplit:
 
 
 def config(**overrides) -> TrainConfig:
-    base = dict(max_steps=6, batch_size=4, grad_accum_steps=2, learning_rate=1e-2, warmup_steps=2,
-                eval_interval=3, eval_batches=2, checkpoint_interval=3, log_interval=1, device="cpu")
+    base = dict(
+        max_steps=6,
+        batch_size=4,
+        grad_accum_steps=2,
+        learning_rate=1e-2,
+        warmup_steps=2,
+        eval_interval=3,
+        eval_batches=2,
+        checkpoint_interval=3,
+        log_interval=1,
+        device="cpu",
+    )
     return TrainConfig(**{**base, **overrides})
 
 
@@ -37,7 +47,7 @@ def test_learning_rate_warms_up_then_decays_to_the_floor():
     cfg = config(max_steps=100, warmup_steps=10, learning_rate=1.0, min_lr_ratio=0.1)
     lrs = [learning_rate_at(s, 100, cfg) for s in range(100)]
     assert lrs[0] == pytest.approx(0.1) and lrs[9] == pytest.approx(1.0)
-    assert all(a >= b for a, b in zip(lrs[9:], lrs[10:]))
+    assert all(a >= b for a, b in zip(lrs[9:], lrs[10:], strict=False))
     assert lrs[-1] == pytest.approx(0.1, abs=1e-3)
 
 
@@ -95,7 +105,7 @@ def test_resume_is_bit_identical_to_an_uninterrupted_run(tmp_path):
     assert load_checkpoint(tmp_path / "resumed")["batch_index"] == 3 * cfg.grad_accum_steps
 
     resumed, _ = run(tmp_path / "resumed", cfg)  # a fresh model: everything comes from the checkpoint
-    for (name, a), (_, b) in zip(straight.state_dict().items(), resumed.state_dict().items()):
+    for (name, a), (_, b) in zip(straight.state_dict().items(), resumed.state_dict().items(), strict=True):
         assert torch.equal(a, b), name
     straight_opt = load_checkpoint(tmp_path / "straight")["optimizer"]["state"]
     resumed_opt = load_checkpoint(tmp_path / "resumed")["optimizer"]["state"]
@@ -151,7 +161,11 @@ def padded_rows(num_rows: int = 8):
 
 def test_accumulation_weights_every_trained_token_equally(tmp_path):
     rows = padded_rows()
-    one, _ = run(tmp_path / "one", config(max_steps=1, batch_size=8, grad_accum_steps=1, grad_clip=0), rows(8))
-    two, _ = run(tmp_path / "two", config(max_steps=1, batch_size=4, grad_accum_steps=2, grad_clip=0), rows(4))
-    for (name, a), b in zip(one.state_dict().items(), two.state_dict().values()):
+    one, _ = run(
+        tmp_path / "one", config(max_steps=1, batch_size=8, grad_accum_steps=1, grad_clip=0), rows(8)
+    )
+    two, _ = run(
+        tmp_path / "two", config(max_steps=1, batch_size=4, grad_accum_steps=2, grad_clip=0), rows(4)
+    )
+    for (name, a), b in zip(one.state_dict().items(), two.state_dict().values(), strict=True):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)

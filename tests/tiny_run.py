@@ -19,8 +19,20 @@ from llmcore.tokenizer import TokenizerConfig, encode_corpus, train_tokenizer
 ROOT = Path(__file__).parents[1]
 # A model big enough that a checkpoint takes a few milliseconds to write, small enough for a CPU test.
 MODEL = ["--block-size", "32", "--n-layer", "2", "--n-head", "2", "--n-embd", "64"]
-TRAIN = ["--batch-size", "4", "--eval-batches", "1", "--eval-interval", "100", "--log-interval", "1",
-         "--warmup-steps", "2", "--device", "cpu"]
+TRAIN = [
+    "--batch-size",
+    "4",
+    "--eval-batches",
+    "1",
+    "--eval-interval",
+    "100",
+    "--log-interval",
+    "1",
+    "--warmup-steps",
+    "2",
+    "--device",
+    "cpu",
+]
 
 
 def build_data(root: Path) -> dict[str, Path]:
@@ -30,8 +42,11 @@ def build_data(root: Path) -> dict[str, Path]:
     splits = {"train": [inspect.getsource(argparse)], "validation": [inspect.getsource(textwrap)]}
     for split, texts in splits.items():
         with open(corpus / f"{split}.jsonl", "w", encoding="utf-8") as f:
-            f.writelines(json.dumps({"id": hashlib.sha256(t.encode()).hexdigest(), "source": f"{split}.py", "text": t})
-                         + "\n" for t in texts)
+            f.writelines(
+                json.dumps({"id": hashlib.sha256(t.encode()).hexdigest(), "source": f"{split}.py", "text": t})
+                + "\n"
+                for t in texts
+            )
     (corpus / "manifest.json").write_text(json.dumps({"content_digest": "tiny-corpus"}))
     train_tokenizer(corpus, root / "tokenizer", TokenizerConfig(vocab_size=400, num_threads=1))
     encode_corpus(corpus, root / "tokenizer", root / "tokens")
@@ -41,17 +56,46 @@ def build_data(root: Path) -> dict[str, Path]:
 
 def env() -> dict[str, str]:
     """The child's environment: this worktree first on the path, one thread (deterministic and polite)."""
-    return {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}", "OMP_NUM_THREADS": "1"}
+    return {
+        **os.environ,
+        "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
+        "OMP_NUM_THREADS": "1",
+    }
 
 
 def pretrain_cmd(data: dict[str, Path], out: Path, *extra: str) -> list[str]:
-    return [sys.executable, "-m", "llmcore.train", "--tokenizer", str(data["tokenizer"]), "--tokens", str(data["tokens"]),
-            "--out", str(out), *MODEL, *TRAIN, *extra]
+    return [
+        sys.executable,
+        "-m",
+        "llmcore.train",
+        "--tokenizer",
+        str(data["tokenizer"]),
+        "--tokens",
+        str(data["tokens"]),
+        "--out",
+        str(out),
+        *MODEL,
+        *TRAIN,
+        *extra,
+    ]
 
 
 def finetune_cmd(data: dict[str, Path], base: Path, out: Path, *extra: str) -> list[str]:
-    return [sys.executable, "-m", "llmcore.finetune", "--base", str(base), "--tokenizer", str(data["tokenizer"]),
-            "--sft", str(data["sft"]), "--out", str(out), *TRAIN, *extra]
+    return [
+        sys.executable,
+        "-m",
+        "llmcore.finetune",
+        "--base",
+        str(base),
+        "--tokenizer",
+        str(data["tokenizer"]),
+        "--sft",
+        str(data["sft"]),
+        "--out",
+        str(out),
+        *TRAIN,
+        *extra,
+    ]
 
 
 def run(cmd: list[str], returncode: int = 0) -> subprocess.CompletedProcess:
