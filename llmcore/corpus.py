@@ -26,6 +26,7 @@ tokenize text.
 """
 
 import argparse
+import errno
 import fnmatch
 import glob
 import hashlib
@@ -73,6 +74,8 @@ SPLITS = ("train", "validation")
 STDLIB_EXCLUDED_DIRS = frozenset(
     {"site-packages", "dist-packages", "test", "tests", "idle_test", "__pycache__", "encodings", "pydoc_data"}
 )
+# Read errors that can pass on a second try (a flaky disk or network file system): never skipped.
+TRANSIENT_ERRNOS = frozenset({errno.EIO, errno.ETIMEDOUT, errno.ESTALE, errno.EINTR, errno.EBUSY})
 MAX_LISTED_SKIPS = 50
 SOURCE_HINT = "pass --corpus stdlib, a file, folder or glob, or hf:NAME"
 HUB_PROBE_SECONDS = 3.0
@@ -182,24 +185,33 @@ def read_bytes(path: Path) -> bytes:
     """A regular file's bytes; UnreadableFileError for anything that cannot be read as one.
 
     The file is opened without blocking and checked after opening, so a FIFO never hangs the read and a
-    file replaced by something else between listing and reading is caught.
+    file replaced by something else between listing and reading is caught. An error that may pass (an
+    I/O error, a stale network file handle) is raised as it is, so the caller can retry the whole read.
     """
     with _open_regular(path) as f:
         try:
             return f.read()
         except OSError as e:
-            raise UnreadableFileError("unreadable", e.strerror or type(e).__name__) from e
+            raise _unreadable(e) from e
 
 
 def _open_regular(path: Path) -> io.BufferedReader:
     try:
         fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
     except OSError as e:
-        raise UnreadableFileError("unreadable", e.strerror or type(e).__name__) from e
+        raise _unreadable(e) from e
     if not stat.S_ISREG(os.fstat(fd).st_mode):
         os.close(fd)
         raise UnreadableFileError("not_regular", "not a regular file")
     return open(fd, "rb", closefd=True)
+
+
+def _unreadable(error: OSError) -> OSError:
+    """The error to raise for a file that failed to open or read: transient ones as they are (retried by
+    the orchestration), the rest as UnreadableFileError (skipped and counted)."""
+    if error.errno in TRANSIENT_ERRNOS:
+        return error
+    return UnreadableFileError("unreadable", error.strerror or type(error).__name__)
 
 
 def first_line(error: BaseException) -> str:

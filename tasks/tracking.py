@@ -42,9 +42,21 @@ def _local_store_uri() -> str:
     return f"sqlite:///{MLRUNS.resolve() / 'mlflow.db'}"
 
 
+_local_choice: str | None = (
+    None  # the local store this process chose last (MLflow copies it into the environment)
+)
+
+
 def configure_tracking() -> str:
-    """Point MLflow at MLFLOW_TRACKING_URI, or at sqlite in ./mlruns; return the URI."""
-    uri = os.environ.get("MLFLOW_TRACKING_URI") or _local_store_uri()
+    """Point MLflow at MLFLOW_TRACKING_URI, or at sqlite in ./mlruns; return the URI.
+
+    `mlflow.set_tracking_uri` also sets MLFLOW_TRACKING_URI, so a variable holding the local store chosen
+    earlier in this process is not the user's choice: a run from another working folder gets its own store.
+    """
+    global _local_choice
+    uri = os.environ.get("MLFLOW_TRACKING_URI")
+    if not uri or uri == _local_choice:
+        uri = _local_choice = _local_store_uri()
     if uri == _local_store_uri():
         MLRUNS.mkdir(exist_ok=True)
     mlflow.set_tracking_uri(uri)

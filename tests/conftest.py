@@ -20,3 +20,14 @@ def prefect_harness(tmp_path_factory):
     with temporary_settings({PREFECT_RESULTS_LOCAL_STORAGE_PATH: storage}):
         with prefect_test_harness(server_startup_timeout=90):
             yield
+
+
+@pytest.fixture(autouse=True)
+def _tracking_uri_restored():
+    """`mlflow.set_tracking_uri` also sets MLFLOW_TRACKING_URI: keep one test's store out of the next."""
+    before = os.environ.get("MLFLOW_TRACKING_URI")
+    yield
+    if before is None:
+        os.environ.pop("MLFLOW_TRACKING_URI", None)
+    else:
+        os.environ["MLFLOW_TRACKING_URI"] = before
