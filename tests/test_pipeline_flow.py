@@ -215,7 +215,7 @@ def test_registered_versions_carry_their_hugging_face_export(pipeline_run):
     client = MlflowClient()
     for name in ("flow-test-pretrained", "flow-test-instruct"):
         version = client.get_model_version_by_alias(name, "champion")
-        assert version.version == "1"  # the first run's models; the rerun registered nothing new
+        assert int(version.version) == 1  # the first run's models; the rerun registered nothing new
         uri = version.tags["hf_export"]
         assert uri == f"runs:/{version.run_id}/hf_export"
         files = {a.path.rsplit("/", 1)[-1] for a in client.list_artifacts(version.run_id, "hf_export")}
