@@ -15,6 +15,7 @@ import errno
 import inspect
 import logging
 import os
+import signal
 import sys
 import time
 import traceback
@@ -159,6 +160,8 @@ def explain(error: BaseException, log_file: Path, runs_dir: str) -> tuple[str, i
             return str(cause), 2
         if isinstance(cause, TrainingDiverged):
             return str(cause), 1
+        if isinstance(cause, Terminated):
+            return "terminated (SIGTERM): rerun the same command to resume from the last checkpoint", 143
         if isinstance(cause, KeyboardInterrupt):
             return "interrupted: rerun the same command to resume from the last checkpoint", 130
         if _out_of_memory(cause):
@@ -185,9 +188,18 @@ def explain(error: BaseException, log_file: Path, runs_dir: str) -> tuple[str, i
     return f"{type(error).__name__}: {_first_line(error)} {trace}", 1
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (a service manager, `kill`), raised like Ctrl-C so that Prefect stops its temporary server."""
+
+
+def _terminate(signum: int, frame: object) -> None:
+    raise Terminated()
+
+
 def run_command(body: Callable[[], None], runs_dir: str, debug: bool) -> None:
     """Run a flow command's body; report any failure in one line on stderr and exit non-zero."""
     log_file, console = _log_to_file(runs_dir, debug)
+    signal.signal(signal.SIGTERM, _terminate)
     try:
         body()
     except (Exception, KeyboardInterrupt) as error:

@@ -185,6 +185,67 @@ def test_debug_prints_the_trace_and_still_ends_with_the_line(tmp_path, token_fol
     assert done.stderr.strip().splitlines()[-1].startswith("error: pretrain: loss became")
 
 
+@pytest.mark.flow
+def test_sigterm_during_training_is_one_line_and_leaves_no_server(tmp_path, token_folders, prefect_home):
+    import signal
+    import time
+
+    tok, tokens = token_folders
+    environ = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "PREFECT_API"))}
+    environ.update(
+        PYTHONPATH=str(ROOT),
+        PREFECT_HOME=str(prefect_home),
+        PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS="300",
+    )
+    args = [
+        "--tokenizer-dir",
+        str(tok),
+        "--tokens-dir",
+        str(tokens),
+        "--vocab-size",
+        "400",
+        *TINY_MODEL,
+        "--max-steps",
+        "1000000",
+        "--device",
+        "cpu",
+    ]
+    child = subprocess.Popen(
+        [sys.executable, "-m", "flows.stages", "pretrain", *args],
+        cwd=tmp_path,
+        env=environ,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        lines = []
+        for line in child.stderr:  # wait until training has started, then stop it as a service manager would
+            lines.append(line)
+            if "pretrain step" in line:
+                break
+        else:
+            pytest.fail("".join(lines[-30:]))
+        child.send_signal(signal.SIGTERM)  # the main process only, not its group
+        rest = child.stderr.read()
+        assert child.wait(timeout=120) == 143, rest[-3000:]
+        assert "Traceback" not in rest and rest.strip().splitlines()[-1].startswith("error: terminated"), rest
+        for _ in range(100):  # the temporary Prefect server went down with it
+            try:
+                os.killpg(child.pid, 0)
+            except ProcessLookupError:
+                break
+            time.sleep(0.2)
+        else:
+            pytest.fail("processes of the terminated command are still running")
+    finally:
+        try:
+            os.killpg(child.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
 def test_known_failures_map_to_lines_that_name_the_fix(tmp_path):
     log = tmp_path / "x.log"
     try:
