@@ -17,7 +17,7 @@ from pathlib import Path
 
 from llmcore.adapters import AdapterConfig
 from llmcore.classify import DEFAULT_TRAIN, ClassifyConfig, ClassifyDataConfig, load_texts, train_classifier
-from llmcore.cli import add_config_flags
+from llmcore.cli import add_config_flags, given
 from llmcore.errors import ConfigError
 from llmcore.train import TrainConfig
 
@@ -79,13 +79,7 @@ def main(argv: list[str] | None = None) -> None:
     args = vars(parser.parse_args(argv))
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     try:
-        built = [
-            replace(
-                DEFAULT_TRAIN if c is TrainConfig else c(),
-                **{k: v for k, v in args.items() if k in c.__dataclass_fields__ and v is not None},
-            )
-            for c in configs
-        ]
+        built = [replace(DEFAULT_TRAIN if c is TrainConfig else c(), **given(c, args)) for c in configs]
         rows = compare(args["base"], args["tokenizer"], args["corpus"], *built, args["out"])
     except ConfigError as error:
         parser.error(str(error))

@@ -39,7 +39,7 @@ from flows.stages import (
 from llmcore.artifacts import MANIFEST, json_digest, read_json
 from llmcore.cli import add_flag
 from llmcore.completions import held_out_prompts
-from llmcore.corpus import CorpusConfig, describe_source
+from llmcore.corpus import CorpusConfig, describe_source, source_bytes
 from llmcore.device import resolve_device
 from llmcore.errors import ConfigError
 from llmcore.memory import require_fits
@@ -477,7 +477,6 @@ def main(argv: list[str] | None = None) -> None:
 def check_inputs(preset: Preset) -> None:
     """What can be checked before any work: the sources exist and can fill the vocabulary, the devices are
     there, a training step fits in memory, and the MLflow server (if one is named) answers."""
-    describe_source(preset.corpus)
     corpus_bytes = _corpus_bytes_at_most(preset.corpus)
     if corpus_bytes is not None and corpus_bytes < preset.tokenizer.vocab_size:
         raise ConfigError(
@@ -500,14 +499,9 @@ def check_inputs(preset: Preset) -> None:
 
 
 def _corpus_bytes_at_most(corpus: CorpusConfig) -> int | None:
-    """An upper bound on the corpus's text bytes where one is cheap: --max-corpus-bytes, or the size of a
-    local file or folder (every file counted); None for the stdlib, globs and hf: sources."""
-    bounds = [corpus.max_bytes] if corpus.max_bytes is not None else []
-    source = Path(corpus.source)
-    if corpus.kind == "path" and source.is_file():
-        bounds.append(source.stat().st_size)
-    elif corpus.kind == "path" and source.is_dir():
-        bounds.append(sum(p.stat().st_size for p in source.rglob("*") if p.is_file()))
+    """An upper bound on the corpus's text bytes where one is cheap: --max-corpus-bytes, or the size of the
+    files a local source lists; None for the stdlib and hf: sources. Checks that the source is there."""
+    bounds = [b for b in (corpus.max_bytes, source_bytes(corpus)) if b is not None]
     return min(bounds, default=None)
 
 

@@ -46,7 +46,7 @@ from llmcore.artifacts import (
 )
 from llmcore.batches import Batches
 from llmcore.checkpoint import load_model
-from llmcore.cli import add_config_flags
+from llmcore.cli import add_config_flags, given
 from llmcore.corpus import (
     TABLE_SUFFIXES,
     UnreadableFileError,
@@ -620,13 +620,7 @@ def main(argv: list[str] | None = None) -> None:
     args = vars(parser.parse_args(argv))
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     try:
-        built = [
-            replace(
-                DEFAULT_TRAIN if c is TrainConfig else c(),
-                **{k: v for k, v in args.items() if k in c.__dataclass_fields__ and v is not None},
-            )
-            for c in configs
-        ]
+        built = [replace(DEFAULT_TRAIN if c is TrainConfig else c(), **given(c, args)) for c in configs]
         data = load_texts(built[0], args["corpus"])
         manifest = train_classifier(args["base"], args["tokenizer"], data, *built[1:], args["out"])
     except ConfigError as error:

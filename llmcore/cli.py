@@ -52,3 +52,8 @@ def add_config_flags(parser: argparse.ArgumentParser, config_class: type, skip: 
         if field.name not in skip:
             default = None if field.default is dataclasses.MISSING else field.default
             add_flag(parser, field.name, field.type, default)
+
+
+def given(config_class: type, args: dict[str, Any]) -> dict[str, Any]:
+    """The parsed flag values of a config dataclass's fields that the user gave (left-out flags are None)."""
+    return {k: v for k, v in args.items() if k in config_class.__dataclass_fields__ and v is not None}

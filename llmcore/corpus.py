@@ -454,6 +454,13 @@ def source_digest(config: CorpusConfig) -> str:
     return _source_digest(config, [(rel, _file_digest(path)) for rel, path in files])
 
 
+def source_bytes(config: CorpusConfig) -> int | None:
+    """The size of the files a local file, folder or glob source lists, as ingestion lists them (an upper
+    bound on its text); None for the stdlib and hf: sources. ConfigError for a source that is not there."""
+    _, files = _resolve(config)
+    return sum(path.stat().st_size for _, path in files) if config.kind == "path" else None
+
+
 def describe_source(config: CorpusConfig) -> str:
     """A one-line description, e.g. "stdlib (/usr/lib/python3.11, 734 files)"."""
     return _resolve(config)[0]

@@ -16,7 +16,7 @@ from typing import Any
 from llmcore.artifacts import MANIFEST, atomic_write_json, file_digest, is_finished, locks_folder, read_json
 from llmcore.batches import sft_batches
 from llmcore.checkpoint import load_model, save_model, verify_model
-from llmcore.cli import add_config_flags
+from llmcore.cli import add_config_flags, given
 from llmcore.errors import ConfigError
 from llmcore.tokenizer import Tokenizer
 from llmcore.tracking import NullTracker, Tracker
@@ -125,7 +125,7 @@ def main(argv: list[str] | None = None) -> None:
     add_config_flags(parser, TrainConfig)
     args = vars(parser.parse_args(argv))
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
-    train_args = {k: v for k, v in args.items() if k in TrainConfig.__dataclass_fields__ and v is not None}
+    train_args = given(TrainConfig, args)
     try:
         manifest = finetune(
             args["base"],

@@ -26,7 +26,7 @@ from llmcore.artifacts import MANIFEST, atomic_write_json, is_finished, locks_fo
 from llmcore.batches import Batches, token_windows
 from llmcore.chat import IGNORE
 from llmcore.checkpoint import latest_checkpoint, resume_state, save_checkpoint, save_model, verify_model
-from llmcore.cli import add_config_flags
+from llmcore.cli import add_config_flags, given
 from llmcore.device import require_device, resolve_device
 from llmcore.errors import ConfigError, require_non_negative, require_positive
 from llmcore.losses import token_loss
@@ -422,8 +422,8 @@ def main(argv: list[str] | None = None) -> None:
     add_config_flags(parser, TrainConfig)
     args = vars(parser.parse_args(argv))
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
-    model_args = {k: v for k, v in args.items() if k in GPTConfig.__dataclass_fields__ and v is not None}
-    train_args = {k: v for k, v in args.items() if k in TrainConfig.__dataclass_fields__ and v is not None}
+    model_args = given(GPTConfig, args)
+    train_args = given(TrainConfig, args)
     try:
         tokenizer = Tokenizer.load(args["tokenizer"])
         manifest = pretrain(
