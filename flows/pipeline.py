@@ -77,6 +77,11 @@ class PipelineParams(BaseModel):
     sft_data: str | None = Field(
         None, description="fine-tuning pairs: docstrings, a jsonl/csv/parquet file, or hf:NAME"
     )
+    sft_hf_config: str | None = Field(None, description="configuration of hf: fine-tuning pairs")
+    sft_hf_split: str | None = Field(None, description="split of hf: fine-tuning pairs (default: train)")
+    sft_hf_revision: str | None = Field(
+        None, description="pinned revision (commit sha, tag, branch) of hf: fine-tuning pairs"
+    )
     experiment: str = Field(EXPERIMENT, description="MLflow experiment name")
     runs_dir: str = Field(RUNS_DIR, description="output folder for every stage's artifacts")
     vocab_size: int | None = Field(None, description="tokenizer and model vocabulary")
@@ -126,7 +131,15 @@ class PipelineParams(BaseModel):
                 hf_revision=self.hf_revision,
             ),
         )
-        sft_data = replace(preset.sft_data, **_set(source=self.sft_data))
+        sft_data = replace(
+            preset.sft_data,
+            **_set(
+                source=self.sft_data,
+                hf_config=self.sft_hf_config,
+                hf_split=self.sft_hf_split,
+                hf_revision=self.sft_hf_revision,
+            ),
+        )
         if self.vocab_size is not None:
             preset = with_vocab_size(preset, self.vocab_size)
         model = replace(

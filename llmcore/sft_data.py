@@ -4,8 +4,10 @@ By default the pairs come from the ingested corpus itself, so fine-tuning needs 
 documented Python function gives (its docstring -> its code without the docstring), a "write the function
 this docstring describes" task. Pairs from a training document go to train and pairs from a validation
 document to validation, so documents held out of pretraining stay held out. User data (a .jsonl/.csv/
-.parquet file or hf:NAME with prompt and response columns) is split by a hash of each pair. The output
-folder (`train.jsonl`, `validation.jsonl`, `manifest.json`) is written atomically.
+.parquet file, or hf:NAME with a configuration, split and revision, holding prompt and response columns) is
+split by a hash of each prompt. Either way a prompt never lands on both sides: a prompt trained on with one
+response is not held out with another (docstring pairs whose prompt is also a train prompt leave
+validation). The output folder (`train.jsonl`, `validation.jsonl`, `manifest.json`) is written atomically.
 
 It does not apply a chat template or tokenize; the fine-tuning stage does that.
 """
@@ -53,6 +55,9 @@ class SFTDataConfig:
     response_column: str = "response"  # column holding the response in user data
     validation_fraction: float = 0.05  # for user data only; docstring pairs follow the corpus split
     max_response_chars: int = 2000  # longer responses dropped (they would not fit a small context)
+    hf_config: str | None = None  # configuration of an hf: source
+    hf_split: str = "train"  # split of an hf: source
+    hf_revision: str | None = None  # hub revision of an hf: source to pin (commit sha, tag, branch)
 
     def __post_init__(self) -> None:
         if not isinstance(self.source, str) or not self.source.strip():
@@ -65,6 +70,22 @@ class SFTDataConfig:
             raise ConfigError(
                 "prompt_column and response_column must be two different, non-empty names: "
                 "pass --prompt-column and --response-column"
+            )
+        if self.kind != "hf" and (self.hf_config, self.hf_split, self.hf_revision) != (None, "train", None):
+            raise ConfigError(
+                f"sft data source {self.source!r} is not hf:NAME, so it has no configuration, split or "
+                "revision: pass hf:NAME, or drop --hf-config, --hf-split and --hf-revision (in the "
+                "pipeline --sft-hf-config, --sft-hf-split and --sft-hf-revision)"
+            )
+        if not self.hf_split:
+            raise ConfigError(
+                "hf_split is empty: pass --hf-split (in the pipeline --sft-hf-split) with a split name "
+                "such as train"
+            )
+        if self.hf_revision is not None and not self.hf_revision.strip():
+            raise ConfigError(
+                "hf_revision is empty: pass --hf-revision (in the pipeline --sft-hf-revision) with a "
+                "commit sha, tag or branch, or omit it"
             )
         require_fraction("validation_fraction", self.validation_fraction)
         require_positive("max_response_chars", self.max_response_chars)
@@ -145,13 +166,15 @@ def _corpus_candidates(corpus_dir: Path | None) -> tuple[list[tuple[str, str, st
 
 
 def _user_candidates(config: SFTDataConfig) -> tuple[list[tuple[str, str, str]], dict, dict]:
-    """(split, prompt, response) from a user file or HF dataset, split by the pair's hash; counts; input
-    digests."""
+    """(split, prompt, response) from a user file or HF dataset, split by the prompt's hash (so that one
+    prompt with two responses stays on one side); counts; input digests."""
     columns = {"prompt_column": config.prompt_column, "response_column": config.response_column}
     if config.kind == "hf":
         name = config.source[3:]
-        rows = table_columns(load_hf_table(name), columns, f"hf dataset {name}")
-        inputs = {"hf": name}
+        table = load_hf_table(name, config.hf_config, config.hf_split, config.hf_revision)
+        rows = table_columns(table, columns, f"hf dataset {name}")
+        inputs = {"hf": name, "hf_config": config.hf_config, "hf_split": config.hf_split}
+        inputs["hf_revision"] = config.hf_revision
     else:
         path = Path(config.source)
         if not path.is_file():
@@ -166,7 +189,7 @@ def _user_candidates(config: SFTDataConfig) -> tuple[list[tuple[str, str, str]],
         inputs = {"file": str(path), "file_digest": file_digest(path)}
     fraction = config.validation_fraction
     candidates = [
-        ("validation" if is_validation(json_digest([p, r]), fraction) else "train", p, r) for p, r in rows
+        ("validation" if is_validation(json_digest(p), fraction) else "train", p, r) for p, r in rows
     ]
     return candidates, {"rows_read": len(rows)}, inputs
 
@@ -181,9 +204,11 @@ def build_sft_data(config: SFTDataConfig, corpus_dir: Path | None, out_dir: Path
 
     kept = {split: {} for split in SPLITS}  # split -> pair id -> pair
     seen: set[str] = set()
-    empty = too_long = duplicates = 0
-    # Candidates come train first, so a pair found in both splits stays in train only: no leak into
-    # validation.
+    empty = too_long = duplicates = prompt_in_train = 0
+    # A prompt trained on with one response and held out with another would score the model on what it
+    # was shown: validation keeps only prompts that train has not. Candidates come train first, so a pair
+    # found in both splits stays in train.
+    train_prompts = {prompt for split, prompt, _ in candidates if split == "train"}
     for split, prompt, response in candidates:
         if not prompt.strip() or not response.strip():
             empty += 1
@@ -191,6 +216,8 @@ def build_sft_data(config: SFTDataConfig, corpus_dir: Path | None, out_dir: Path
             too_long += 1
         elif (pair_id := json_digest([prompt, response])) in seen:
             duplicates += 1
+        elif split == "validation" and prompt in train_prompts:
+            prompt_in_train += 1
         else:
             seen.add(pair_id)
             kept[split][pair_id] = {"prompt": prompt, "response": response}
@@ -222,6 +249,7 @@ def build_sft_data(config: SFTDataConfig, corpus_dir: Path | None, out_dir: Path
                 "duplicates_dropped": duplicates,
                 "empty_dropped": empty,
                 "too_long_dropped": too_long,
+                "prompt_in_train_dropped": prompt_in_train,
             },
             "content_digest": json_digest(ids),
             "versions": {"python": platform.python_version()},
@@ -257,10 +285,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--response-column", default=defaults.response_column)
     parser.add_argument("--validation-fraction", type=float, default=defaults.validation_fraction)
     parser.add_argument("--max-response-chars", type=int, default=defaults.max_response_chars)
+    parser.add_argument("--hf-config", help="configuration of an hf: source")
+    parser.add_argument("--hf-split", default=defaults.hf_split, help="split of an hf: source")
+    parser.add_argument("--hf-revision", help="pinned hub revision of an hf: source")
     args = parser.parse_args(argv)
     try:
-        fields = ("source", "prompt_column", "response_column", "validation_fraction", "max_response_chars")
-        config = SFTDataConfig(**{name: getattr(args, name) for name in fields})
+        config = SFTDataConfig(**{name: getattr(args, name) for name in SFTDataConfig.__dataclass_fields__})
         manifest = build_sft_data(config, args.corpus, args.out)
     except ConfigError as e:
         parser.error(str(e))

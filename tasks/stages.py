@@ -341,9 +341,17 @@ def pretrain(
 
 
 def _sft_source_digest(config: sft_data.SFTDataConfig) -> str | None:
-    """A user file's content digest, so edited pairs are never mistaken for the old ones."""
+    """A user file's content digest, or the files of a local hf: folder, so edited pairs are never mistaken
+    for the old ones (a hub dataset is keyed on its name, configuration, split and revision)."""
+    if config.kind == "hf":  # hashed as the corpus stage hashes an hf: source
+        fields = {
+            "hf_config": config.hf_config,
+            "hf_split": config.hf_split,
+            "hf_revision": config.hf_revision,
+        }
+        return corpus.source_digest(corpus.CorpusConfig(source=config.source, **fields))
     path = Path(config.source)
-    return file_digest(path) if config.kind != "docstrings" and path.is_file() else None
+    return file_digest(path) if config.kind == "file" and path.is_file() else None
 
 
 @task(name="build-sft-data", **DATA_TASK)

@@ -1,5 +1,6 @@
 import json
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 
 import pandas as pd
@@ -119,7 +120,58 @@ def test_docstring_pairs_follow_the_corpus_split(corpus: Path, tmp_path: Path) -
     assert not any("looks_like_python" in p["response"] for p in read_pairs(tmp_path / "sft", "train"))
 
 
-def test_user_jsonl_is_split_by_pair_hash(tmp_path: Path) -> None:
+def test_a_docstring_prompt_in_train_is_never_held_out_with_another_response(tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    src.mkdir()
+    for i in range(40):  # the same docstring over a different body in every file, and one of its own
+        planted = f'def helper():\n    """Planted prompt."""\n    return {i}\n'
+        (src / f"mod{i:02d}.py").write_text(planted + f'\n\ndef own():\n    """Own {i}."""\n    return 0\n')
+    ingest(CorpusConfig(source=str(src), validation_fraction=0.3), tmp_path / "corpus")
+    held_out = sum(1 for _ in read_documents(tmp_path / "corpus", "validation"))
+    manifest = build_sft_data(SFTDataConfig(), tmp_path / "corpus", tmp_path / "sft")
+    train, validation = (read_pairs(tmp_path / "sft", split) for split in ("train", "validation"))
+    assert 0 < held_out < 40 and len(validation) == held_out  # only the held-out files' own pairs
+    assert [p["prompt"] for p in train].count("Planted prompt.") == 40 - held_out
+    assert "Planted prompt." not in {p["prompt"] for p in validation}
+    assert manifest["counts"]["prompt_in_train_dropped"] == held_out
+
+
+def test_user_pairs_are_split_by_prompt_so_a_prompt_stays_on_one_side(tmp_path: Path) -> None:
+    rows = [{"prompt": f"question {i}", "response": f"answer {i}.{k}"} for i in range(40) for k in range(3)]
+    path = tmp_path / "pairs.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    manifest = build_sft_data(
+        SFTDataConfig(source=str(path), validation_fraction=0.3), None, tmp_path / "sft"
+    )
+    train, validation = (read_pairs(tmp_path / "sft", split) for split in ("train", "validation"))
+    assert len(train) + len(validation) == 120 and manifest["counts"]["prompt_in_train_dropped"] == 0
+    assert {p["prompt"] for p in train}.isdisjoint(p["prompt"] for p in validation)
+    assert len(validation) % 3 == 0 and len(validation) > 0  # each held-out prompt with all its responses
+
+
+def test_hf_pairs_read_the_split_asked_for(tmp_path: Path) -> None:
+    datasets = pytest.importorskip("datasets")
+    split = {
+        f"{name}": {"prompt": [f"{name} p{i}" for i in range(30)], "response": ["r"] * 30}
+        for name in ("train", "extra")
+    }
+    datasets.DatasetDict({k: datasets.Dataset.from_dict(v) for k, v in split.items()}).save_to_disk(
+        str(tmp_path / "saved")
+    )
+    config = SFTDataConfig(source=f"hf:{tmp_path / 'saved'}", hf_split="extra", validation_fraction=0.3)
+    manifest = build_sft_data(config, None, tmp_path / "sft")
+    pairs = read_pairs(tmp_path / "sft", "train") + read_pairs(tmp_path / "sft", "validation")
+    assert sorted(p["prompt"] for p in pairs) == sorted(split["extra"]["prompt"])
+    assert manifest["inputs"]["hf_split"] == "extra"
+    with pytest.raises(ConfigError, match=r"no split 'test' \(splits: train, extra\): pass --hf-split"):
+        build_sft_data(replace(config, hf_split="test"), None, tmp_path / "bad")
+    with pytest.raises(ConfigError, match="has no configs or revisions"):
+        build_sft_data(replace(config, hf_revision="v1"), None, tmp_path / "bad")
+    with pytest.raises(ConfigError, match="is not hf:NAME"):
+        SFTDataConfig(source="docstrings", hf_split="extra")
+
+
+def test_user_jsonl_is_split_by_prompt_hash(tmp_path: Path) -> None:
     rows = [{"prompt": f"question {i}", "response": f"answer {i}"} for i in range(40)]
     rows += [rows[0], {"prompt": " ", "response": "orphan"}, {"prompt": "no answer", "response": None}]
     rows += [{"prompt": "7", "response": 7}]
@@ -134,9 +186,7 @@ def test_user_jsonl_is_split_by_pair_hash(tmp_path: Path) -> None:
     assert manifest["inputs"]["file_digest"]
     for split in ("train", "validation"):
         for pair in read_pairs(tmp_path / "sft", split):
-            assert is_validation(json_digest([pair["prompt"], pair["response"]]), 0.3) == (
-                split == "validation"
-            )
+            assert is_validation(json_digest(pair["prompt"]), 0.3) == (split == "validation")
     everything = read_pairs(tmp_path / "sft", "train") + read_pairs(tmp_path / "sft", "validation")
     assert {"prompt": "7", "response": "7"} in everything  # a number in a text column becomes text
 

@@ -1,5 +1,8 @@
 """Orchestration choices in the task layer: what is retried, and what cache keys depend on."""
 
+import shutil
+from dataclasses import replace
+
 from prefect.states import Completed, Failed
 
 from llmcore.errors import ConfigError
@@ -31,3 +34,19 @@ def test_user_fine_tuning_data_is_keyed_on_its_content(tmp_path):
     pairs.write_text('{"prompt": "a", "response": "c"}\n')
     assert _sft_source_digest(config) != before
     assert _sft_source_digest(SFTDataConfig()) is None  # docstrings: keyed on the corpus digest instead
+
+
+def test_hf_fine_tuning_data_is_keyed_on_its_files_split_and_revision(tmp_path):
+    import datasets
+
+    saved = tmp_path / "saved"
+    datasets.Dataset.from_dict({"prompt": ["a"], "response": ["b"]}).save_to_disk(str(saved))
+    config = SFTDataConfig(source=f"hf:{saved}")
+    before = _sft_source_digest(config)
+    assert _sft_source_digest(replace(config, hf_split="other")) != before
+    assert _sft_source_digest(replace(config, hf_revision="v2")) != before  # also in asdict(config)
+    assert _sft_source_digest(config) == before
+    datasets.Dataset.from_dict({"prompt": ["a"], "response": ["c"]}).save_to_disk(str(tmp_path / "new"))
+    shutil.rmtree(saved)
+    (tmp_path / "new").rename(saved)
+    assert _sft_source_digest(config) != before
