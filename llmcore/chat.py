@@ -2,21 +2,37 @@
 
 A turn is `<|user|> prompt <|assistant|> response <|end|>`, delimited by control symbols that raw text can
 never produce; labels cover the response and its `<|end|>` only. Fine-tuning, sampling, the pyfunc model
-and the response-loss evaluation all cut prompts with `chat_prompt`, so they see the same thing. This
+and the response-loss evaluation all cut prompts with `chat_prompt` at the fine-tuning `max_length`, which
+is stored with the fine-tuned weights (`chat_max_length` reads it), so they see the same thing. This
 module does not train or batch.
 """
 
+from pathlib import Path
 from typing import NamedTuple
 
+from llmcore.checkpoint import read_model_meta
 from llmcore.tokenizer import Tokenizer
 
 IGNORE = -100  # target id the loss skips
 
 
-def chat_prompt(tokenizer: Tokenizer, prompt: str, context: int) -> list[int]:
-    """`<|user|> prompt <|assistant|>`, what a fine-tuned model answers, in at most half of `context`
-    tokens: a long prompt keeps its start, so that training and generation see the same thing."""
-    return [tokenizer.user_id, *tokenizer.encode(prompt)[: max(0, context // 2 - 2)], tokenizer.assistant_id]
+def chat_prompt(tokenizer: Tokenizer, prompt: str, max_length: int) -> list[int]:
+    """`<|user|> prompt <|assistant|>`, what a fine-tuned model answers, in at most half of the
+    fine-tuning `max_length`: a long prompt keeps its start, so that training and generation see the same
+    thing."""
+    return [
+        tokenizer.user_id,
+        *tokenizer.encode(prompt)[: max(0, max_length // 2 - 2)],
+        tokenizer.assistant_id,
+    ]
+
+
+def chat_max_length(model_file: Path) -> int:
+    """The `max_length` a model was fine-tuned with, stored with its weights: what its prompts are cut to
+    wherever it answers or is scored. A model that was not fine-tuned for chat (or was, before the length
+    was stored) gives its context length."""
+    meta = read_model_meta(model_file)
+    return int(meta.get("max_length") or meta["model_config"]["block_size"])
 
 
 class Turn(NamedTuple):

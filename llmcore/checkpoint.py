@@ -74,10 +74,11 @@ def latest_checkpoint(folder: Path) -> Path | None:
     return found[-1] if found else None
 
 
-def _safe_load(path: Path, map_location: str | torch.device) -> Any:
-    """torch.load of tensors and plain data only: a pickle that would build other objects is refused."""
+def _safe_load(path: Path, map_location: str | torch.device, mmap: bool = False) -> Any:
+    """torch.load of tensors and plain data only: a pickle that would build other objects is refused.
+    `mmap` maps the tensors instead of reading them, for callers that want only the plain data."""
     try:
-        return torch.load(path, map_location=map_location, weights_only=True)
+        return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
     except pickle.UnpicklingError:
         raise ConfigError(
             f"refusing to load {path}: it holds objects other than tensors and plain data, which "
@@ -162,6 +163,22 @@ def verify_model(path: Path) -> None:
             manifest,
             f"delete {manifest} and rerun training to rewrite it from the last checkpoint",
         )
+
+
+def read_model_meta(path: Path) -> dict[str, Any]:
+    """What `save_model` stored beside the weights: `model_config` and its `extra` (a fine-tuned model's
+    `chat` and `max_length`). The weights are memory-mapped, not read, and the digest is not checked:
+    whoever uses the weights loads them with `load_model`, which checks it."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"model file {path} does not exist: run pretraining (or fine-tuning) first")
+    state = _safe_load(path, "cpu", mmap=True)
+    if not isinstance(state, dict) or "model_config" not in state:
+        raise ConfigError(
+            f"{path} is not a model written by llmcore (no model_config): pass a model.pt "
+            "from pretraining or fine-tuning"
+        )
+    return {k: v for k, v in state.items() if k != "model"}
 
 
 def load_model(path: Path, device: str | torch.device = "cpu"):

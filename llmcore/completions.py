@@ -15,7 +15,7 @@ import json
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from llmcore.chat import chat_prompt
+from llmcore.chat import chat_max_length, chat_prompt
 from llmcore.checkpoint import load_model
 from llmcore.corpus import read_documents
 from llmcore.device import resolve_device
@@ -104,10 +104,11 @@ def complete(
     model = load_model(model_path, resolve_device(device))
     tokenizer = Tokenizer.load(tokenizer_dir)
     stop = tokenizer.end_id if chat else tokenizer.eot_id
+    max_length = chat_max_length(model_path)
     rows = []
     for name, config in strategies(sampling).items():
         ids = [
-            chat_prompt(tokenizer, prompt, model.config.block_size) if chat else tokenizer.encode(prompt)
+            chat_prompt(tokenizer, prompt, max_length) if chat else tokenizer.encode(prompt)
             for prompt in prompts
         ]
         # one batch per strategy

@@ -20,6 +20,7 @@ import torch
 
 from llmcore.baselines import compressor_bits_per_byte
 from llmcore.batches import sft_batches, token_windows
+from llmcore.chat import chat_max_length
 from llmcore.checkpoint import load_model
 from llmcore.corpus import read_documents
 from llmcore.device import require_device, resolve_device
@@ -51,11 +52,18 @@ def held_out_batches(tokens_dir: Path, block_size: int, config: EvalConfig):
 
 
 def evaluate_model(
-    model_path: Path, tokenizer_dir: Path, tokens_dir: Path, config: EvalConfig, sft_dir: Path | None = None
+    model_path: Path,
+    tokenizer_dir: Path,
+    tokens_dir: Path,
+    config: EvalConfig,
+    sft_dir: Path | None = None,
+    max_length: int | None = None,
 ) -> dict[str, float]:
     """Held-out loss, perplexity and bits per byte of one model, plus the compressors on the same text;
     with `sft_dir`, also the loss on the response tokens of the held-out instruction pairs (the prompt
-    is context only)."""
+    is context only), cut as fine-tuning cut them: to `max_length`, by default the one stored with the
+    model (`llmcore.chat.chat_max_length`). Pass the fine-tuned model's to score a base model on the same
+    rows."""
     device = resolve_device(config.device)
     model = load_model(model_path, device)
     tokenizer = Tokenizer.load(tokenizer_dir)
@@ -65,10 +73,9 @@ def evaluate_model(
     text = tokenizer.decode(torch.cat([y.flatten() for _, y in batches]).tolist()).encode("utf-8")
     result.update(compressor_bits_per_byte(text), text_bytes=float(len(text)))
     if sft_dir is not None:
-        pairs = sft_batches(
-            sft_dir, "validation", tokenizer, model.config.block_size, config.batch_size, seed=0
-        )
-        num_batches = max(1, config.max_tokens // (model.config.block_size * config.batch_size))
+        max_length = max_length or chat_max_length(model_path)
+        pairs = sft_batches(sft_dir, "validation", tokenizer, max_length, config.batch_size, seed=0)
+        num_batches = max(1, config.max_tokens // (max_length * config.batch_size))
         result["response_loss"] = token_loss(model, pairs.in_order(num_batches), device)["loss"]
     return result
 

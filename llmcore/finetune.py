@@ -97,7 +97,10 @@ def finetune(
         sequence_length=max_length,
         inputs=inputs,
     )
-    model_sha256 = save_model(out_dir / "model.pt", model.to("cpu"), extra={"chat": True})
+    # max_length travels with the weights: sampling, the pyfunc model and evaluation cut prompts with it
+    model_sha256 = save_model(
+        out_dir / "model.pt", model.to("cpu"), extra={"chat": True, "max_length": max_length}
+    )
     manifest = {
         "stage": "finetune",
         "model": "model.pt",

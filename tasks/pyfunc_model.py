@@ -3,7 +3,8 @@
 Input: a list of prompt strings (or a DataFrame with a `prompt` column); output: one completion per prompt.
 Sampling settings come from `params` (max_new_tokens, temperature, top_k, top_p, seed; top_k 0
 and top_p 1.0 turn those filters off). The weights,
-tokenizer and a small JSON config travel as artifacts; `llmcore` travels as a code path.
+tokenizer and a small JSON config travel as artifacts; `llmcore` travels as a code path. A chat model's
+prompts are cut as in fine-tuning, at the `max_length` stored with its weights (`llmcore.chat`).
 """
 
 import json
@@ -14,10 +15,12 @@ import pandas as pd
 
 class GPTGenerator(mlflow.pyfunc.PythonModel):
     def load_context(self, context):
+        from llmcore.chat import chat_max_length
         from llmcore.checkpoint import load_model
         from llmcore.tokenizer import Tokenizer
 
         self.model = load_model(context.artifacts["model"])
+        self.max_length = chat_max_length(context.artifacts["model"])  # prompts are cut as in fine-tuning
         self.tokenizer = Tokenizer.load(context.artifacts["tokenizer"])
         with open(context.artifacts["config"]) as f:
             self.chat = json.load(f)["chat"]
@@ -36,10 +39,10 @@ class GPTGenerator(mlflow.pyfunc.PythonModel):
         given["top_k"] = given.get("top_k") or None
         given["top_p"] = given["top_p"] if given.get("top_p", 1.0) < 1.0 else None
         config = SamplingConfig(**given)
-        tokenizer, context = self.tokenizer, self.model.config.block_size
+        tokenizer = self.tokenizer
         stop = tokenizer.end_id if self.chat else tokenizer.eot_id
         ids = [
-            chat_prompt(tokenizer, prompt, context) if self.chat else tokenizer.encode(prompt)
+            chat_prompt(tokenizer, prompt, self.max_length) if self.chat else tokenizer.encode(prompt)
             for prompt in map(str, prompts)
         ]
         return [tokenizer.decode(new) for new in generate_batch(self.model, ids, config, stop_id=stop)]

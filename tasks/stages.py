@@ -24,6 +24,7 @@ from prefect.concurrency.sync import concurrency
 
 from llmcore import completions, corpus, evaluate, finetune, sft_data, tokenizer, train
 from llmcore.artifacts import MANIFEST, file_digest, is_finished, json_digest, read_json
+from llmcore.chat import chat_max_length
 from llmcore.errors import ConfigError
 from llmcore.evaluate import EvalConfig
 from llmcore.model import GPTConfig
@@ -422,6 +423,8 @@ def evaluate_models(
     the response-only loss of every model on held-out instruction pairs (the pretrained one is the
     baseline)."""
     metrics: dict[str, float] = {}
+    # Every model's response loss on the rows fine-tuning trained on: pairs cut to its max_length.
+    max_length = chat_max_length(Path(models["finetuned"])) if "finetuned" in models else None
     for name, model_file in models.items():
         result = evaluate.evaluate_model(
             Path(model_file),
@@ -429,6 +432,7 @@ def evaluate_models(
             Path(tokens_dir),
             config,
             Path(sft_dir) if sft_dir else None,
+            max_length,
         )
         for key in ("gzip_bpb", "bz2_bpb", "xz_bpb", "text_bytes"):
             metrics[key] = result.pop(key)
