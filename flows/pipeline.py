@@ -262,6 +262,16 @@ def _pipeline(**values: Any) -> list[dict[str, Any]]:
                 round(read_json(Path(r["tokenizer_dir"]) / MANIFEST)["bytes_per_token"], 3),
             ),
         )
+        if (
+            vocab := read_json(Path(tok["tokenizer_dir"]) / MANIFEST)["vocab_size"]
+        ) != preset.model.vocab_size:
+            log.info(
+                "pipeline: the corpus fills a vocabulary of %d, not %d: tokenizer and model use %d",
+                vocab,
+                preset.model.vocab_size,
+                vocab,
+            )
+            preset = with_vocab_size(preset, vocab)  # only a tokenizer that fits its vocabulary gets here
         pretrained = timed(
             "pretrain",
             lambda: pretrain_flow(
@@ -491,7 +501,8 @@ def check_inputs(preset: Preset) -> None:
     """What can be checked before any work: the sources exist and can fill the vocabulary, the devices are
     there, a training step fits in memory, and the MLflow server (if one is named) answers."""
     corpus_bytes = _corpus_bytes_at_most(preset.corpus)
-    if corpus_bytes is not None and corpus_bytes < preset.tokenizer.vocab_size:
+    fits = preset.tokenizer.fit_vocab_to_corpus  # then the tokenizer stage sizes the vocabulary
+    if corpus_bytes is not None and corpus_bytes < preset.tokenizer.vocab_size and not fits:
         raise ConfigError(
             f"corpus {preset.corpus.source} has at most {corpus_bytes} bytes, fewer than vocab_size "
             f"{preset.tokenizer.vocab_size}: pass a larger --corpus (or --max-corpus-bytes) or "

@@ -6,7 +6,8 @@
 - `gpu`: a GPT-2-small-sized model (~124M parameters) for one GPU and a real corpus.
 
 A preset only groups configs; each stage receives its own config and nothing else. The one derived
-value, the model's vocabulary size, is taken from the tokenizer config here.
+value, the model's vocabulary size, is taken from the tokenizer config here (and, for a preset whose
+tokenizer fits its vocabulary to the corpus, from the trained tokenizer by the pipeline).
 """
 
 from dataclasses import dataclass, replace
@@ -150,7 +151,9 @@ def cpu() -> Preset:
 
 
 def gpu() -> Preset:
-    tokenizer = TokenizerConfig(vocab_size=50_304)  # GPT-2's vocabulary, padded to a multiple of 64
+    # GPT-2's vocabulary, padded to a multiple of 64; a corpus that cannot fill it (a small standard
+    # library) gets the largest multiple of 64 it can, in the tokenizer and the model alike
+    tokenizer = TokenizerConfig(vocab_size=50_304, fit_vocab_to_corpus=True)
     return Preset(
         name="gpu",
         description="a ~124M-parameter GPT (GPT-2 small shape) for one GPU; point --corpus at real data",

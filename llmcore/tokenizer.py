@@ -11,11 +11,12 @@ them. This module does not clean or split the corpus (`llmcore.corpus` does), de
 import argparse
 import io
 import json
+import logging
 import os
 import re
 import time
 from collections.abc import Iterable, Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -39,11 +40,14 @@ EOT, USER, ASSISTANT, END = "<|endoftext|>", "<|user|>", "<|assistant|>", "<|end
 CONTROL_SYMBOLS = (EOT, USER, ASSISTANT, END)
 MODEL_FILE = "tokenizer.model"
 MIN_VOCAB_SIZE = 256 + 1 + len(CONTROL_SYMBOLS)  # byte pieces, <unk>, control symbols
+VOCAB_MULTIPLE = 64  # a vocabulary fitted to the corpus is rounded down to this: embedding-friendly sizes
+_TOO_HIGH = re.compile(r"Vocabulary size too high \(\d+\)\. Please set it to a value <= (\d+)")
 # Training "sentences" are chunks of whole lines up to this many UTF-8 bytes: sentencepiece silently drops
 # longer ones (max_sentence_length), and pieces cannot span two sentences.
 CHUNK_BYTES = 4096
 ENCODE_CHARS = 1 << 16  # longest piece of a document encoded at once (see _DocumentEncoder)
 _SPACE = "\u2581"  # "▁", sentencepiece's stand-in for a space
+log = logging.getLogger(__name__)
 
 # Fixed choices, each measured on the Python stdlib (10 MB train, 1.9 MB held out, BPE 4096).
 _TRAINER_OPTIONS = dict(
@@ -76,6 +80,8 @@ class TokenizerConfig:
     max_training_sentences: int = 20_000  # sentencepiece input_sentence_size, counted in chunks of up to
     # CHUNK_BYTES: at most ~80 MB of text is sampled, the same budget as 2M lines of code
     num_threads: int = 0  # training threads; 0 = all cores (os.cpu_count())
+    fit_vocab_to_corpus: bool = False  # a corpus too small for vocab_size trains the largest multiple of
+    # VOCAB_MULTIPLE it can fill (logged; the manifest's vocab_size says which) instead of failing
 
     def __post_init__(self) -> None:
         require_positive("vocab_size", self.vocab_size)
@@ -278,7 +284,7 @@ def _train_bytes_at_least(corpus_dir: Path, limit: int) -> int:
 def _explain(error: RuntimeError, config: TokenizerConfig, train_bytes: int) -> ConfigError | None:
     """Translate sentencepiece's vocabulary-size failures into one-line ConfigErrors; None for others."""
     message = str(error)
-    if m := re.search(r"Vocabulary size too high \(\d+\)\. Please set it to a value <= (\d+)", message):
+    if m := _TOO_HIGH.search(message):
         return ConfigError(
             f"corpus has {train_bytes} bytes of training text, too small for vocab_size {config.vocab_size}: "
             f"pass a larger corpus or --vocab-size <= {m[1]}"
@@ -307,19 +313,20 @@ def train_tokenizer(corpus_dir: Path, out_dir: Path, config: TokenizerConfig) ->
         out_dir: the tokenizer folder to create or replace.
         config: vocabulary size, model type, sampling and threads.
 
-    Returns the manifest: config, vocab_size, control ids, train_seconds, bytes_per_token on the validation
-    split, corpus and tokenizer digests, sentencepiece version.
+    Returns the manifest: config, vocab_size (below config.vocab_size only when fitted to the corpus),
+    control ids, train_seconds, bytes_per_token on the validation split, corpus and tokenizer digests,
+    sentencepiece version.
     """
     corpus_dir, out_dir = Path(corpus_dir), Path(out_dir)
     source_digest = corpus_digest(corpus_dir)
     # A corpus smaller than the vocabulary cannot fill it; say so before sentencepiece starts.
-    if (seen := _train_bytes_at_least(corpus_dir, config.vocab_size)) < config.vocab_size:
+    needed = MIN_VOCAB_SIZE if config.fit_vocab_to_corpus else config.vocab_size
+    if (seen := _train_bytes_at_least(corpus_dir, needed)) < needed:
         raise ConfigError(
             f"corpus {corpus_dir} has {seen} bytes of training text, "
-            f"fewer than vocab_size {config.vocab_size}: "
+            f"fewer than vocab_size {needed}: "
             f"pass a larger corpus or a smaller --vocab-size"
         )
-    seen_by_trainer = {"bytes": 0, "documents": 0}
 
     def sentences() -> Iterator[str]:
         for text in _texts(corpus_dir, "train"):
@@ -327,22 +334,40 @@ def train_tokenizer(corpus_dir: Path, out_dir: Path, config: TokenizerConfig) ->
             seen_by_trainer["documents"] += 1
             yield from _training_chunks(text)
 
-    model = io.BytesIO()
+    vocab_size = config.vocab_size
     start = time.perf_counter()
-    try:
-        spm.SentencePieceTrainer.train(
-            sentence_iterator=sentences(),
-            model_writer=model,
-            vocab_size=config.vocab_size,
-            model_type=config.model_type,
-            input_sentence_size=config.max_training_sentences,
-            num_threads=_threads(config.num_threads),
-            **_TRAINER_OPTIONS,
-        )
-    except RuntimeError as e:
-        if (explained := _explain(e, config, seen_by_trainer["bytes"])) is None:
-            raise
-        raise explained from None  # the sentencepiece trace adds nothing to the one-line fix
+    while True:
+        model, seen_by_trainer = io.BytesIO(), {"bytes": 0, "documents": 0}
+        try:
+            spm.SentencePieceTrainer.train(
+                sentence_iterator=sentences(),
+                model_writer=model,
+                vocab_size=vocab_size,
+                model_type=config.model_type,
+                input_sentence_size=config.max_training_sentences,
+                num_threads=_threads(config.num_threads),
+                **_TRAINER_OPTIONS,
+            )
+            break
+        except RuntimeError as e:
+            # sentencepiece knows the most pieces a corpus gives only once it has tried: then train again
+            most = int(m[1]) if (m := _TOO_HIGH.search(str(e))) else 0
+            fitted = most // VOCAB_MULTIPLE * VOCAB_MULTIPLE
+            if config.fit_vocab_to_corpus and MIN_VOCAB_SIZE <= fitted < vocab_size:
+                log.info(
+                    "tokenizer: the corpus fills at most %d pieces, fewer than vocab_size %d: "
+                    "training vocab_size %d (a multiple of %d)",
+                    most,
+                    vocab_size,
+                    fitted,
+                    VOCAB_MULTIPLE,
+                )
+                vocab_size = fitted
+                continue
+            explained = _explain(e, replace(config, vocab_size=vocab_size), seen_by_trainer["bytes"])
+            if explained is None:
+                raise
+            raise explained from None  # the sentencepiece trace adds nothing to the one-line fix
     train_seconds = time.perf_counter() - start
 
     with atomic_output_dir(out_dir) as tmp:

@@ -4,6 +4,7 @@ import inspect
 import json
 import random
 import textwrap
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -11,12 +12,14 @@ import pytest
 import llmcore.tokenizer as tokenizer_module
 from llmcore.artifacts import is_finished
 from llmcore.errors import ConfigError
+from llmcore.presets import get_preset, with_vocab_size
 from llmcore.shards import open_split
 from llmcore.tokenizer import (
     ASSISTANT,
     CONTROL_SYMBOLS,
     END,
     EOT,
+    MIN_VOCAB_SIZE,
     USER,
     Tokenizer,
     TokenizerConfig,
@@ -231,6 +234,27 @@ def test_corpus_too_small_for_vocab_fails_cleanly(tmp_path):
         train_tokenizer(corpus, tmp_path / "tok", TokenizerConfig(vocab_size=suggested))["vocab_size"]
         == suggested
     )
+
+
+def test_a_preset_vocabulary_too_large_for_the_corpus_is_fitted_to_it(tmp_path, caplog):
+    corpus = write_corpus(tmp_path / "corpus", ["def f(x):\n    return x + 1\n" * 400], ["x = 1\n"])
+    gpu = get_preset("gpu")
+    config = replace(gpu.tokenizer, num_threads=1)
+    assert config.fit_vocab_to_corpus
+    strict = replace(config, vocab_size=8000, fit_vocab_to_corpus=False)  # 50,304 > the corpus's bytes
+    with pytest.raises(ConfigError, match=r"--vocab-size <= \d+$") as refused:
+        train_tokenizer(corpus, tmp_path / "strict", strict)
+    most = int(str(refused.value).rsplit(" ", 1)[1])
+    assert MIN_VOCAB_SIZE <= most // 64 * 64 < most < 1000  # a few hundred pieces, not 50,304
+
+    with caplog.at_level("INFO", logger="llmcore.tokenizer"):
+        manifest = train_tokenizer(corpus, tmp_path / "fitted", config)
+    fitted = most // 64 * 64
+    assert manifest["vocab_size"] == Tokenizer.load(tmp_path / "fitted").vocab_size == fitted
+    assert manifest["config"]["vocab_size"] == config.vocab_size  # what was asked stays on record
+    assert f"training vocab_size {fitted}" in caplog.text
+    sized = with_vocab_size(gpu, manifest["vocab_size"])  # what the pipeline then trains
+    assert sized.model.vocab_size == sized.tokenizer.vocab_size == fitted
 
 
 def test_vocab_too_small_for_the_corpus_characters(tmp_path):
