@@ -42,8 +42,6 @@ except ModuleNotFoundError as error:
         sys.exit(f"error: {MISSING}")
     raise ModuleNotFoundError(MISSING) from error
 
-log = logging.getLogger(__name__)
-
 
 class LlmcoreLM(TemplateLM):
     """A GPT of llmcore and its tokenizer as an lm_eval model (one process, one device)."""
@@ -216,19 +214,26 @@ def evaluate_tasks(
 
     if not tasks:
         raise ConfigError("no lm_eval tasks given: pass --tasks NAME[,NAME]")
-    results = simple_evaluate(
-        model=lm,
-        tasks=list(tasks),
-        task_manager=task_manager(tasks, include_path, harness_tasks),
-        limit=limit,
-        num_fewshot=num_fewshot,
-        bootstrap_iters=1000,  # a mean's standard error is closed-form; others are bootstrapped
-        log_samples=False,
-        random_seed=seed,
-        numpy_random_seed=seed,
-        torch_random_seed=seed,
-        fewshot_random_seed=seed,
-    )
+    manager = task_manager(tasks, include_path, harness_tasks)
+    try:
+        results = simple_evaluate(
+            model=lm,
+            tasks=list(tasks),
+            task_manager=manager,
+            limit=limit,
+            num_fewshot=num_fewshot,
+            bootstrap_iters=1000,  # a mean's standard error is closed-form; others are bootstrapped
+            log_samples=False,
+            random_seed=seed,
+            numpy_random_seed=seed,
+            torch_random_seed=seed,
+            fewshot_random_seed=seed,
+        )
+    except FileNotFoundError as error:  # a task's data_files (datasets names the file)
+        raise ConfigError(
+            f"lm_eval task {', '.join(tasks)}: {str(error).splitlines()[0]}: fix dataset_kwargs.data_files "
+            "in the task's YAML"
+        ) from None
     return {
         task: {
             key.removesuffix(",none"): float(value)
