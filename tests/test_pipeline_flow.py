@@ -220,3 +220,121 @@ def test_registered_versions_carry_their_hugging_face_export(pipeline_run):
         assert uri == f"runs:/{version.run_id}/hf_export"
         files = {a.path.rsplit("/", 1)[-1] for a in client.list_artifacts(version.run_id, "hf_export")}
         assert {"config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"} <= files
+
+
+def test_evaluate_model_rescores_logged_models_on_a_run_linked_to_the_source(pipeline_run):
+    import os
+
+    import mlflow
+    from mlflow import MlflowClient
+
+    from flows.evaluate_model import evaluate_model
+    from llmcore.corpus import CorpusConfig
+    from llmcore.errors import ConfigError
+    from llmcore.evaluate import EvalConfig, held_out_text, score_text
+    from tasks.logged_models import resolve
+    from tasks.registry import HELD_OUT_BYTES_PER_TOKEN
+
+    workdir, _, _, _ = pipeline_run
+    mlflow.set_tracking_uri(f"sqlite:///{workdir / 'mlruns' / 'mlflow.db'}")
+    client = MlflowClient()
+    champion = client.get_model_version_by_alias("flow-test-pretrained", "champion")
+    model_id = champion.source.removeprefix("models:/")  # the logged model it was registered from
+    experiment = client.get_experiment_by_name("flow-test").experiment_id
+    stage_runs = client.search_runs(
+        [experiment], "tags.stage = 'pretrain'", order_by=["attributes.start_time"]
+    )
+    made, reused = (r.info.run_id for r in stage_runs)
+    # every way of naming the model reaches the same logged model; the rerun's stage run reused it
+    for named in (
+        resolve("models:/flow-test-pretrained/1"),
+        resolve(f"models:/{model_id}"),
+        resolve(f"runs:/{made}/pretrained"),
+        resolve(run_id=made),
+        resolve(run_id=reused),
+    ):
+        assert (named.model_id, named.source_run_id) == (model_id, champion.run_id)
+    parent = client.get_run(made).data.tags["mlflow.parentRunId"]
+    with pytest.raises(ConfigError, match=f"run {parent} logged no models: pass --model-uri one of runs:/"):
+        resolve(run_id=parent)
+
+    previous = os.getcwd()
+    os.chdir(workdir)  # the pipeline's runs/ folder: its corpus ingestion is reused
+    try:
+        config = EvalConfig(max_tokens=2048, device="cpu")
+        metrics = evaluate_model(
+            model_uri="models:/flow-test-pretrained@champion",
+            corpus=CorpusConfig(source="stdlib", max_bytes=1_500_000),
+            evaluation=config,
+            experiment="flow-test",
+        )
+        # like with like: the same figure as scoring the pipeline's own model file on the same text
+        model_file = next((workdir / "runs" / "pretrain").glob("*/model.pt"))
+        tokenizer_dir = next((workdir / "runs" / "tokenizer").glob("*/tokenizer.model")).parent
+        corpus_dir = next((workdir / "runs" / "corpus").iterdir())
+        texts = held_out_text(corpus_dir, config.max_tokens * HELD_OUT_BYTES_PER_TOKEN)
+        direct = score_text(model_file, tokenizer_dir, texts, config)
+    finally:
+        os.chdir(previous)
+    assert metrics["rescore/bpb"] == pytest.approx(direct["bpb"], rel=1e-6)
+    assert 0 < metrics["rescore/xz_bpb"] < metrics["rescore/gzip_bpb"]
+
+    (run,) = client.search_runs([experiment], "tags.stage = 'rescore'")
+    assert run.data.tags["source.model_id"] == model_id
+    assert run.data.tags["source.run_id"] == made
+    assert run.data.tags["source.registered"] == f"flow-test-pretrained/{champion.version}"
+    assert run.data.metrics["rescore/bpb"] == metrics["rescore/bpb"]
+    linked = {m.key: m.value for m in mlflow.get_logged_model(model_id).metrics}
+    assert linked["rescore/bpb"] == metrics["rescore/bpb"]  # on the model's own page too
+
+
+def test_compare_tables_the_experiment_and_plots_bits_per_byte_against_tokens(pipeline_run, tmp_path):
+    import json
+
+    import mlflow
+    from mlflow import MlflowClient
+
+    from flows.compare import compare, find_runs
+
+    workdir, _, _, _ = pipeline_run
+    mlflow.set_tracking_uri(f"sqlite:///{workdir / 'mlruns' / 'mlflow.db'}")
+    result = compare(experiment="flow-test", filter="params.preset = 'smoke'")
+    table = result["table"]
+    assert list(table["stage"]) == ["pipeline", "pipeline"]  # top-level pipeline runs only, newest first
+    assert set(table["model.vocab_size"]) == {"1024"} and table["evaluate/pretrained_bpb"].notna().all()
+    # each pipeline's curve comes from its pretraining stage run: 30 steps of 8 x 64 tokens, 3 passes
+    assert len(result["curves"]) == 2
+    client = MlflowClient()
+    files = {a.path for a in client.list_artifacts(result["run_id"])}
+    assert {"compare.json", "val_bpb_vs_tokens.png"} <= files
+    logged = json.loads(
+        Path(client.download_artifacts(result["run_id"], "compare.json", str(tmp_path))).read_text()
+    )
+    assert len(logged["data"]) == 2 and "evaluate/xz_bpb" in logged["columns"]
+    stages = set(find_runs("flow-test", children=True)["stage"])
+    assert "pretrain" in stages and "compare" not in stages  # a comparison never lists comparisons
+
+
+@pytest.mark.cli
+def test_a_model_uri_that_does_not_exist_is_one_line_naming_what_does(pipeline_run):
+    import os
+
+    workdir, _, _, _ = pipeline_run
+    environment = {
+        **os.environ,
+        "PYTHONPATH": str(Path(__file__).parents[1]),
+        "MLFLOW_TRACKING_URI": f"sqlite:///{workdir / 'mlruns' / 'mlflow.db'}",
+    }
+    done = subprocess.run(
+        [sys.executable, "-m", "flows.evaluate_model", "--model-uri", "models:/flow-test-pretrained/9"],
+        cwd=workdir,
+        env=environment,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert done.stderr.strip().splitlines() == [
+        "error: registered model 'flow-test-pretrained' has no version 9 (models:/flow-test-pretrained/9): "
+        "pass one of versions 1 or an alias"
+    ]
