@@ -200,7 +200,14 @@ def fit(
     device = resolve_device(config.device)
     dtype = resolve_precision(config.precision, device)
     total_steps = config.total_steps(sequence_length or model.config.block_size)
-    require_fits(model.config, config.batch_size, sequence_length or model.config.block_size, device, stage)
+    require_fits(
+        model.config,
+        config.batch_size,
+        sequence_length or model.config.block_size,
+        device,
+        stage,
+        config.activation_checkpointing,
+    )
     identity = run_identity(model.config, config, inputs or {})
     model.to(device)
     model.activation_checkpointing = config.activation_checkpointing
