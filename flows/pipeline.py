@@ -99,6 +99,15 @@ class PipelineParams(BaseModel):
     finetune_steps: int | None = Field(None, description="fine-tuning optimizer steps")
     max_length: int | None = Field(None, description="longest fine-tuning sequence (<= block size)")
     device: str | None = Field(None, description="auto, cpu, cuda or cuda:N")
+    precision: Literal["auto", "fp32", "bf16", "fp16"] | None = Field(
+        None,
+        description="training arithmetic: auto (bf16 on CUDA, fp16 with gradient scaling on GPUs without "
+        "bf16, fp32 on CPU), fp32, bf16 or fp16",
+    )
+    compile: bool | None = Field(None, description="torch.compile the training step (default: on CUDA only)")
+    activation_checkpointing: bool | None = Field(
+        None, description="recompute activations in the backward pass: less memory, more compute"
+    )
     seed: int | None = Field(None, description="seed for model init, data order and sampling")
     registry_prefix: str | None = Field(
         None,
@@ -146,7 +155,14 @@ class PipelineParams(BaseModel):
             preset.model,
             **_set(block_size=self.block_size, n_layer=self.n_layer, n_head=self.n_head, n_embd=self.n_embd),
         )
-        shared = _set(batch_size=self.batch_size, device=self.device, seed=self.seed)
+        shared = _set(
+            batch_size=self.batch_size,
+            device=self.device,
+            seed=self.seed,
+            precision=self.precision,
+            compile=self.compile,
+            activation_checkpointing=self.activation_checkpointing,
+        )
         pretrain = replace(
             preset.pretrain,
             **shared,
@@ -517,7 +533,12 @@ def check_inputs(preset: Preset) -> None:
         resolve_device(device)
     for stage, config in (("pretraining", preset.pretrain), ("fine-tuning", preset.finetune)):
         require_fits(
-            preset.model, config.batch_size, preset.model.block_size, resolve_device(config.device), stage
+            preset.model,
+            config.batch_size,
+            preset.model.block_size,
+            resolve_device(config.device),
+            stage,
+            config.activation_checkpointing,
         )
     require_tracking_server()
 

@@ -4,11 +4,16 @@
 of (seed, batch index): one seeded permutation per epoch. A run's data position is therefore just its
 batch index, which is what makes resumed training bit-identical. `token_windows` makes the rows of
 pretraining and evaluation: non-overlapping windows of a token split; `sft_batches` those of fine-tuning:
-padded chat turns. This module does not train and does not move data to a device.
+padded chat turns. `Prefetcher` reads a run's batches ahead on a background thread (pinned for a
+non-blocking copy to CUDA), without changing what batch i holds. This module does not train and does not
+move data to a device.
 """
 
 import bisect
 import math
+import queue
+import threading
+import weakref
 from collections.abc import Callable
 from pathlib import Path
 
@@ -59,6 +64,63 @@ class Batches:
             ]
             out.append((torch.stack([x for x, _ in rows]), torch.stack([y for _, y in rows])))
         return out
+
+
+class Prefetcher:
+    """Batches start, start + 1, ... of `batches`, read `depth` ahead on a background thread, so the
+    training thread does not wait for rows to be gathered. Batch i is still `batches.get(i)` (the data
+    position stays a batch index, and resume stays exact); an error reading it is raised by `get(i)`.
+    `pin_memory` pins each batch so that its copy to CUDA can be non-blocking. The thread stops on
+    `close()` or when the prefetcher is garbage-collected (a training loop that raised)."""
+
+    def __init__(self, batches: Batches, start: int, pin_memory: bool = False, depth: int = 4) -> None:
+        self._queue: queue.Queue = queue.Queue(maxsize=depth)
+        self._next = start
+        self._stop = threading.Event()
+        # The thread holds the queue and the event, not self, so that dropping self stops it.
+        self._thread = threading.Thread(
+            target=_prefetch,
+            args=(batches, start, pin_memory, self._queue, self._stop),
+            name="prefetch-batches",
+            daemon=True,
+        )
+        weakref.finalize(self, self._stop.set)
+        self._thread.start()
+
+    def get(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Batch `index`, which must be the one after the last (batches are read in order)."""
+        if index != self._next:
+            raise ValueError(f"batch {index} asked for but the prefetcher is at batch {self._next}")
+        item = self._queue.get()
+        if isinstance(item, BaseException):
+            raise item
+        self._next += 1
+        return item
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def _prefetch(
+    batches: Batches, index: int, pin_memory: bool, out: queue.Queue, stop: threading.Event
+) -> None:
+    """Put batches index, index + 1, ... (or the error reading one, then stop) into `out` until `stop`."""
+    while not stop.is_set():
+        try:
+            x, y = batches.get(index)
+            item: object = (x.pin_memory(), y.pin_memory()) if pin_memory else (x, y)
+        except BaseException as error:  # handed to the training thread, raised there
+            item = error
+        while not stop.is_set():
+            try:
+                out.put(item, timeout=0.1)
+                break
+            except queue.Full:
+                continue
+        if isinstance(item, BaseException):
+            return
+        index += 1
 
 
 def token_windows(split: TokenSplit, block_size: int, batch_size: int, seed: int, name: str) -> Batches:

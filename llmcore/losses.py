@@ -1,7 +1,10 @@
-"""The loss every stage scores batches with: mean loss per target token, and bits per byte.
+"""The losses: the training loss without the full logits, and the scores every stage reports.
 
-Training (validation passes) and evaluation both call `token_loss`, so a figure in a training log and the
-same figure in an evaluation are computed the same way. This module does not load models or data.
+`linear_cross_entropy` is the training loss: the output projection and cross-entropy taken together, a
+chunk of positions at a time, so that no (tokens, vocab) tensor, let alone a float32 copy of one, is ever
+held (6.6 GB per micro-batch at the gpu preset). Training (validation passes) and evaluation both call
+`token_loss`, so a figure in a training log and the same figure in an evaluation are computed the same
+way. This module does not load models or data.
 """
 
 import math
@@ -10,6 +13,69 @@ from collections.abc import Sequence
 import torch
 
 LN2 = math.log(2)
+IGNORE = -100  # target of a position that is not scored (llmcore.chat.IGNORE)
+LOGITS_PER_CHUNK = 2**25  # logits (rows x vocab) per chunk: 128 MiB in float32
+
+
+class _LinearCrossEntropy(torch.autograd.Function):
+    """Summed cross-entropy of hidden @ weight.T, one chunk of rows at a time; the gradients are computed
+    in the forward pass, while a chunk's logits exist, and only scaled in the backward pass."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, dtype, rows):  # hidden (N, C), weight (V, C), targets (N,)
+        need_hidden, need_weight = ctx.needs_input_grad[:2]
+        total = torch.zeros((), device=hidden.device, dtype=torch.float32)
+        grad_hidden = torch.empty_like(hidden) if need_hidden else None
+        grad_weight = torch.zeros_like(weight, dtype=torch.float32) if need_weight else None
+        w = weight.to(dtype)
+        with torch.autocast(hidden.device.type, enabled=False):  # dtypes are explicit here
+            for start in range(0, hidden.size(0), rows):
+                h, y = hidden[start : start + rows].to(dtype), targets[start : start + rows]
+                logits = (h @ w.t()).float()  # (rows, V): the only logits that exist at any time
+                scored = y != IGNORE
+                safe = torch.where(scored, y, 0)
+                log_z = torch.logsumexp(logits, dim=-1)
+                total += ((log_z - logits.gather(1, safe[:, None]).squeeze(1)) * scored).sum()
+                if need_hidden or need_weight:
+                    # d(loss)/d(logits) = softmax - one_hot(target), zero on unscored rows
+                    grad = logits.sub_(log_z[:, None]).exp_()
+                    grad[torch.arange(len(y), device=y.device), safe] -= 1
+                    grad = (grad * scored[:, None]).to(dtype)
+                    if need_hidden:
+                        grad_hidden[start : start + rows] = grad @ w
+                    if need_weight:
+                        grad_weight += (grad.t() @ h).float()
+        ctx.save_for_backward(grad_hidden, None if grad_weight is None else grad_weight.to(weight.dtype))
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_total):
+        grad_hidden, grad_weight = ctx.saved_tensors
+        return (
+            None if grad_hidden is None else grad_hidden * grad_total.to(grad_hidden.dtype),
+            None if grad_weight is None else grad_weight * grad_total,
+            None,
+            None,
+            None,
+        )
+
+
+def linear_cross_entropy(
+    hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, rows: int | None = None
+) -> torch.Tensor:
+    """Sum over scored targets (not IGNORE) of cross_entropy(hidden @ weight.T, targets), in float32.
+
+    hidden (..., C), weight (V, C), targets (...). Equal to `F.cross_entropy(F.linear(hidden, weight)
+    .float(), targets, reduction="sum")` up to float rounding, gradients included, but the logits are made
+    `rows` positions at a time (default: LOGITS_PER_CHUNK // V): memory holds one chunk's logits, and
+    float32 only per chunk, under autocast too, whose dtype the matmuls use.
+    """
+    device = hidden.device.type
+    dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else hidden.dtype
+    rows = rows or max(1, LOGITS_PER_CHUNK // weight.size(0))
+    return _LinearCrossEntropy.apply(
+        hidden.reshape(-1, hidden.size(-1)), weight, targets.reshape(-1), dtype, rows
+    )
 
 
 @torch.no_grad()

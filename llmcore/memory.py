@@ -2,7 +2,9 @@
 
 `training_bytes` estimates the peak memory of one training step of the GPT in `llmcore.model` with AdamW:
 weights, gradients and the two AdamW moments (16 bytes per parameter in fp32), the activations saved for
-the backward pass of one micro-batch, and the logits with their log-softmax and gradients.
+the backward pass of one micro-batch (with activation checkpointing: each block's input, and one block's
+activations while it is recomputed), and the logits of one chunk of the loss (`llmcore.losses`) with their
+gradients, plus the output projection's gradient that the loss computes.
 `require_fits` compares that with the memory free on the device (RAM, honouring a cgroup limit, or
 CUDA's free memory) and raises a `ConfigError` naming what to lower. It does not measure anything while
 training, and it does not cover evaluation or sampling (no gradients, a fraction of the training peak).
@@ -23,6 +25,7 @@ from pathlib import Path
 import torch
 
 from llmcore.errors import ConfigError
+from llmcore.losses import LOGITS_PER_CHUNK
 from llmcore.model import GPTConfig
 
 PER_BLOCK = 30  # n_embd-sized vectors saved per token per block: norms, qkv, rotary, attention out, SwiGLU
@@ -37,7 +40,7 @@ class Estimate:
 
     states: int  # weights, gradients, AdamW moments
     activations: int  # saved for backward, per micro-batch
-    logits: int  # logits, log-softmax and their gradients, per micro-batch
+    logits: int  # one chunk of logits and their gradients, and the output projection's gradient
 
     @property
     def total(self) -> int:
@@ -54,17 +57,22 @@ def num_params(config: GPTConfig) -> int:
 
 
 def training_bytes(
-    config: GPTConfig, batch_size: int, sequence_length: int, device: torch.device
+    config: GPTConfig,
+    batch_size: int,
+    sequence_length: int,
+    device: torch.device,
+    activation_checkpointing: bool = False,
 ) -> Estimate:
     """Estimated peak memory of one optimizer step on micro-batches of batch_size x sequence_length."""
     tokens = batch_size * sequence_length
     activation_bytes = 2 if device.type == "cuda" else 4  # bf16 autocast on CUDA, fp32 elsewhere
-    width_vectors = config.n_layer * PER_BLOCK + OUTSIDE_BLOCKS
+    blocks = config.n_layer + PER_BLOCK if activation_checkpointing else config.n_layer * PER_BLOCK
+    chunk_rows = min(tokens, max(1, LOGITS_PER_CHUNK // config.vocab_size))
     return Estimate(
         states=16 * num_params(config),
-        activations=tokens * width_vectors * config.n_embd * activation_bytes,
-        logits=tokens * PER_VOCAB * config.vocab_size * 4,
-    )  # the model returns float32 logits
+        activations=tokens * (blocks + OUTSIDE_BLOCKS) * config.n_embd * activation_bytes,
+        logits=(chunk_rows * PER_VOCAB + config.n_embd) * config.vocab_size * 4,  # float32
+    )
 
 
 def _cgroup_free() -> int | None:
@@ -101,10 +109,15 @@ def _gib(n: int) -> str:
 
 
 def require_fits(
-    config: GPTConfig, batch_size: int, sequence_length: int, device: torch.device, stage: str = "training"
+    config: GPTConfig,
+    batch_size: int,
+    sequence_length: int,
+    device: torch.device,
+    stage: str = "training",
+    activation_checkpointing: bool = False,
 ) -> Estimate:
     """ConfigError, naming what to lower, unless one training step fits the memory free on `device`."""
-    estimate = training_bytes(config, batch_size, sequence_length, device)
+    estimate = training_bytes(config, batch_size, sequence_length, device, activation_checkpointing)
     free = available_bytes(device)
     if estimate.total > free:
         fits = max(
@@ -118,6 +131,7 @@ def require_fits(
             f"and optimizer) but {_gib(free)} is free: lower --batch-size (to {fits} or less) "
             f"or --block-size, "
             "or raise --grad-accum-steps to keep the tokens per step"
+            + ("" if activation_checkpointing else ", or pass --activation-checkpointing")
         )
     return estimate
 

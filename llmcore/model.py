@@ -8,6 +8,9 @@ A decoder-only transformer in the style of Llama / nanochat:
   with optional grouped-query attention (`n_kv_head` < `n_head`);
 - SwiGLU MLP; no biases anywhere; optionally tied input/output embeddings;
 - init: normal(0, 0.02), residual projections scaled by 1/sqrt(2 * n_layer) (GPT-2);
+- optional activation checkpointing (`GPT.activation_checkpointing`, set by the training loop): in
+  training each block's activations are recomputed in the backward pass instead of kept;
+- a training loss that never builds the full logits (`reduction="sum"`, `llmcore.losses`);
 - a `KVCache` for incremental decoding: each row continues from its own position, so prompts of
   different lengths decode in one batch (right-padded; a row never sees keys past its position).
 
@@ -24,8 +27,10 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 from llmcore.errors import ConfigError, flag, require_choice, require_positive
+from llmcore.losses import linear_cross_entropy
 
 
 @dataclass(frozen=True)
@@ -225,6 +230,10 @@ class GPT(nn.Module):
         self.register_buffer("cos", torch.cat([cos, cos], dim=-1), persistent=False)  # (block_size, hd)
         self.register_buffer("sin", torch.cat([-sin, sin], dim=-1), persistent=False)
 
+        # Recompute each block's activations in the backward pass instead of keeping them (training only):
+        # memory for compute, the same loss and gradients. The training loop sets it.
+        self.activation_checkpointing = False
+
         self.apply(self._init_weights)
         # Each block adds two projections to the residual stream: scale them so its variance stays put.
         for block in self.blocks:
@@ -244,16 +253,17 @@ class GPT(nn.Module):
         kv_cache: KVCache | None = None,
         reduction: str = "mean",
         only: torch.Tensor | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """Logits (B, T, vocab) in float32 and, given targets (B, T; -100 = ignore), the loss.
 
         reduction "mean" averages over the targets that are not ignored; "none" gives the loss per token
-        (B, T).
+        (B, T); "sum" (training) gives their float32 sum and no logits (None), computed a chunk of positions
+        at a time so that the full logits never exist.
         With a `kv_cache`, each row of `idx` continues from that row's cache position, advanced past it.
         `only` (B,), without targets: the logits (B, 1, vocab) of one position per row, e.g. the last of each
         prompt in a prefill, sparing the output projection of every other position.
         """
-        require_choice("reduction", reduction, ("mean", "none"))
+        require_choice("reduction", reduction, ("mean", "none", "sum"))
         B, T = idx.size()
         end = T if kv_cache is None else int(kv_cache.pos.max()) + T  # the furthest position reached
         if end > self.config.block_size:
@@ -275,10 +285,16 @@ class GPT(nn.Module):
             positions, mask = kv_cache.begin(T, end)  # (B, T), (B, 1, T, keys)
             cos, sin = self.cos[positions].unsqueeze(1), self.sin[positions].unsqueeze(1)  # (B, 1, T, hd)
         x = self.wte(idx)  # (B, T, C)
+        recompute = self.activation_checkpointing and self.training and torch.is_grad_enabled()
         for block in self.blocks:
-            x = block(x, cos, sin, kv_cache, mask)
+            if recompute and kv_cache is None:
+                x = checkpoint(block, x, cos, sin, None, None, use_reentrant=False)
+            else:
+                x = block(x, cos, sin, kv_cache, mask)
         if kv_cache is not None:
             kv_cache.pos += T
+        if targets is not None and reduction == "sum":
+            return None, linear_cross_entropy(self.norm_f(x), self.lm_head.weight, targets)
         if only is not None:
             x = x[torch.arange(B, device=x.device), only].unsqueeze(1)  # (B, 1, C)
         logits = self.lm_head(self.norm_f(x)).float()  # (B, T, vocab)

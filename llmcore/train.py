@@ -3,8 +3,10 @@
 `fit` is the loop, in visible order: set the learning rate, forward, backward, clip, step, evaluate,
 checkpoint, log. It resumes from the newest checkpoint in its folder, so rerunning a killed run continues
 where it stopped; on CPU a resumed run is bit-identical to an uninterrupted one. `pretrain` feeds it
-windows of the token shards. Precision (bf16 autocast), `torch.compile` and the fused optimizer are
-chosen here by device; the model file stays single-device fp32 code. This module does not create MLflow
+windows of the token shards. Precision (`--precision`: bf16 or fp16 autocast, fp16 with a gradient scaler),
+`torch.compile`, activation checkpointing and the fused optimizer are chosen here by device; the model file
+stays single-device fp32 code. Batches are read ahead on a background thread, and a step reads nothing
+back from the device except at log, evaluation and checkpoint steps. This module does not create MLflow
 runs or Prefect tasks; it reports through a `Tracker`.
 
     python -m llmcore.train --tokenizer DIR --tokens DIR --out DIR --max-steps 200
@@ -15,7 +17,6 @@ import logging
 import math
 import time
 from collections.abc import Sequence
-from contextlib import nullcontext
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -23,11 +24,11 @@ from typing import Any
 import torch
 
 from llmcore.artifacts import MANIFEST, atomic_write_json, is_finished, locks_folder, read_json
-from llmcore.batches import Batches, token_windows
+from llmcore.batches import Batches, Prefetcher, token_windows
 from llmcore.chat import IGNORE
 from llmcore.checkpoint import latest_checkpoint, resume_state, save_checkpoint, save_model, verify_model
 from llmcore.cli import add_config_flags, given
-from llmcore.device import require_device, resolve_device
+from llmcore.device import peak_flops, require_device, require_precision, resolve_device, resolve_precision
 from llmcore.errors import ConfigError, require_non_negative, require_positive
 from llmcore.losses import token_loss
 from llmcore.memory import require_fits
@@ -60,6 +61,10 @@ class TrainConfig:
     seed: int = 1337  # model init and data order
     device: str = "auto"  # auto (CUDA when present, else CPU) | cpu | cuda | cuda:N
     compile: bool | None = None  # torch.compile; None = on CUDA only
+    # auto | fp32 | bf16 | fp16 autocast; auto = bf16 on CUDA, fp16 + gradient scaling on GPUs without bf16,
+    # fp32 elsewhere
+    precision: str = "auto"
+    activation_checkpointing: bool = False  # recompute block activations in backward: less memory
 
     def __post_init__(self):
         for name in (
@@ -83,6 +88,7 @@ class TrainConfig:
                 f"min_lr_ratio must be <= 1, got {self.min_lr_ratio}: pass --min-lr-ratio in [0, 1]"
             )
         require_device(self.device)
+        require_precision(self.precision)
 
     def total_steps(self, block_size: int) -> int:
         """Optimizer steps this run takes: max_steps, or the token budget divided by tokens per step."""
@@ -92,10 +98,13 @@ class TrainConfig:
 
 
 # Fields that change how a run is executed or reported, not what it computes: a run may resume under
-# different values of these.
+# different values of these. Precision, like the device, changes the rounding, not the recipe: a run may
+# move to a device whose `auto` precision differs.
 EXECUTION_FIELDS = (
     "device",
     "compile",
+    "precision",
+    "activation_checkpointing",
     "eval_interval",
     "eval_batches",
     "checkpoint_interval",
@@ -145,15 +154,29 @@ def learning_rate_at(step: int, total_steps: int, config: TrainConfig) -> float:
     return config.learning_rate * (config.min_lr_ratio + (1 - config.min_lr_ratio) * cosine)
 
 
-def _peak_flops(device: torch.device) -> float | None:
-    """Dense bf16 peak of known GPUs, for MFU; None where unknown."""
+PRECISION_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
+
+
+def _mfu_peak(device: torch.device) -> tuple[str, float | None]:
+    """What MFU is measured against on `device` (for the log) and the peak FLOP/s, None where unknown."""
     if device.type != "cuda":
-        return None
+        return f"no MFU on {device.type}", None
     name = torch.cuda.get_device_name(device)
-    for key, flops in (("H100", 989e12), ("H200", 989e12), ("A100", 312e12), ("L4", 121e12), ("A10", 125e12)):
-        if key in name:
-            return flops
-    return None
+    found = peak_flops(name)
+    if found is None:
+        return f"no MFU: {name} is not in llmcore.device.PEAK_FLOPS", None
+    key, flops = found
+    return f"{name} as {key}, dense 16-bit peak {flops / 1e12:.0f} TFLOP/s", flops
+
+
+def _out_of_memory(error: RuntimeError) -> bool:
+    return isinstance(error, torch.OutOfMemoryError) or "can't allocate memory" in str(error)
+
+
+def _synchronize(device: torch.device) -> None:
+    """Wait for the device's queued work, so that the host clock measures it."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def fit(
@@ -175,10 +198,19 @@ def fit(
     joins the model and recipe in the identity a checkpoint must match to be resumed.
     """
     device = resolve_device(config.device)
+    dtype = resolve_precision(config.precision, device)
     total_steps = config.total_steps(sequence_length or model.config.block_size)
-    require_fits(model.config, config.batch_size, sequence_length or model.config.block_size, device, stage)
+    require_fits(
+        model.config,
+        config.batch_size,
+        sequence_length or model.config.block_size,
+        device,
+        stage,
+        config.activation_checkpointing,
+    )
     identity = run_identity(model.config, config, inputs or {})
     model.to(device)
+    model.activation_checkpointing = config.activation_checkpointing
     decay = [p for p in model.parameters() if p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.dim() < 2]
     optimizer = torch.optim.AdamW(
@@ -187,6 +219,9 @@ def fit(
         betas=(config.beta1, config.beta2),
         fused=True,  # CPU too: 5x foreach
     )
+    # fp16 gradients underflow: the scaler multiplies the loss up, divides the gradients back before
+    # clipping, and skips a step whose gradients overflowed. Disabled, each of its calls does nothing.
+    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
 
     start_step, history = 0, {}
     resumed = resume_state(checkpoint_dir, map_location="cpu")  # RNG states must stay CPU tensors
@@ -195,6 +230,8 @@ def fit(
         require_same_run(latest, state["identity"], identity)
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
+        if scaler.is_enabled() and state.get("scaler"):
+            scaler.load_state_dict(state["scaler"])
         torch.set_rng_state(state["rng"]["torch"])
         if device.type == "cuda" and state["rng"].get("cuda") is not None:
             torch.cuda.set_rng_state(state["rng"]["cuda"], device)
@@ -203,76 +240,123 @@ def fit(
 
     use_compile = config.compile if config.compile is not None else device.type == "cuda"
     forward = torch.compile(model) if use_compile else model
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
-    peak_flops = _peak_flops(device)
+    autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
+    mfu_basis, peak = _mfu_peak(device)
+    precision = PRECISION_NAMES[dtype]
+    tracker.log_params({stage: {"precision_used": precision, "mfu_peak": mfu_basis}})
+    log.info(
+        "%s: %s on %s%s%s; MFU: %s",
+        stage,
+        precision + (" with gradient scaling" if scaler.is_enabled() else ""),
+        device,
+        ", compiled" if use_compile else "",
+        ", activation checkpointing" if config.activation_checkpointing else "",
+        mfu_basis,
+    )
     metrics: dict[str, float] = dict(history)
     started = time.perf_counter()
-    window_tokens, window_seconds = 0, 0.0  # throughput over the steps since the last log, evals excluded
+    # Throughput over the steps since the last log, evaluations and checkpoints excluded. The clock is read
+    # where the host waits for the device anyway (reading the loss) or where it is made to (before an
+    # evaluation or checkpoint), never inside a step.
+    window_tokens, window_steps, window_seconds, segment_started = 0, 0, 0.0, started
+    # Step of the first non-finite loss or gradient, kept on the device (-1: none) and read at the steps
+    # that log, evaluate or checkpoint, so no checkpoint ever holds weights trained past it.
+    first_bad = torch.full((), -1, device=device)
+    skip_bad_grad = scaler.is_enabled()  # an fp16 overflow is the scaler's to skip, not a divergence
 
+    # Reads ahead on a thread that stops when fit returns or raises.
+    batches = Prefetcher(train_batches, start_step * config.grad_accum_steps, device.type == "cuda")
     for step in range(start_step, total_steps):
         lr = learning_rate_at(step, total_steps, config)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        step_started = time.perf_counter()
         model.train()
         loss_sum = torch.zeros((), device=device)
         micro_batches = [
-            train_batches.get(step * config.grad_accum_steps + m) for m in range(config.grad_accum_steps)
+            batches.get(step * config.grad_accum_steps + m) for m in range(config.grad_accum_steps)
         ]
         # Every trained target weighs the same, however the step's targets fall into micro-batches: 2 x 4
-        # accumulation is one batch of 8 even when padding leaves micro-batches with different token counts.
+        # accumulation is one batch of 8 even when padding leaves micro-batches with different token
+        # counts. Counted on the host copies: no device sync.
         tokens = sum(int((y != IGNORE).sum()) for _, y in micro_batches)
-        for x, y in micro_batches:
-            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-            with autocast:
-                _, losses = forward(x, y, reduction="none")  # (B, T), 0 where ignored
-            loss = losses.float().sum() / max(1, tokens)
-            loss.backward()
-            loss_sum += loss.detach()
-        clip = config.grad_clip if config.grad_clip > 0 else float("inf")
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), clip))
-        loss_value = float(loss_sum)
-        if not (math.isfinite(loss_value) and math.isfinite(grad_norm)):
-            kept = latest_checkpoint(checkpoint_dir)
-            raise TrainingDiverged(
-                f"{stage}: loss became {loss_value} (grad norm {grad_norm}) at step {step}; "
-                f"last good checkpoint: "
-                f"{kept or 'none'}: start a new run with a lower --learning-rate or more --warmup-steps"
-            )
-        optimizer.step()
+        try:
+            for x, y in micro_batches:
+                x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+                with autocast:
+                    _, loss = forward(x, y, reduction="sum")  # float32 sum over scored targets
+                loss = loss / max(1, tokens)
+                scaler.scale(loss).backward()
+                loss_sum += loss.detach()
+            scaler.unscale_(optimizer)
+            clip = config.grad_clip if config.grad_clip > 0 else float("inf")
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+            scaler.step(optimizer)  # fp16: skips the step if the gradients overflowed
+            scaler.update()
+        except RuntimeError as error:
+            if not _out_of_memory(error):
+                raise
+            raise ConfigError(
+                _out_of_memory_advice(stage, device, step, config, x.shape, precision)
+            ) from error
         optimizer.zero_grad(set_to_none=True)
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        step_seconds = time.perf_counter() - step_started
-        window_tokens, window_seconds = window_tokens + tokens, window_seconds + step_seconds
+        finite = torch.isfinite(loss_sum) & (torch.isfinite(grad_norm) | skip_bad_grad)
+        first_bad = torch.where(finite | (first_bad >= 0), first_bad, step)
+        window_tokens, window_steps = window_tokens + tokens, window_steps + 1
         done = step + 1
 
-        if done % config.log_interval == 0 or done == total_steps:
-            elapsed = time.perf_counter() - started
+        logs = done % config.log_interval == 0 or done == total_steps
+        evaluates = done % config.eval_interval == 0 or done == total_steps
+        checkpoints = done % config.checkpoint_interval == 0 or done == total_steps
+        if logs or evaluates or checkpoints:
+            loss_value, grad_value, bad_step = float(loss_sum), float(grad_norm), int(first_bad)
+            if bad_step >= 0:
+                kept = latest_checkpoint(checkpoint_dir)
+                raise TrainingDiverged(
+                    f"{stage}: loss or gradient norm became non-finite at step {bad_step} "
+                    f"(at step {step}: loss {loss_value}, grad norm {grad_value}); last good checkpoint: "
+                    f"{kept or 'none'}: start a new run with a lower --learning-rate or more "
+                    "--warmup-steps"
+                )
+
+        if logs:
+            now = time.perf_counter()
+            window_seconds += now - segment_started
+            segment_started = now
             metrics.update(
-                loss=loss_value, lr=lr, grad_norm=grad_norm, tokens_per_second=window_tokens / window_seconds
+                loss=loss_value,
+                lr=lr,
+                grad_norm=grad_value,
+                tokens_per_second=window_tokens / window_seconds,
             )
-            window_tokens, window_seconds = 0, 0.0
-            if peak_flops:
-                metrics["mfu"] = model.flops_per_token() * metrics["tokens_per_second"] / peak_flops
+            if scaler.is_enabled():
+                metrics["grad_scale"] = scaler.get_scale()
+            if peak:
+                metrics["mfu"] = model.flops_per_token() * metrics["tokens_per_second"] / peak
+            step_ms = 1000 * window_seconds / window_steps
+            window_tokens, window_steps, window_seconds = 0, 0, 0.0
             tracker.log_metrics(
                 {f"{stage}/{k}": v for k, v in metrics.items() if not k.startswith("val_")}, step=done
             )
-            eta = elapsed / (done - start_step) * (total_steps - done)
+            eta = (now - started) / (done - start_step) * (total_steps - done)
             log.info(
-                "%s step %d/%d | loss %.4f | lr %.2e | grad %.2f | %.0f tok/s | %.0f ms/step | %s left",
+                "%s step %d/%d | loss %.4f | lr %.2e | grad %.2f | %.0f tok/s | %.0f ms/step%s | %s left",
                 stage,
                 done,
                 total_steps,
                 loss_value,
                 lr,
-                grad_norm,
+                grad_value,
                 metrics["tokens_per_second"],
-                1000 * step_seconds,
+                step_ms,
+                f" | MFU {metrics['mfu']:.1%}" if peak else "",
                 _duration(eta),
             )
 
-        if done % config.eval_interval == 0 or done == total_steps:
+        if evaluates or checkpoints:
+            _synchronize(device)
+            window_seconds += time.perf_counter() - segment_started
+
+        if evaluates:
             val = token_loss(model, val_batches, device, token_bytes)
             metrics.update({f"val_{k}": v for k, v in val.items() if k in ("loss", "bpb")})
             tracker.log_metrics(
@@ -287,7 +371,7 @@ def fit(
                 f" | val bpb {val['bpb']:.4f}" if "bpb" in val else "",
             )
 
-        if done % config.checkpoint_interval == 0 or done == total_steps:
+        if checkpoints:
             rng = {
                 "torch": torch.get_rng_state(),
                 "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
@@ -296,6 +380,7 @@ def fit(
             state = {
                 "model": model.state_dict(),
                 "optimizer": optimizer.state_dict(),
+                "scaler": scaler.state_dict(),
                 "rng": rng,
                 **position,
                 "metrics": metrics,
@@ -310,8 +395,29 @@ def fit(
                 keep=config.keep_checkpoints,
             )
 
+        if evaluates or checkpoints:
+            segment_started = time.perf_counter()
+
+    batches.close()
     metrics.update(steps=total_steps, wall_seconds=time.perf_counter() - started)
     return metrics
+
+
+def _out_of_memory_advice(
+    stage: str, device: torch.device, step: int, config: TrainConfig, shape: torch.Size, precision: str
+) -> str:
+    """The one line that says a step ran out of memory and what to lower."""
+    lower = [
+        f"lower --batch-size (now {config.batch_size}; raise --grad-accum-steps, now "
+        f"{config.grad_accum_steps}, to keep the tokens per step)",
+        f"the context (now {shape[-1]} tokens: --block-size, or --max-length when fine-tuning)",
+    ]
+    if not config.activation_checkpointing:
+        lower.append("pass --activation-checkpointing")
+    return (
+        f"{stage}: out of memory on {device} at step {step + 1} (micro-batch {shape[0]} x {shape[-1]} "
+        f"tokens, {precision}): {', or '.join(lower)}"
+    )
 
 
 def _duration(seconds: float) -> str:

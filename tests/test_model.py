@@ -151,7 +151,7 @@ def test_bad_config_raises(changes, match):
         GPTConfig(**{**TINY, **changes})
 
 
-def test_reduction_none_is_per_token_cross_entropy_and_ignores_minus_100():
+def test_reductions_are_per_token_mean_and_sum_of_cross_entropy_ignoring_minus_100():
     config = CONFIGS["untied"]
     model = make_model(config)
     idx, targets = random_ids(config, B=2, T=6), random_ids(config, B=2, T=6, seed=3)
@@ -165,8 +165,11 @@ def test_reduction_none_is_per_token_cross_entropy_and_ignores_minus_100():
     assert torch.all(per_token[~keep] == 0)
     _, mean = model(idx, targets)
     torch.testing.assert_close(mean, expected.mean())
+    no_logits, total = model(idx, targets, reduction="sum")  # the training loss: chunked, no logits
+    assert no_logits is None
+    torch.testing.assert_close(total, expected.sum())
     with pytest.raises(ConfigError, match="reduction"):
-        model(idx, targets, reduction="sum")
+        model(idx, targets, reduction="max")
 
 
 def test_cli_prints_size(monkeypatch, capsys):

@@ -167,5 +167,7 @@ def test_accumulation_weights_every_trained_token_equally(tmp_path):
     two, _ = run(
         tmp_path / "two", config(max_steps=1, batch_size=4, grad_accum_steps=2, grad_clip=0), rows(4)
     )
+    # One AdamW step moves a weight by ~lr * g / (|g| + 1e-8): a gradient that is float noise (~1e-9) moves
+    # by up to ~lr / 10, so differences in the order of float rounding reach a few 1e-6 here.
     for (name, a), b in zip(one.state_dict().items(), two.state_dict().values(), strict=True):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=5e-6, msg=name)
