@@ -278,16 +278,15 @@ def _pipeline(**values: Any) -> list[dict[str, Any]]:
                 round(read_json(Path(r["tokenizer_dir"]) / MANIFEST)["bytes_per_token"], 3),
             ),
         )
-        if (
-            vocab := read_json(Path(tok["tokenizer_dir"]) / MANIFEST)["vocab_size"]
-        ) != preset.model.vocab_size:
+        vocab = read_json(Path(tok["tokenizer_dir"]) / MANIFEST)["vocab_size"]
+        if vocab != preset.model.vocab_size:  # a tokenizer that fitted its vocabulary to the corpus
             log.info(
-                "pipeline: the corpus fills a vocabulary of %d, not %d: tokenizer and model use %d",
+                "pipeline: the corpus fills a vocabulary of %d, not %d: the model uses %d too",
                 vocab,
                 preset.model.vocab_size,
                 vocab,
             )
-            preset = with_vocab_size(preset, vocab)  # only a tokenizer that fits its vocabulary gets here
+            preset = with_vocab_size(preset, vocab)
         pretrained = timed(
             "pretrain",
             lambda: pretrain_flow(

@@ -173,8 +173,12 @@ def _user_candidates(config: SFTDataConfig) -> tuple[list[tuple[str, str, str]],
         name = config.source[3:]
         table = load_hf_table(name, config.hf_config, config.hf_split, config.hf_revision)
         rows = table_columns(table, columns, f"hf dataset {name}")
-        inputs = {"hf": name, "hf_config": config.hf_config, "hf_split": config.hf_split}
-        inputs["hf_revision"] = config.hf_revision
+        inputs = {
+            "hf": name,
+            "hf_config": config.hf_config,
+            "hf_split": config.hf_split,
+            "hf_revision": config.hf_revision,
+        }
     else:
         path = Path(config.source)
         if not path.is_file():
