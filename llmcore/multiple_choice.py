@@ -168,19 +168,21 @@ def choice_scores(
     was_training = model.training
     model.eval()
     rows = _rows(tokenizer, items, model.config.block_size)
-    scores = []
-    for first in range(0, len(rows), batch_size):
-        chunk = rows[first : first + batch_size]
-        width = max(len(ids) for ids, _, _ in chunk) - 1
+    order = sorted(range(len(rows)), key=lambda i: len(rows[i][0]))  # similar lengths batch together
+    scores = [0.0] * len(rows)
+    for first in range(0, len(order), batch_size):
+        chunk = order[first : first + batch_size]
+        width = max(len(rows[i][0]) for i in chunk) - 1
         x = torch.zeros(len(chunk), width, dtype=torch.long)
         y = torch.full((len(chunk), width), IGNORE, dtype=torch.long)  # only the continuation is scored
-        for row, (ids, scored, _) in enumerate(chunk):
+        for row, i in enumerate(chunk):
+            ids, scored, _ = rows[i]
             x[row, : len(ids) - 1] = torch.tensor(ids[:-1])
             y[row, len(ids) - 1 - scored : len(ids) - 1] = torch.tensor(ids[-scored:])
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
             _, losses = model(x.to(device), y.to(device), reduction="none")  # (B, T), 0 where ignored
-        nll = losses.float().sum(dim=1).tolist()
-        scores += [-loss / nbytes for loss, (_, _, nbytes) in zip(nll, chunk, strict=True)]
+        for i, loss in zip(chunk, losses.float().sum(dim=1).tolist(), strict=True):
+            scores[i] = -loss / rows[i][2]
     model.train(was_training)
     ends = list(itertools.accumulate(len(item["choices"]) for item in items))
     return [scores[end - len(item["choices"]) : end] for item, end in zip(items, ends, strict=True)]
