@@ -233,9 +233,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--corpus", type=Path, help="corpus folder, for the default cloze task")
     add_config_flags(parser, EvalConfig)
     args = vars(parser.parse_args(argv))
-    config = EvalConfig(**given(EvalConfig, args))
-    cloze = cloze_set(config, args["corpus"], load_model(args["model"]).config.block_size)
-    result = evaluate_model(args["model"], args["tokenizer"], args["tokens"], config, args["sft"], cloze)
+    try:
+        config = EvalConfig(**given(EvalConfig, args))
+        cloze = cloze_set(config, args["corpus"], load_model(args["model"]).config.block_size)
+        result = evaluate_model(args["model"], args["tokenizer"], args["tokens"], config, args["sft"], cloze)
+    except ConfigError as error:
+        parser.exit(2, f"error: {error}\n")
     print(json.dumps({"config": asdict(config), **result}, indent=2))
 
 

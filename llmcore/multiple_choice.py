@@ -214,12 +214,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="auto")
     args = parser.parse_args(argv)
-    items = (
-        read_items(args.cloze_data) if args.cloze_data else default_items(args.corpus, args.items, args.seed)
-    )
-    device = resolve_device(args.device)
-    model = load_model(args.model, device)
-    print(json.dumps(accuracy(items, choice_scores(model, Tokenizer.load(args.tokenizer), items, device))))
+    try:
+        if args.cloze_data:
+            items = read_items(args.cloze_data)
+        else:
+            items = default_items(args.corpus, args.items, args.seed)
+        device = resolve_device(args.device)
+        scores = choice_scores(load_model(args.model, device), Tokenizer.load(args.tokenizer), items, device)
+    except ConfigError as error:
+        parser.exit(2, f"error: {error}\n")
+    print(json.dumps(accuracy(items, scores)))
 
 
 if __name__ == "__main__":
