@@ -43,6 +43,7 @@ from llmcore.corpus import CorpusConfig, describe_source, source_bytes
 from llmcore.device import resolve_device
 from llmcore.errors import ConfigError
 from llmcore.memory import require_fits
+from llmcore.multiple_choice import read_items
 from llmcore.presets import PRESETS, Preset, get_preset, with_vocab_size
 from llmcore.tracking import MlflowTracker
 from tasks.registry import PROMOTION_METRICS, Candidate, PromotionMetric, register_and_promote
@@ -113,6 +114,10 @@ class PipelineParams(BaseModel):
         None,
         description="registered models are PREFIX-pretrained and "
         "PREFIX-instruct (default: the experiment name)",
+    )
+    cloze_data: str | None = Field(
+        None,
+        description="jsonl of {context, choices, answer} for the cloze evaluation (default: held-out lines)",
     )
     promotion_metric: PromotionMetric = Field(
         "bpb",
@@ -186,7 +191,7 @@ class PipelineParams(BaseModel):
             model=model,
             pretrain=pretrain,
             finetune=finetune,
-            evaluation=replace(preset.evaluation, **_set(device=self.device)),
+            evaluation=replace(preset.evaluation, **_set(device=self.device, cloze_data=self.cloze_data)),
             sampling=replace(preset.sampling, **_set(seed=self.seed)),
         )
 
@@ -325,6 +330,7 @@ def _pipeline(**values: Any) -> list[dict[str, Any]]:
                 tuned["sft_dir"],
                 preset.evaluation,
                 **common,
+                corpus_dir=corpus_dir,
             ),
             lambda m: ("pretrained_bpb / xz_bpb", f"{m['pretrained_bpb']:.3f} / {m['xz_bpb']:.3f}"),
         )
@@ -449,7 +455,11 @@ def run_report(
     ]
     lines += [f"| {r['stage']} | {r['seconds']} | {r['metric']} = {r['value']} |" for r in summary]
     lines += ["", "| held-out metric | value |", "|---|---|"]
-    lines += [f"| {k} | {v:.4f} |" for k, v in sorted(scores.items()) if k.endswith(("bpb", "loss"))]
+    lines += [
+        f"| {k} | {v:.4f} |"
+        for k, v in sorted(scores.items())
+        if k.endswith(("bpb", "loss", "bpb_strided", "cloze_accuracy", "cloze_chance"))
+    ]
     lines += ["", "## Promotion", ""]
     for d in decisions:
         model = f"[{d['model']}]({uri}/#/models/{d['model']})" if web else d["model"]
@@ -528,6 +538,8 @@ def check_inputs(preset: Preset) -> None:
             f"fine-tuning data {preset.sft_data.source} does not exist: pass --sft-data docstrings, "
             "a .jsonl/.csv/.parquet file or hf:NAME"
         )
+    if preset.evaluation.cloze_data:
+        read_items(Path(preset.evaluation.cloze_data))  # every item checked before any training
     for device in {preset.pretrain.device, preset.finetune.device, preset.evaluation.device}:
         resolve_device(device)
     for stage, config in (("pretraining", preset.pretrain), ("fine-tuning", preset.finetune)):

@@ -146,12 +146,16 @@ def evaluate_flow(
     experiment: str = EXPERIMENT,
     parent_run_id: str | None = None,
     run_label: str | None = None,
+    corpus_dir: str | None = None,
 ) -> dict[str, float]:
-    """Stage 5: held-out loss, perplexity, bits per byte (vs gzip/bz2/xz) and response-only loss (the
-    fine-tuned model and the response loss only where instruction tuning ran)."""
+    """Stage 5: held-out loss, perplexity, bits per byte (vs gzip/bz2/xz; non-overlapping and strided)
+    and response-only loss (the fine-tuned model and the response loss only where instruction tuning
+    ran); with the corpus folder, cloze accuracy and the contamination of every evaluation set."""
     models = {"pretrained": pretrained} | ({"finetuned": finetuned} if finetuned else {})
     with mlflow_run(experiment, stage_run_name(), parent_run_id, _tags()) as run_id:
-        return stages.evaluate_models(models, tokenizer_dir, tokens_dir, sft_dir, config, run_id)
+        return stages.evaluate_models(
+            models, tokenizer_dir, tokens_dir, sft_dir, config, run_id, corpus_dir=corpus_dir
+        )
 
 
 @flow(name="generation-sampling", flow_run_name=stage_run_name)

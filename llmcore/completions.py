@@ -4,7 +4,10 @@ Prompts are drawn deterministically from validation documents (the model never t
 for a fine-tuned model from held-out instructions; each is completed greedily and with temperature,
 top-k and top-p sampling (`llmcore.sampling`, KV cache, stop at end-of-text). For Python corpora the
 share of completions that parse with `ast`, once closed at a line boundary, tells whether the model
-writes code. This module does not log or render tables.
+writes code. On any corpus, per strategy: distinct-2 (distinct word bigrams over all bigrams of the
+strategy's completions; low means the samples say the same things) and the repetition rate (the share
+of each completion's word 4-grams that repeat an earlier 4-gram of the same completion; high means the
+model loops). Words are whitespace-separated. This module does not log or render tables.
 
     python -m llmcore.completions --model DIR/model.pt --tokenizer DIR --corpus DIR
 """
@@ -144,6 +147,46 @@ def python_parse_rate(rows: list[dict[str, str]]) -> float:
     return sum(parses_as_python(r["prompt"], r["completion"]) for r in rows) / max(1, len(rows))
 
 
+def _ngrams(text: str, n: int) -> list[tuple[str, ...]]:
+    words = text.split()
+    return [tuple(words[i : i + n]) for i in range(len(words) - n + 1)]
+
+
+def distinct_n(texts: list[str], n: int = 2) -> float | None:
+    """Distinct word n-grams over all word n-grams of the texts pooled (Li et al., 2016); None when the
+    texts have no n-gram."""
+    grams = [g for text in texts for g in _ngrams(text, n)]
+    return len(set(grams)) / len(grams) if grams else None
+
+
+def repetition_rate(texts: list[str], n: int = 4) -> float | None:
+    """Share of the texts' word n-grams that repeat an earlier n-gram of the same text (seq-rep-n of
+    Welleck et al., 2019, pooled over texts); None when the texts have no n-gram."""
+    total = repeats = 0
+    for text in texts:
+        grams = _ngrams(text, n)
+        total += len(grams)
+        repeats += len(grams) - len(set(grams))
+    return repeats / total if total else None
+
+
+def row_scores(completion: str) -> dict[str, float | None]:
+    """The per-row columns of the samples table."""
+    return {"distinct_2": distinct_n([completion]), "repetition_rate": repetition_rate([completion])}
+
+
+def strategy_scores(rows: list[dict[str, str]]) -> dict[str, float]:
+    """`<strategy>_distinct_2` and `<strategy>_repetition_rate` over each strategy's completions (left
+    out where a strategy's completions are too short to have any)."""
+    scores = {}
+    for name in dict.fromkeys(r["strategy"] for r in rows):
+        texts = [r["completion"] for r in rows if r["strategy"] == name]
+        for key, value in (("distinct_2", distinct_n(texts)), ("repetition_rate", repetition_rate(texts))):
+            if value is not None:
+                scores[f"{name}_{key}"] = value
+    return scores
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="Complete held-out prompts with each decoding strategy.")
     parser.add_argument("--model", type=Path, required=True)
@@ -164,8 +207,9 @@ def main(argv: list[str] | None = None) -> None:
         SamplingConfig(max_new_tokens=args.max_new_tokens, seed=args.seed),
         args.device,
     )
-    print(json.dumps(rows, indent=2))
+    print(json.dumps([{**r, **row_scores(r["completion"])} for r in rows], indent=2))
     print(f"python parse rate: {python_parse_rate(rows):.3f}")
+    print(json.dumps(strategy_scores(rows)))
 
 
 if __name__ == "__main__":

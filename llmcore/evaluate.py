@@ -4,9 +4,16 @@ Loss, perplexity and bits per byte of a model on the validation token shards; th
 xz -9 bits per byte of exactly the text those tokens spell, so every run shows whether the model beats a
 general-purpose compressor; and the response-only loss on held-out instruction pairs. Bits per byte
 divide the summed loss (in bits) by the UTF-8 bytes the scored target tokens stand for, so the figure
-does not depend on the tokenizer. This module does not train or sample.
+does not depend on the tokenizer.
 
-    python -m llmcore.evaluate --model DIR/model.pt --tokenizer DIR --tokens DIR [--sft DIR]
+`bpb` scores the tokens in non-overlapping windows of the model's context, so the first tokens of each
+window are predicted from almost nothing; `bpb_strided` scores exactly the same target tokens with a
+sliding window that advances `bpb_stride` tokens at a time, so every token after the first window has at
+least (context - stride) tokens of context. With the stride equal to the context the two are equal.
+Given cloze items (`llmcore.multiple_choice`), the evaluation also reports multiple-choice accuracy.
+This module does not train or sample.
+
+    python -m llmcore.evaluate --model DIR/model.pt --tokenizer DIR --tokens DIR [--sft DIR] [--corpus DIR]
 """
 
 import argparse
@@ -18,14 +25,17 @@ from pathlib import Path
 
 import torch
 
+from llmcore import multiple_choice
 from llmcore.baselines import compressor_bits_per_byte
 from llmcore.batches import sft_batches, token_windows
 from llmcore.chat import chat_max_length
 from llmcore.checkpoint import load_model
+from llmcore.cli import add_config_flags, given
 from llmcore.corpus import read_documents
 from llmcore.device import require_device, resolve_device
 from llmcore.errors import ConfigError, require_positive
 from llmcore.losses import token_loss
+from llmcore.sft_data import read_pairs
 from llmcore.shards import open_split
 from llmcore.tokenizer import Tokenizer
 
@@ -35,11 +45,21 @@ class EvalConfig:
     max_tokens: int = 65_536  # held-out tokens scored; the compressors get the same text
     batch_size: int = 8  # sequences per forward pass
     device: str = "auto"  # auto | cpu | cuda | cuda:N
+    bpb_stride: int | None = None  # sliding-window step of bpb_strided in tokens; None: half the context
+    cloze_items: int = 200  # items of the default cloze task, drawn from held-out documents
+    cloze_data: str | None = None  # a jsonl of {context, choices, answer} to use instead of the default task
 
     def __post_init__(self):
         require_positive("max_tokens", self.max_tokens)
         require_positive("batch_size", self.batch_size)
         require_device(self.device)
+        if self.bpb_stride is not None:
+            require_positive("bpb_stride", self.bpb_stride)
+        require_positive("cloze_items", self.cloze_items)
+
+    def stride(self, block_size: int) -> int:
+        """The sliding window's step for a model of this context length."""
+        return min(self.bpb_stride or max(1, block_size // 2), block_size)
 
 
 def held_out_batches(tokens_dir: Path, block_size: int, config: EvalConfig):
@@ -51,6 +71,42 @@ def held_out_batches(tokens_dir: Path, block_size: int, config: EvalConfig):
     return windows.in_order(num_batches)
 
 
+def strided_batches(
+    ids: torch.Tensor, block_size: int, stride: int, batch_size: int
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Sliding windows of up to `block_size` inputs over `ids`, starting every `stride` tokens; each
+    target ids[1:] is scored once, in the first window that reaches it (earlier ones are -100), so all
+    but the first window's targets have at least block_size - stride tokens of context."""
+    windows, start, scored = [], 0, 0  # targets ids[1 : scored + 1] are taken
+    while scored < len(ids) - 1:
+        end = min(start + block_size, len(ids) - 1)
+        x, y = ids[start:end], ids[start + 1 : end + 1].clone()
+        y[: max(0, scored - start)] = -100
+        windows.append((x, y))
+        start, scored = start + stride, end
+    batches = []
+    for first in range(0, len(windows), batch_size):
+        chunk = windows[first : first + batch_size]
+        width = max(len(x) for x, _ in chunk)
+        x = torch.zeros(len(chunk), width, dtype=torch.long)
+        y = torch.full((len(chunk), width), -100, dtype=torch.long)  # a short last window: tail ignored
+        for row, (wx, wy) in enumerate(chunk):
+            x[row, : len(wx)], y[row, : len(wy)] = wx, wy
+        batches.append((x, y))
+    return batches
+
+
+def held_out_stream(tokens_dir: Path, num_tokens: int) -> torch.Tensor:
+    """The first `num_tokens` validation tokens as one stream (the shards are consecutive pieces of it)."""
+    parts, left = [], num_tokens
+    for shard in open_split(tokens_dir, "validation").shards:
+        parts.append(torch.from_numpy(shard[:left].astype("int64")))
+        left -= len(parts[-1])
+        if left <= 0:
+            break
+    return torch.cat(parts)
+
+
 def evaluate_model(
     model_path: Path,
     tokenizer_dir: Path,
@@ -58,18 +114,28 @@ def evaluate_model(
     config: EvalConfig,
     sft_dir: Path | None = None,
     max_length: int | None = None,
+    cloze: Sequence[dict] | None = None,
 ) -> dict[str, float]:
-    """Held-out loss, perplexity and bits per byte of one model, plus the compressors on the same text;
-    with `sft_dir`, also the loss on the response tokens of the held-out instruction pairs (the prompt
-    is context only), cut as fine-tuning cut them: to `max_length`, by default the one stored with the
-    model (`llmcore.chat.chat_max_length`). Pass the fine-tuned model's to score a base model on the same
-    rows."""
+    """Held-out loss, perplexity and bits per byte of one model, non-overlapping and strided (with the
+    stride used, `bpb_stride`), plus the compressors on the same text; with `sft_dir`, also the loss on
+    the response tokens of the held-out instruction pairs (the prompt is context only), cut as fine-tuning
+    cut them: to `max_length`, by default the one stored with the model (`llmcore.chat.chat_max_length`;
+    pass the fine-tuned model's to score a base model on the same rows); with `cloze` items, the
+    multiple-choice `cloze_accuracy` next to `cloze_chance`."""
     device = resolve_device(config.device)
     model = load_model(model_path, device)
     tokenizer = Tokenizer.load(tokenizer_dir)
-    batches = held_out_batches(tokens_dir, model.config.block_size, config)
-    result = token_loss(model, batches, device, torch.from_numpy(tokenizer.token_byte_lengths()))
+    token_bytes = torch.from_numpy(tokenizer.token_byte_lengths())
+    block = model.config.block_size
+    batches = held_out_batches(tokens_dir, block, config)
+    result = token_loss(model, batches, device, token_bytes)
     result["perplexity"] = math.exp(min(result["loss"], 50.0))
+    # The same target tokens when the windows are consecutive in one shard (max_tokens is far below a
+    # shard's 2**27 tokens), each scored once with more context.
+    stream = held_out_stream(tokens_dir, int(result["tokens"]) + 1)
+    strided = strided_batches(stream, block, config.stride(block), config.batch_size)
+    result["bpb_strided"] = token_loss(model, strided, device, token_bytes)["bpb"]
+    result["bpb_stride"] = float(config.stride(block))
     text = tokenizer.decode(torch.cat([y.flatten() for _, y in batches]).tolist()).encode("utf-8")
     result.update(compressor_bits_per_byte(text), text_bytes=float(len(text)))
     if sft_dir is not None:
@@ -77,7 +143,39 @@ def evaluate_model(
         pairs = sft_batches(sft_dir, "validation", tokenizer, max_length, config.batch_size, seed=0)
         num_batches = max(1, config.max_tokens // (max_length * config.batch_size))
         result["response_loss"] = token_loss(model, pairs.in_order(num_batches), device)["loss"]
+    if cloze:
+        scores = multiple_choice.accuracy(
+            cloze, multiple_choice.choice_scores(model, tokenizer, cloze, device, config.batch_size)
+        )
+        result |= {f"cloze_{k}": v for k, v in scores.items()}
     return result
+
+
+def cloze_set(config: EvalConfig, corpus_dir: Path | None, block_size: int) -> list[dict]:
+    """The user's cloze items (`cloze_data`), else the default task from the corpus's held-out documents,
+    with lines short enough for a model of `block_size` tokens; none without either."""
+    if config.cloze_data:
+        return multiple_choice.read_items(Path(config.cloze_data))
+    if corpus_dir is None:
+        return []
+    max_line_bytes = min(multiple_choice.MAX_LINE_BYTES, block_size - 1)  # one token may cross into it
+    return multiple_choice.default_items(corpus_dir, config.cloze_items, max_line_bytes=max_line_bytes)
+
+
+def evaluation_sets(
+    corpus_dir: Path, text_bytes: int, cloze: Sequence[dict], sft_dir: Path | None
+) -> dict[str, list[str]]:
+    """The texts every evaluation scores, by set, for the contamination check: the held-out documents
+    behind the scored bytes, each cloze item's context with its answer, each held-out instruction pair."""
+    sets = {
+        "held_out_text": held_out_text(corpus_dir, text_bytes),
+        "cloze": [item["context"] + item["choices"][item["answer"]] for item in cloze],
+    }
+    if sft_dir is not None:
+        sets["sft_validation"] = [
+            p["prompt"] + "\n" + p["response"] for p in read_pairs(sft_dir, "validation")
+        ]
+    return {name: texts for name, texts in sets.items() if texts}
 
 
 def held_out_text(corpus_dir: Path, max_bytes: int) -> list[str]:
@@ -135,11 +233,17 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--tokenizer", type=Path, required=True)
     parser.add_argument("--tokens", type=Path, required=True)
     parser.add_argument("--sft", type=Path, help="instruction pairs folder, for the response-only loss")
-    parser.add_argument("--max-tokens", type=int, default=EvalConfig.max_tokens)
-    parser.add_argument("--device", default="auto")
-    args = parser.parse_args(argv)
-    config = EvalConfig(max_tokens=args.max_tokens, device=args.device)
-    result = evaluate_model(args.model, args.tokenizer, args.tokens, config, args.sft)
+    parser.add_argument("--corpus", type=Path, help="corpus folder, for the default cloze task")
+    add_config_flags(parser, EvalConfig)
+    args = vars(parser.parse_args(argv))
+    try:
+        config = EvalConfig(**given(EvalConfig, args))
+        cloze = cloze_set(config, args["corpus"], load_model(args["model"]).config.block_size)
+        result = evaluate_model(
+            args["model"], args["tokenizer"], args["tokens"], config, args["sft"], cloze=cloze
+        )
+    except ConfigError as error:
+        parser.exit(2, f"error: {error}\n")
     print(json.dumps({"config": asdict(config), **result}, indent=2))
 
 

@@ -22,9 +22,10 @@ from prefect import get_run_logger, task
 from prefect.artifacts import create_table_artifact
 from prefect.concurrency.sync import concurrency
 
-from llmcore import completions, corpus, evaluate, finetune, sft_data, tokenizer, train
+from llmcore import completions, contamination, corpus, evaluate, finetune, sft_data, tokenizer, train
 from llmcore.artifacts import MANIFEST, file_digest, is_finished, json_digest, read_json
 from llmcore.chat import chat_max_length
+from llmcore.checkpoint import load_model
 from llmcore.errors import ConfigError
 from llmcore.evaluate import EvalConfig
 from llmcore.model import GPTConfig
@@ -418,13 +419,18 @@ def evaluate_models(
     sft_dir: str | None,
     config: EvalConfig,
     run_id: str | None = None,
+    corpus_dir: str | None = None,
 ) -> dict[str, float]:
-    """Held-out loss, perplexity and bits per byte of every model, the compressors on the same text, and
-    the response-only loss of every model on held-out instruction pairs (the pretrained one is the
-    baseline)."""
+    """Held-out loss, perplexity and bits per byte (non-overlapping and strided) of every model, the
+    compressors on the same text, and the response-only loss of every model on held-out instruction
+    pairs (the pretrained one is the baseline). With the corpus (or `config.cloze_data`), also cloze
+    accuracy; with the corpus, the contamination of every evaluation set by the training split
+    (`contaminated_fraction/<set>`, and the items in `contamination.json`)."""
     metrics: dict[str, float] = {}
     # Every model's response loss on the rows fine-tuning trained on: pairs cut to its max_length.
     max_length = chat_max_length(Path(models["finetuned"])) if "finetuned" in models else None
+    block_size = min(load_model(Path(f)).config.block_size for f in models.values())
+    cloze = evaluate.cloze_set(config, Path(corpus_dir) if corpus_dir else None, block_size)
     for name, model_file in models.items():
         result = evaluate.evaluate_model(
             Path(model_file),
@@ -432,14 +438,29 @@ def evaluate_models(
             Path(tokens_dir),
             config,
             Path(sft_dir) if sft_dir else None,
-            max_length,
+            max_length=max_length,
+            cloze=cloze,
         )
-        for key in ("gzip_bpb", "bz2_bpb", "xz_bpb", "text_bytes"):
-            metrics[key] = result.pop(key)
+        for key in ("gzip_bpb", "bz2_bpb", "xz_bpb", "text_bytes", "cloze_chance", "cloze_items"):
+            if key in result:
+                metrics[key] = result.pop(key)
+        stride = result.pop("bpb_stride")
         metrics |= {f"{name}_{k}": v for k, v in result.items()}
+    report = None
+    if corpus_dir:
+        sets = evaluate.evaluation_sets(
+            Path(corpus_dir), int(metrics["text_bytes"]), cloze, Path(sft_dir) if sft_dir else None
+        )
+        texts = (d["text"] for d in corpus.read_documents(Path(corpus_dir), "train"))
+        report = contamination.contamination(sets, texts)
+        metrics |= contamination.contaminated_fractions(report)
     tracker = tracker_for(run_id)
-    tracker.log_params({"evaluation": asdict(config)})
+    tracker.log_params({"evaluation": asdict(config) | {"bpb_stride": int(stride)}})
     tracker.log_metrics({f"evaluate/{k}": v for k, v in metrics.items()})
+    if run_id and report is not None:
+        from mlflow import MlflowClient
+
+        MlflowClient().log_dict(run_id, report, "contamination.json")
     log_tokens_dataset(run_id, tokens_dir, "evaluation")
     log_sft_dataset(run_id, sft_dir, "evaluation")
     rows = [
@@ -447,7 +468,7 @@ def evaluate_models(
             "model": name,
             **{
                 k: round(metrics[f"{name}_{k}"], 4)
-                for k in ("loss", "perplexity", "bpb", "response_loss")
+                for k in ("loss", "perplexity", "bpb", "bpb_strided", "response_loss", "cloze_accuracy")
                 if f"{name}_{k}" in metrics
             },
         }
@@ -496,13 +517,19 @@ def sample(
             )
         ]
     metrics: dict[str, float] = {"sample/num_completions": len(rows)}
-    if completions.is_python_corpus(Path(corpus_dir)):
-        for model in ("pretrained", "finetuned"):
-            chosen = [
-                r if model == "pretrained" else {**r, "prompt": ""} for r in rows if r["model"] == model
-            ]
-            if chosen:  # a fine-tuned answer must parse on its own, without the instruction
-                metrics[f"sample/{model}_python_parse_rate"] = completions.python_parse_rate(chosen)
+    python = completions.is_python_corpus(Path(corpus_dir))
+    for row in rows:  # per-row scores, kept in the samples table
+        row |= completions.row_scores(row["completion"])
+        if python:  # a fine-tuned answer must parse on its own, without the instruction
+            prompt = row["prompt"] if row["model"] == "pretrained" else ""
+            row["parses_as_python"] = completions.parses_as_python(prompt, row["completion"])
+    for model in ("pretrained", "finetuned"):
+        chosen = [r for r in rows if r["model"] == model]
+        if chosen and python:
+            metrics[f"sample/{model}_python_parse_rate"] = sum(r["parses_as_python"] for r in chosen) / len(
+                chosen
+            )
+        metrics |= {f"sample/{model}_{k}": v for k, v in completions.strategy_scores(chosen).items()}
     create_table_artifact(
         rows, key="samples", description="Held-out prompt -> completion, per model and decoding strategy"
     )

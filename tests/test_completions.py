@@ -1,8 +1,18 @@
-"""The sampling stage's prompts and its Python parse rate."""
+"""The sampling stage's prompts, its Python parse rate, distinct-2 and repetition rate."""
 
 import json
 
-from llmcore.completions import PromptConfig, held_out_prompts, is_python_corpus, parses_as_python, strategies
+from llmcore.completions import (
+    PromptConfig,
+    distinct_n,
+    held_out_prompts,
+    is_python_corpus,
+    parses_as_python,
+    repetition_rate,
+    row_scores,
+    strategies,
+    strategy_scores,
+)
 from llmcore.sampling import SamplingConfig
 
 
@@ -52,3 +62,27 @@ def test_four_strategies_share_length_and_seed():
     assert chosen["greedy"].temperature == 0 and chosen["top_k"].top_k == 40 and chosen["top_p"].top_p == 0.9
     assert {c.max_new_tokens for c in chosen.values()} == {9} and {c.seed for c in chosen.values()} == {4}
     assert chosen["temperature"].temperature == 0.7 and chosen["temperature"].top_k is None
+
+
+def test_distinct_2_and_repetition_rate_on_known_strings():
+    assert distinct_n(["a b a b"]) == 2 / 3  # bigrams (a b) (b a) (a b)
+    assert distinct_n(["a b c", "a b  d"]) == 3 / 4  # pooled: (a b) twice, (b c), (b d)
+    assert distinct_n(["one"]) is None and distinct_n([]) is None
+    assert repetition_rate(["x y z w x y z w x"]) == 2 / 6  # 4-grams 5 and 6 repeat 1 and 2
+    assert repetition_rate(["a b c d e f", "q q q q q"]) == 1 / 5  # (q q q q) twice in the second
+    assert repetition_rate(["a b c"]) is None
+    assert row_scores("for i in for i in") == {"distinct_2": 3 / 5, "repetition_rate": 0.0}
+
+
+def test_strategy_scores_pool_each_strategy_and_skip_what_has_no_ngram():
+    rows = [
+        {"strategy": "greedy", "completion": "a b a b a b"},
+        {"strategy": "greedy", "completion": "a b"},
+        {"strategy": "top_p", "completion": "c d e"},
+        {"strategy": "top_k", "completion": ""},
+    ]
+    assert strategy_scores(rows) == {
+        "greedy_distinct_2": 2 / 6,
+        "greedy_repetition_rate": 1 / 3,
+        "top_p_distinct_2": 1.0,
+    }

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from llmcore.baselines import compressor_bits_per_byte
+from llmcore.evaluate import strided_batches
 from llmcore.losses import token_loss
 
 
@@ -72,3 +73,37 @@ def test_model_and_compressors_are_scored_on_the_same_bytes(tmp_path):
     assert result["bytes"] == result["text_bytes"] > 5_000
     assert result["bpb"] > result["xz_bpb"]  # an untrained model loses to xz
     assert result["perplexity"] == pytest.approx(math.exp(result["loss"]))
+    assert result["bpb_stride"] == 32 and result["bpb_strided"] != result["bpb"]
+    # with the stride equal to the context, the sliding window scores the same tokens the same way
+    whole = EvalConfig(max_tokens=4096, batch_size=4, device="cpu", bpb_stride=64)
+    same = evaluate_model(tmp_path / "model.pt", tmp_path / "tok", tmp_path / "tokens", whole)
+    assert same["bpb_stride"] == 64 and same["bpb_strided"] == pytest.approx(result["bpb"], rel=1e-6)
+
+
+class PositionModel(torch.nn.Module):
+    """A model whose loss at window position t is 1 / (t + 1) nats: more context, lower loss."""
+
+    def forward(self, x, y, reduction="none"):
+        losses = (1 / torch.arange(1, x.size(1) + 1)).expand(x.shape).clone()
+        return None, losses * (y != -100)
+
+
+@pytest.mark.parametrize("stride", [1, 3, 8])
+def test_strided_windows_score_every_target_once_with_more_context(stride):
+    block, n = 8, 32  # n - block divisible by every stride: the later windows are whole
+    ids = torch.arange(n + 1)
+    batches = strided_batches(ids, block, stride, batch_size=3)
+    scored = torch.cat([y[y != -100] for _, y in batches])
+    assert sorted(scored.tolist()) == list(range(1, n + 1))  # each target exactly once
+    for x, y in batches:  # targets are the inputs shifted by one
+        assert torch.equal(y[y != -100], x[y != -100] + 1)
+    bytes_one = torch.ones(n + 1, dtype=torch.long)
+    strided = token_loss(PositionModel(), batches, torch.device("cpu"), bytes_one)
+    windows = [(ids[None, i : i + block], ids[None, i + 1 : i + block + 1]) for i in range(0, n, block)]
+    plain = token_loss(PositionModel(), windows, torch.device("cpu"), bytes_one)
+    harmonic = [sum(1 / t for t in range(1, k + 1)) for k in range(block + 1)]  # H_k
+    assert plain["bpb"] == pytest.approx(n / block * harmonic[block] / n / math.log(2))
+    # first window: positions 0..7; each later one scores its last `stride` positions
+    later = (n - block) // stride * (harmonic[block] - harmonic[block - stride])
+    assert strided["bpb"] == pytest.approx((harmonic[block] + later) / n / math.log(2))
+    assert strided["bpb"] < plain["bpb"] or stride == block

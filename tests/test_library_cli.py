@@ -115,9 +115,17 @@ def test_every_stage_runs_from_the_command_line_without_orchestration(tmp_path):
             "2048",
             "--device",
             "cpu",
+            "--corpus",
+            str(corpus),
+            "--cloze-items",
+            "16",
         )
     )
     assert report["bpb"] > 0 and report["xz_bpb"] > 0 and report["response_loss"] > 0
+    assert report["bpb_strided"] > 0 and report["bpb_stride"] == 32
+    assert (
+        report["cloze_items"] == 16 and report["cloze_chance"] == 0.25 and 0 <= report["cloze_accuracy"] <= 1
+    )
     samples = llmcore(
         "completions",
         "--model",

@@ -90,8 +90,32 @@ def test_pipeline_logs_a_parent_run_with_one_child_per_stage(pipeline_run):
         assert key in evaluation, key
     assert 0 < evaluation["xz_bpb"] < evaluation["gzip_bpb"]
     assert evaluation["finetuned_response_loss"] < evaluation["pretrained_response_loss"]
+    assert evaluation["cloze_chance"] == 0.25 and evaluation["cloze_items"] == 200
     for model in ("pretrained", "finetuned"):
+        assert 0 <= evaluation[f"{model}_cloze_accuracy"] <= 1
+        # the same bytes, with more context per token: after 30 steps the model barely uses context
+        assert (
+            abs(evaluation[f"{model}_bpb_strided"] - evaluation[f"{model}_bpb"])
+            < 0.05 * evaluation[f"{model}_bpb"]
+        )
         assert 0 <= children["sample"].data.metrics[f"sample/{model}_python_parse_rate"] <= 1
+        for strategy in ("greedy", "temperature", "top_k", "top_p"):
+            assert 0 < children["sample"].data.metrics[f"sample/{model}_{strategy}_distinct_2"] <= 1
+            assert 0 <= children["sample"].data.metrics[f"sample/{model}_{strategy}_repetition_rate"] < 1
+    assert children["evaluate"].data.params["evaluation.bpb_stride"] == "64"
+    for name in ("held_out_text", "cloze", "sft_validation"):
+        assert 0 <= evaluation[f"contaminated_fraction/{name}"] <= 1, name
+    contamination = client.download_artifacts(
+        children["evaluate"].info.run_id, "contamination.json", str(workdir)
+    )
+    report = json.loads(Path(contamination).read_text())
+    assert report["n"] == 13 and report["sets"]["cloze"]["items"] == 200
+    for name, figures in report["sets"].items():
+        assert figures["contaminated"] == len(report["items"][name])
+        assert figures["contaminated_fraction"] == evaluation[f"contaminated_fraction/{name}"]
+    headline = parent.data.metrics  # the evaluate figures are on the parent run too
+    for key in ("pretrained_cloze_accuracy", "finetuned_cloze_accuracy", "cloze_chance"):
+        assert headline[f"evaluate/{key}"] == evaluation[key], key
 
     # the rerun's stages were skipped or reused, yet every child run still carries its record
     rerun = {
@@ -114,7 +138,15 @@ def test_pipeline_logs_a_parent_run_with_one_child_per_stage(pipeline_run):
     samples = client.download_artifacts(children["sample"].info.run_id, "samples.json", str(workdir))
     table = json.loads(Path(samples).read_text())
     assert len(table["data"]) == 2 * 4 * 4  # two models, four strategies, four prompts
-    assert set(table["columns"]) == {"model", "strategy", "prompt", "completion"}
+    assert set(table["columns"]) == {
+        "model",
+        "strategy",
+        "prompt",
+        "completion",
+        "distinct_2",
+        "repetition_rate",
+        "parses_as_python",
+    }
 
 
 def test_rerun_reuses_cached_stages(pipeline_run):

@@ -77,6 +77,7 @@ def test_bad_parameters_are_config_errors(params, message):
         (["--learning-rate", "nan"], "learning_rate"),
         (["--vocab-size", "64"], "does not fit the byte fallback"),
         (["--sft-data", "/no/such/pairs.jsonl"], "fine-tuning data /no/such/pairs.jsonl does not exist"),
+        (["--cloze-data", "/no/such/items.jsonl"], "cloze data /no/such/items.jsonl does not exist"),
     ],
 )
 def test_cli_fails_before_any_work_with_one_line(argv, message, tmp_path):
