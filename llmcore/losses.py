@@ -40,7 +40,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
                     # d(loss)/d(logits) = softmax - one_hot(target), zero on unscored rows
                     grad = logits.sub_(log_z[:, None]).exp_()
                     grad[torch.arange(len(y), device=y.device), safe] -= 1
-                    grad = (grad * scored[:, None]).to(dtype)
+                    grad = grad.mul_(scored[:, None]).to(dtype)
                     if need_hidden:
                         grad_hidden[start : start + rows] = grad @ w
                     if need_weight:
