@@ -45,9 +45,10 @@ class Batches:
             self._epoch, self._order = epoch, torch.randperm(self.num_rows, generator=generator)
         return int(self._order[position])
 
-    def get(self, batch_index: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def get(self, batch_index: int, part: slice = slice(None)) -> tuple[torch.Tensor, torch.Tensor]:
+        """Batch `batch_index`, or only its rows in `part` (one process's share of a global batch)."""
         first = batch_index * self.batch_size
-        rows = [self.row(self._index(s)) for s in range(first, first + self.batch_size)]
+        rows = [self.row(self._index(s)) for s in range(first, first + self.batch_size)[part]]
         return torch.stack([x for x, _ in rows]), torch.stack([y for _, y in rows])
 
     def in_order(self, num_batches: int) -> list[tuple[torch.Tensor, torch.Tensor]]:

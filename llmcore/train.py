@@ -22,6 +22,7 @@ from typing import Any
 
 import torch
 
+from llmcore import distributed
 from llmcore.artifacts import MANIFEST, atomic_write_json, is_finished, locks_folder, read_json
 from llmcore.batches import Batches, token_windows
 from llmcore.chat import IGNORE
@@ -34,7 +35,7 @@ from llmcore.memory import require_fits
 from llmcore.model import GPT, GPTConfig
 from llmcore.shards import open_split
 from llmcore.tokenizer import Tokenizer
-from llmcore.tracking import NullTracker, Tracker
+from llmcore.tracking import NullTracker, Tracker, env_tracker
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +61,7 @@ class TrainConfig:
     seed: int = 1337  # model init and data order
     device: str = "auto"  # auto (CUDA when present, else CPU) | cpu | cuda | cuda:N
     compile: bool | None = None  # torch.compile; None = on CUDA only
+    fsdp: bool = False  # under torchrun: shard weights, gradients and optimizer state (FSDP2), not DDP
 
     def __post_init__(self):
         for name in (
@@ -96,6 +98,7 @@ class TrainConfig:
 EXECUTION_FIELDS = (
     "device",
     "compile",
+    "fsdp",
     "eval_interval",
     "eval_batches",
     "checkpoint_interval",
@@ -174,13 +177,18 @@ def fit(
     sequence_length (default: the model's context) sizes a token budget; `inputs` (digests of the data)
     joins the model and recipe in the identity a checkpoint must match to be resumed.
     """
-    device = resolve_device(config.device)
-    total_steps = config.total_steps(sequence_length or model.config.block_size)
-    require_fits(model.config, config.batch_size, sequence_length or model.config.block_size, device, stage)
+    # Under torchrun each rank trains its share of every global micro-batch; rank 0 alone logs and writes.
+    context, device = distributed.setup(resolve_device(config.device))
     identity = run_identity(model.config, config, inputs or {})
-    model.to(device)
-    decay = [p for p in model.parameters() if p.dim() >= 2]
-    no_decay = [p for p in model.parameters() if p.dim() < 2]
+    distributed.require_same(context, {"config": identity})  # before DDP compares shapes its own way
+    rows = distributed.local_rows(context, config.batch_size)
+    tracker = tracker if context.is_main else NullTracker()
+    block = sequence_length or model.config.block_size
+    total_steps = config.total_steps(block)
+    require_fits(model.config, rows.stop - rows.start, block, device, stage)
+    trained = distributed.wrap(model, context, device, config.fsdp)  # `model` itself on one process
+    decay = [p for p in trained.parameters() if p.dim() >= 2]
+    no_decay = [p for p in trained.parameters() if p.dim() < 2]
     optimizer = torch.optim.AdamW(
         [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
         lr=config.learning_rate,
@@ -193,16 +201,16 @@ def fit(
     if resumed is not None:
         latest, state = resumed
         require_same_run(latest, state["identity"], identity)
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
+        distributed.load_full_state(trained, optimizer, state["model"], state["optimizer"])
         torch.set_rng_state(state["rng"]["torch"])
         if device.type == "cuda" and state["rng"].get("cuda") is not None:
             torch.cuda.set_rng_state(state["rng"]["cuda"], device)
         start_step, history = state["step"], state.get("metrics", {})
         log.info("%s: resuming from %s (step %d of %d)", stage, latest.name, start_step, total_steps)
+    distributed.require_same(context, {"resumed step": start_step})
 
     use_compile = config.compile if config.compile is not None else device.type == "cuda"
-    forward = torch.compile(model) if use_compile else model
+    forward = torch.compile(trained) if use_compile else trained
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
     peak_flops = _peak_flops(device)
     metrics: dict[str, float] = dict(history)
@@ -214,24 +222,28 @@ def fit(
         for group in optimizer.param_groups:
             group["lr"] = lr
         step_started = time.perf_counter()
-        model.train()
+        trained.train()
         loss_sum = torch.zeros((), device=device)
         micro_batches = [
-            train_batches.get(step * config.grad_accum_steps + m) for m in range(config.grad_accum_steps)
+            train_batches.get(step * config.grad_accum_steps + m, rows)
+            for m in range(config.grad_accum_steps)
         ]
-        # Every trained target weighs the same, however the step's targets fall into micro-batches: 2 x 4
-        # accumulation is one batch of 8 even when padding leaves micro-batches with different token counts.
-        tokens = sum(int((y != IGNORE).sum()) for _, y in micro_batches)
-        for x, y in micro_batches:
+        # Every trained target weighs the same, however the step's targets fall into micro-batches and
+        # ranks: 2 x 4 accumulation is one batch of 8 even when padding leaves micro-batches with different
+        # token counts.
+        local_tokens = sum(int((y != IGNORE).sum()) for _, y in micro_batches)
+        tokens = int(distributed.total(context, torch.tensor(local_tokens, device=device)))
+        for m, (x, y) in enumerate(micro_batches):
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-            with autocast:
-                _, losses = forward(x, y, reduction="none")  # (B, T), 0 where ignored
-            loss = losses.float().sum() / max(1, tokens)
-            loss.backward()
+            with distributed.no_sync(trained, sync=m == len(micro_batches) - 1):
+                with autocast:
+                    _, losses = forward(x, y, reduction="none")  # (B, T), 0 where ignored
+                loss = losses.float().sum() / max(1, tokens)
+                (loss * context.world_size).backward()  # DDP and FSDP average gradients over ranks
             loss_sum += loss.detach()
         clip = config.grad_clip if config.grad_clip > 0 else float("inf")
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), clip))
-        loss_value = float(loss_sum)
+        grad_norm = distributed.grad_norm(torch.nn.utils.clip_grad_norm_(trained.parameters(), clip))
+        loss_value = float(distributed.total(context, loss_sum))
         if not (math.isfinite(loss_value) and math.isfinite(grad_norm)):
             kept = latest_checkpoint(checkpoint_dir)
             raise TrainingDiverged(
@@ -273,7 +285,7 @@ def fit(
             )
 
         if done % config.eval_interval == 0 or done == total_steps:
-            val = token_loss(model, val_batches, device, token_bytes)
+            val = token_loss(trained, val_batches, device, token_bytes)  # on every rank: FSDP gathers
             metrics.update({f"val_{k}": v for k, v in val.items() if k in ("loss", "bpb")})
             tracker.log_metrics(
                 {f"{stage}/val_{k}": v for k, v in val.items() if k in ("loss", "bpb")}, step=done
@@ -293,23 +305,26 @@ def fit(
                 "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
             }
             position = {"step": done, "batch_index": done * config.grad_accum_steps}  # the data position
+            model_state, optimizer_state = distributed.full_state(trained, optimizer)
             state = {
-                "model": model.state_dict(),
-                "optimizer": optimizer.state_dict(),
+                "model": model_state,
+                "optimizer": optimizer_state,
                 "rng": rng,
                 **position,
                 "metrics": metrics,
                 "identity": identity,
                 "train_config": asdict(config),
             }
-            save_checkpoint(
-                checkpoint_dir,
-                done,
-                state,
-                {"stage": stage, "metrics": metrics, "identity": identity},
-                keep=config.keep_checkpoints,
-            )
+            if context.is_main:
+                save_checkpoint(
+                    checkpoint_dir,
+                    done,
+                    state,
+                    {"stage": stage, "metrics": metrics, "identity": identity},
+                    keep=config.keep_checkpoints,
+                )
 
+    distributed.finish(trained, model)
     metrics.update(steps=total_steps, wall_seconds=time.perf_counter() - started)
     return metrics
 
@@ -389,6 +404,8 @@ def pretrain(
         tracker=tracker,
         stage="pretrain",
     )
+    if distributed.env_rank() != 0:  # under torchrun rank 0 writes the model and manifest for the job
+        return {"stage": "pretrain", "metrics": metrics}
     model_sha256 = save_model(out_dir / "model.pt", model.to("cpu"))
     manifest = {
         "stage": "pretrain",
@@ -421,21 +438,26 @@ def main(argv: list[str] | None = None) -> None:
     add_config_flags(parser, GPTConfig, skip=("vocab_size",))
     add_config_flags(parser, TrainConfig)
     args = vars(parser.parse_args(argv))
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    logging.basicConfig(level=distributed.log_level(), format="%(asctime)s %(message)s")
     model_args = given(GPTConfig, args)
     train_args = given(TrainConfig, args)
     try:
         tokenizer = Tokenizer.load(args["tokenizer"])
-        manifest = pretrain(
-            args["tokenizer"],
-            args["tokens"],
-            GPTConfig(vocab_size=tokenizer.vocab_size, **model_args),
-            replace(TrainConfig(), **train_args),
-            args["out"],
-        )
+        with env_tracker() as tracker:
+            manifest = pretrain(
+                args["tokenizer"],
+                args["tokens"],
+                GPTConfig(vocab_size=tokenizer.vocab_size, **model_args),
+                replace(TrainConfig(), **train_args),
+                args["out"],
+                tracker,
+            )
     except ConfigError as error:
         parser.error(str(error))
-    print({k: round(v, 4) for k, v in manifest["metrics"].items()})
+    finally:
+        distributed.close()
+    if distributed.env_rank() == 0:
+        print({k: round(v, 4) for k, v in manifest["metrics"].items()})
 
 
 if __name__ == "__main__":
