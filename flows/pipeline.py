@@ -41,6 +41,7 @@ from llmcore.cli import add_flag
 from llmcore.completions import held_out_prompts
 from llmcore.corpus import CorpusConfig, describe_source, source_bytes
 from llmcore.device import resolve_device
+from llmcore.distributed import Context, LaunchConfig, local_rows
 from llmcore.errors import ConfigError
 from llmcore.memory import require_fits
 from llmcore.presets import PRESETS, Preset, get_preset, with_vocab_size
@@ -100,6 +101,12 @@ class PipelineParams(BaseModel):
         description="registered models are PREFIX-pretrained and "
         "PREFIX-instruct (default: the experiment name)",
     )
+    nproc_per_node: int = Field(
+        1, description="training processes per machine; more than 1 trains under torchrun (DDP)"
+    )
+    nnodes: int = Field(1, description="machines training together (torchrun; each runs the pipeline)")
+    rdzv_endpoint: str | None = Field(None, description="torchrun rendezvous HOST:PORT, for --nnodes > 1")
+    fsdp: bool | None = Field(None, description="under torchrun: shard the model with FSDP2 instead of DDP")
     promotion_metric: PromotionMetric = Field(
         "bpb",
         description="held-out metric that gates the champion alias: "
@@ -133,7 +140,7 @@ class PipelineParams(BaseModel):
             preset.model,
             **_set(block_size=self.block_size, n_layer=self.n_layer, n_head=self.n_head, n_embd=self.n_embd),
         )
-        shared = _set(batch_size=self.batch_size, device=self.device, seed=self.seed)
+        shared = _set(batch_size=self.batch_size, device=self.device, seed=self.seed, fsdp=self.fsdp)
         pretrain = replace(
             preset.pretrain,
             **shared,
@@ -150,6 +157,8 @@ class PipelineParams(BaseModel):
                 f"context length {self.max_length} does not fit the model, which supports "
                 f"1..{model.block_size}: pass --max-length <= {model.block_size} or a larger --block-size"
             )
+        for config in (pretrain, finetune):  # each process trains an equal share of every batch
+            local_rows(Context(world_size=self.launch().world_size), config.batch_size)
         return replace(
             preset,
             corpus=corpus,
@@ -160,6 +169,10 @@ class PipelineParams(BaseModel):
             evaluation=replace(preset.evaluation, **_set(device=self.device)),
             sampling=replace(preset.sampling, **_set(seed=self.seed)),
         )
+
+    def launch(self) -> LaunchConfig:
+        """How pretraining and fine-tuning run: in this process, or under torchrun."""
+        return LaunchConfig(self.nnodes, self.nproc_per_node, self.rdzv_endpoint)
 
 
 def _one_line(error: ValidationError) -> str:
@@ -252,7 +265,12 @@ def _pipeline(**values: Any) -> list[dict[str, Any]]:
         pretrained = timed(
             "pretrain",
             lambda: pretrain_flow(
-                tok["tokenizer_dir"], tok["tokens_dir"], preset.model, preset.pretrain, **common
+                tok["tokenizer_dir"],
+                tok["tokens_dir"],
+                preset.model,
+                preset.pretrain,
+                **common,
+                launch=params.launch(),
             ),
             lambda m: ("val_bpb", round(read_json(Path(m).parent / MANIFEST)["metrics"]["val_bpb"], 4)),
         )
@@ -270,6 +288,7 @@ def _pipeline(**values: Any) -> list[dict[str, Any]]:
                     preset.finetune,
                     params.max_length,
                     **common,
+                    launch=params.launch(),
                 ),
                 lambda r: (
                     "val_loss",

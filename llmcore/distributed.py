@@ -135,11 +135,8 @@ def wrap(model: nn.Module, context: Context, device: torch.device, fsdp: bool) -
             fully_shard(block)
         fully_shard(sharded)
         return sharded.to(device)
-    # Buffers (the rotary tables) never change, so forward needs no broadcast: evaluation runs anywhere.
     return nn.parallel.DistributedDataParallel(
-        model.to(device),
-        device_ids=[device.index] if device.type == "cuda" else None,
-        broadcast_buffers=False,
+        model.to(device), device_ids=[device.index] if device.type == "cuda" else None
     )
 
 

@@ -285,7 +285,7 @@ def fit(
             )
 
         if done % config.eval_interval == 0 or done == total_steps:
-            val = token_loss(trained, val_batches, device, token_bytes)  # on every rank: FSDP gathers
+            val = token_loss(trained, val_batches, device, token_bytes)  # every rank: forward is collective
             metrics.update({f"val_{k}": v for k, v in val.items() if k in ("loss", "bpb")})
             tracker.log_metrics(
                 {f"{stage}/val_{k}": v for k, v in val.items() if k in ("loss", "bpb")}, step=done
