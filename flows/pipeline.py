@@ -104,7 +104,9 @@ class PipelineParams(BaseModel):
     nproc_per_node: int = Field(
         1, description="training processes per machine; more than 1 trains under torchrun (DDP)"
     )
-    nnodes: int = Field(1, description="machines training together (torchrun; each runs the pipeline)")
+    nnodes: int = Field(
+        1, description="machines training together (start the logged torchrun line on the others)"
+    )
     rdzv_endpoint: str | None = Field(None, description="torchrun rendezvous HOST:PORT, for --nnodes > 1")
     fsdp: bool | None = Field(None, description="under torchrun: shard the model with FSDP2 instead of DDP")
     promotion_metric: PromotionMetric = Field(
