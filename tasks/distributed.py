@@ -30,9 +30,18 @@ from llmcore.model import GPTConfig
 from llmcore.train import TrainConfig
 
 # An error line of a rank (argparse's `prog: error: ...`, an exception's last traceback line), without
-# torchrun's `[rankN]:` prefix.
-_ERROR = re.compile(r"^(?:\[rank\d+\]:\s*)?(?P<line>(?:\S+: error: |\w+(?:Error|Exception): ).*)$")
+# torchrun's `[rankN]:` prefix; torchrun's own ChildFailedError summary says nothing more.
+_ERROR = re.compile(
+    r"^(?:\[rank\d+\]:\s*)?(?P<line>(?:\S+: error: "
+    r"|(?!torch\.distributed\.elastic)[\w.]+(?:Error|Exception|Diverged): ).*)$"
+)
 _STEP = re.compile(r" step (\d+)/\d+ \|")
+
+
+def error_line(line: str) -> str | None:
+    """The error a rank reports in this output line, if it is one."""
+    found = _ERROR.match(line)
+    return found["line"] if found else None
 
 
 class TorchrunFailed(RuntimeError):
@@ -61,13 +70,16 @@ def launch(
     with subprocess.Popen(
         command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, bufsize=1
     ) as process:
-        for line in process.stdout:
-            line = line.rstrip()
-            logger.info("%s", line)
-            if found := _ERROR.match(line):
-                last_error = found["line"]
-            if on_step and (step := _STEP.search(line)):
-                on_step(int(step[1]))
+        try:
+            for line in process.stdout:
+                line = line.rstrip()
+                logger.info("%s", line)
+                last_error = error_line(line) or last_error
+                if on_step and (step := _STEP.search(line)):
+                    on_step(int(step[1]))
+        except BaseException:  # cancelled, timed out, Ctrl-C: stop the ranks rather than wait for them
+            process.terminate()  # torchrun passes SIGTERM on to its ranks
+            raise
     if process.returncode == 0:
         return
     if last_error and ": error: " in last_error:  # argparse's line: llmcore's ConfigError, one line

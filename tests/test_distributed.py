@@ -232,6 +232,26 @@ def test_launch_commands_and_bad_launches():
         LaunchConfig(nproc_per_node=0)
 
 
+@pytest.mark.parametrize(
+    "line, error",
+    [
+        (
+            "[rank0]: llmcore.train.TrainingDiverged: loss became nan",
+            "llmcore.train.TrainingDiverged: loss became nan",
+        ),
+        (
+            "[rank1]: torch.OutOfMemoryError: CUDA out of memory.",
+            "torch.OutOfMemoryError: CUDA out of memory.",
+        ),
+        ("train.py: error: batch_size 3 does not split", "train.py: error: batch_size 3 does not split"),
+        ("torch.distributed.elastic.multiprocessing.errors.ChildFailedError: ", None),  # torchrun's summary
+        ("2026-11-30 01:33:38,632 pretrain step 1/6 | loss 5.9804", None),
+    ],
+)
+def test_the_launcher_picks_the_ranks_error_lines(line, error):
+    assert launcher.error_line(line) == error
+
+
 def test_the_pipeline_refuses_a_batch_that_does_not_split_over_its_processes():
     from flows.pipeline import PipelineParams
 
