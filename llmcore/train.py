@@ -4,10 +4,13 @@
 checkpoint, log. It resumes from the newest checkpoint in its folder, so rerunning a killed run continues
 where it stopped; on CPU a resumed run is bit-identical to an uninterrupted one. `pretrain` feeds it
 windows of the token shards. Precision (bf16 autocast), `torch.compile` and the fused optimizer are
-chosen here by device; the model file stays single-device fp32 code. This module does not create MLflow
-runs or Prefect tasks; it reports through a `Tracker`.
+chosen here by device; the model file stays single-device fp32 code. Under torchrun the same loop trains
+each rank's share of every batch through `llmcore.distributed` (DDP, or FSDP2 with --fsdp), and rank 0
+alone checkpoints, logs and writes the model. This module does not create MLflow runs or Prefect tasks; it
+reports through a `Tracker`.
 
     python -m llmcore.train --tokenizer DIR --tokens DIR --out DIR --max-steps 200
+    torchrun --standalone --nproc-per-node 2 -m llmcore.train ... --device cpu
 """
 
 import argparse
