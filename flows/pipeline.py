@@ -41,6 +41,7 @@ from llmcore.cli import add_flag
 from llmcore.completions import held_out_prompts
 from llmcore.corpus import CorpusConfig, describe_source, source_bytes
 from llmcore.device import resolve_device
+from llmcore.distributed import Context, LaunchConfig, local_rows
 from llmcore.errors import ConfigError
 from llmcore.memory import require_fits
 from llmcore.multiple_choice import read_items
@@ -119,6 +120,14 @@ class PipelineParams(BaseModel):
         None,
         description="jsonl of {context, choices, answer} for the cloze evaluation (default: held-out lines)",
     )
+    nproc_per_node: int = Field(
+        1, description="training processes per machine; more than 1 trains under torchrun (DDP)"
+    )
+    nnodes: int = Field(
+        1, description="machines training together (start the logged torchrun line on the others)"
+    )
+    rdzv_endpoint: str | None = Field(None, description="torchrun rendezvous HOST:PORT, for --nnodes > 1")
+    fsdp: bool | None = Field(None, description="under torchrun: shard the model with FSDP2 instead of DDP")
     promotion_metric: PromotionMetric = Field(
         "bpb",
         description="held-out metric that gates the champion alias: "
@@ -167,6 +176,7 @@ class PipelineParams(BaseModel):
             precision=self.precision,
             compile=self.compile,
             activation_checkpointing=self.activation_checkpointing,
+            fsdp=self.fsdp,
         )
         pretrain = replace(
             preset.pretrain,
@@ -184,6 +194,8 @@ class PipelineParams(BaseModel):
                 f"context length {self.max_length} does not fit the model, which supports "
                 f"1..{model.block_size}: pass --max-length <= {model.block_size} or a larger --block-size"
             )
+        for config in (pretrain, finetune):  # each process trains an equal share of every batch
+            local_rows(Context(world_size=self.launch().world_size), config.batch_size)
         return replace(
             preset,
             corpus=corpus,
@@ -194,6 +206,10 @@ class PipelineParams(BaseModel):
             evaluation=replace(preset.evaluation, **_set(device=self.device, cloze_data=self.cloze_data)),
             sampling=replace(preset.sampling, **_set(seed=self.seed)),
         )
+
+    def launch(self) -> LaunchConfig:
+        """How pretraining and fine-tuning run: in this process, or under torchrun."""
+        return LaunchConfig(self.nnodes, self.nproc_per_node, self.rdzv_endpoint)
 
 
 def _one_line(error: ValidationError) -> str:
@@ -295,7 +311,12 @@ def _pipeline(**values: Any) -> list[dict[str, Any]]:
         pretrained = timed(
             "pretrain",
             lambda: pretrain_flow(
-                tok["tokenizer_dir"], tok["tokens_dir"], preset.model, preset.pretrain, **common
+                tok["tokenizer_dir"],
+                tok["tokens_dir"],
+                preset.model,
+                preset.pretrain,
+                **common,
+                launch=params.launch(),
             ),
             lambda m: ("val_bpb", round(read_json(Path(m).parent / MANIFEST)["metrics"]["val_bpb"], 4)),
         )
@@ -313,6 +334,7 @@ def _pipeline(**values: Any) -> list[dict[str, Any]]:
                     preset.finetune,
                     params.max_length,
                     **common,
+                    launch=params.launch(),
                 ),
                 lambda r: (
                     "val_loss",

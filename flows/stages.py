@@ -20,6 +20,7 @@ from prefect.runtime import flow_run
 from llmcore.artifacts import is_finished, json_digest
 from llmcore.completions import PromptConfig
 from llmcore.corpus import CorpusConfig, source_digest
+from llmcore.distributed import LaunchConfig
 from llmcore.evaluate import EvalConfig
 from llmcore.model import GPTConfig
 from llmcore.sampling import SamplingConfig
@@ -104,10 +105,12 @@ def pretrain_flow(
     experiment: str = EXPERIMENT,
     parent_run_id: str | None = None,
     run_label: str | None = None,
+    launch: LaunchConfig = LaunchConfig(),
 ) -> str:
-    """Stage 3: pretrain (or resume) the GPT; logs the model as an MLflow pyfunc; returns model.pt."""
+    """Stage 3: pretrain (or resume) the GPT; logs the model as an MLflow pyfunc; returns model.pt.
+    `launch` with more than one process trains under torchrun."""
     with mlflow_run(experiment, stage_run_name(), parent_run_id, _tags()) as run_id:
-        model_file = stages.pretrain(tokenizer_dir, tokens_dir, model, config, runs_dir, run_id)
+        model_file = stages.pretrain(tokenizer_dir, tokens_dir, model, config, runs_dir, run_id, launch)
         stages.log_model(run_id, model_file, tokenizer_dir, chat=False, name="pretrained")
         return model_file
 
@@ -124,12 +127,14 @@ def finetune_flow(
     experiment: str = EXPERIMENT,
     parent_run_id: str | None = None,
     run_label: str | None = None,
+    launch: LaunchConfig = LaunchConfig(),
 ) -> dict[str, str]:
-    """Stage 4: build prompt/response pairs and fine-tune the pretrained model on them."""
+    """Stage 4: build prompt/response pairs and fine-tune the pretrained model on them (under torchrun
+    when `launch` names more than one process)."""
     with mlflow_run(experiment, stage_run_name(), parent_run_id, _tags()) as run_id:
         sft_dir = _fresh(stages.build_sft_data, data, corpus_dir, runs_dir)
         model_file = stages.finetune_model(
-            base_model, tokenizer_dir, sft_dir, config, runs_dir, max_length, run_id
+            base_model, tokenizer_dir, sft_dir, config, runs_dir, max_length, run_id, launch
         )
         stages.log_model(run_id, model_file, tokenizer_dir, chat=True, name="finetuned")
         return {"model": model_file, "sft_dir": sft_dir}

@@ -237,6 +237,12 @@ def locks_folder(parameter: str) -> Callable[[Callable[P, R]], Callable[P, R]]:
 
         @functools.wraps(function)
         def locked(*args: P.args, **kwargs: P.kwargs) -> R:
+            from llmcore.distributed import env_rank  # it imports this module
+
+            if (
+                env_rank() != 0
+            ):  # torchrun's other ranks: rank 0 holds the lock for the job, and waits for them
+                return function(*args, **kwargs)
             folder = signature.bind(*args, **kwargs).arguments[parameter]
             with folder_lock(Path(folder), function.__name__):
                 return function(*args, **kwargs)

@@ -50,9 +50,10 @@ class Batches:
             self._epoch, self._order = epoch, torch.randperm(self.num_rows, generator=generator)
         return int(self._order[position])
 
-    def get(self, batch_index: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def get(self, batch_index: int, part: slice = slice(None)) -> tuple[torch.Tensor, torch.Tensor]:
+        """Batch `batch_index`, or only its rows in `part` (one process's share of a global batch)."""
         first = batch_index * self.batch_size
-        rows = [self.row(self._index(s)) for s in range(first, first + self.batch_size)]
+        rows = [self.row(self._index(s)) for s in range(first, first + self.batch_size)[part]]
         return torch.stack([x for x, _ in rows]), torch.stack([y for _, y in rows])
 
     def in_order(self, num_batches: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -70,17 +71,25 @@ class Prefetcher:
     """Batches start, start + 1, ... of `batches`, read `depth` ahead on a background thread, so the
     training thread does not wait for rows to be gathered. Batch i is still `batches.get(i)` (the data
     position stays a batch index, and resume stays exact); an error reading it is raised by `get(i)`.
-    `pin_memory` pins each batch so that its copy to CUDA can be non-blocking. The thread stops on
+    `pin_memory` pins each batch so that its copy to CUDA can be non-blocking; `part` keeps one process's
+    rows of each batch (`Batches.get`). The thread stops on
     `close()` or when the prefetcher is garbage-collected (a training loop that raised)."""
 
-    def __init__(self, batches: Batches, start: int, pin_memory: bool = False, depth: int = 4) -> None:
+    def __init__(
+        self,
+        batches: Batches,
+        start: int,
+        pin_memory: bool = False,
+        part: slice = slice(None),
+        depth: int = 4,
+    ) -> None:
         self._queue: queue.Queue = queue.Queue(maxsize=depth)
         self._next = start
         self._stop = threading.Event()
         # The thread holds the queue and the event, not self, so that dropping self stops it.
         self._thread = threading.Thread(
             target=_prefetch,
-            args=(batches, start, pin_memory, self._queue, self._stop),
+            args=(batches, start, pin_memory, part, self._queue, self._stop),
             name="prefetch-batches",
             daemon=True,
         )
@@ -103,12 +112,12 @@ class Prefetcher:
 
 
 def _prefetch(
-    batches: Batches, index: int, pin_memory: bool, out: queue.Queue, stop: threading.Event
+    batches: Batches, index: int, pin_memory: bool, part: slice, out: queue.Queue, stop: threading.Event
 ) -> None:
     """Put batches index, index + 1, ... (or the error reading one, then stop) into `out` until `stop`."""
     while not stop.is_set():
         try:
-            x, y = batches.get(index)
+            x, y = batches.get(index, part)
             item: object = (x.pin_memory(), y.pin_memory()) if pin_memory else (x, y)
         except BaseException as error:  # handed to the training thread, raised there
             item = error

@@ -54,6 +54,21 @@ def add_config_flags(parser: argparse.ArgumentParser, config_class: type, skip: 
             add_flag(parser, field.name, field.type, default)
 
 
+def to_flags(config: Any, skip: tuple[str, ...] = ()) -> list[str]:
+    """The command-line flags that rebuild `config` through `add_config_flags` (None fields left out)."""
+    flags: list[str] = []
+    for field in dataclasses.fields(config):
+        value = getattr(config, field.name)
+        name = field.name.replace("_", "-")
+        if field.name in skip or value is None:
+            continue
+        if isinstance(value, bool):
+            flags.append(f"--{name}" if value else f"--no-{name}")
+        else:
+            flags += [f"--{name}", str(value)]  # str of a float round-trips exactly
+    return flags
+
+
 def given(config_class: type, args: dict[str, Any]) -> dict[str, Any]:
     """The parsed flag values of a config dataclass's fields that the user gave (left-out flags are None)."""
     return {k: v for k, v in args.items() if k in config_class.__dataclass_fields__ and v is not None}

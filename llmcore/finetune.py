@@ -13,13 +13,14 @@ from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
+from llmcore import distributed
 from llmcore.artifacts import MANIFEST, atomic_write_json, file_digest, is_finished, locks_folder, read_json
 from llmcore.batches import sft_batches
 from llmcore.checkpoint import load_model, save_model, verify_model
 from llmcore.cli import add_config_flags, given
 from llmcore.errors import ConfigError
 from llmcore.tokenizer import Tokenizer
-from llmcore.tracking import NullTracker, Tracker
+from llmcore.tracking import NullTracker, Tracker, env_tracker
 from llmcore.train import TrainConfig, fit, require_same_run, run_identity
 
 log = logging.getLogger(__name__)
@@ -97,6 +98,8 @@ def finetune(
         sequence_length=max_length,
         inputs=inputs,
     )
+    if distributed.env_rank() != 0:  # under torchrun rank 0 writes the model and manifest for the job
+        return {"stage": "finetune", "metrics": metrics}
     # max_length travels with the weights: sampling, the pyfunc model and evaluation cut prompts with it
     model_sha256 = save_model(
         out_dir / "model.pt", model.to("cpu"), extra={"chat": True, "max_length": max_length}
@@ -127,20 +130,25 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--max-length", type=int)
     add_config_flags(parser, TrainConfig)
     args = vars(parser.parse_args(argv))
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    logging.basicConfig(level=distributed.log_level(), format="%(asctime)s %(message)s")
     train_args = given(TrainConfig, args)
     try:
-        manifest = finetune(
-            args["base"],
-            args["tokenizer"],
-            args["sft"],
-            replace(TrainConfig(), **train_args),
-            args["out"],
-            args["max_length"],
-        )
+        with env_tracker() as tracker:
+            manifest = finetune(
+                args["base"],
+                args["tokenizer"],
+                args["sft"],
+                replace(TrainConfig(), **train_args),
+                args["out"],
+                args["max_length"],
+                tracker,
+            )
     except ConfigError as error:
         parser.error(str(error))
-    print({k: round(v, 4) for k, v in manifest["metrics"].items()})
+    finally:
+        distributed.close()
+    if distributed.env_rank() == 0:
+        print({k: round(v, 4) for k, v in manifest["metrics"].items()})
 
 
 if __name__ == "__main__":

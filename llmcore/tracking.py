@@ -12,15 +12,18 @@ whose path is logged as a warning.
 """
 
 import collections
+import contextlib
 import json
 import logging
 import os
 import re
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any, Protocol
+
+from llmcore.distributed import env_rank
 
 log = logging.getLogger("llmcore.tracking")
 
@@ -238,6 +241,22 @@ class MlflowTracker:
             with self._cond:
                 self._in_flight = []
                 self._cond.notify_all()
+
+
+@contextlib.contextmanager
+def env_tracker() -> Iterator[Tracker]:
+    """The tracker of a launched training process: on rank 0, an `MlflowTracker` on the run named by
+    MLFLOW_RUN_ID (how a launcher such as tasks/distributed.py hands its run to torchrun's processes),
+    delivered when the block ends; a `NullTracker` on other ranks and without the variable."""
+    run_id = os.environ.get("MLFLOW_RUN_ID")
+    if not run_id or env_rank() != 0:
+        yield NullTracker()
+        return
+    tracker = MlflowTracker(run_id)
+    try:
+        yield tracker
+    finally:
+        tracker.close()
 
 
 def close_trackers(run_id: str, timeout: float = 30.0) -> int:

@@ -6,10 +6,13 @@ where it stopped; on CPU a resumed run is bit-identical to an uninterrupted one.
 windows of the token shards. Precision (`--precision`: bf16 or fp16 autocast, fp16 with a gradient scaler),
 `torch.compile`, activation checkpointing and the fused optimizer are chosen here by device; the model file
 stays single-device fp32 code. Batches are read ahead on a background thread, and a step reads nothing
-back from the device except at log, evaluation and checkpoint steps. This module does not create MLflow
-runs or Prefect tasks; it reports through a `Tracker`.
+back from the device except at log, evaluation and checkpoint steps. Under torchrun the same loop trains
+each rank's share of every batch through `llmcore.distributed` (DDP, or FSDP2 with --fsdp), and rank 0
+alone checkpoints, logs and writes the model. This module does not create MLflow runs or Prefect tasks; it
+reports through a `Tracker`.
 
     python -m llmcore.train --tokenizer DIR --tokens DIR --out DIR --max-steps 200
+    torchrun --standalone --nproc-per-node 2 -m llmcore.train ... --device cpu
 """
 
 import argparse
@@ -23,6 +26,7 @@ from typing import Any
 
 import torch
 
+from llmcore import distributed
 from llmcore.artifacts import MANIFEST, atomic_write_json, is_finished, locks_folder, read_json
 from llmcore.batches import Batches, Prefetcher, token_windows
 from llmcore.chat import IGNORE
@@ -35,7 +39,7 @@ from llmcore.memory import require_fits
 from llmcore.model import GPT, GPTConfig
 from llmcore.shards import open_split
 from llmcore.tokenizer import Tokenizer
-from llmcore.tracking import NullTracker, Tracker
+from llmcore.tracking import NullTracker, Tracker, env_tracker
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +69,7 @@ class TrainConfig:
     # fp32 elsewhere
     precision: str = "auto"
     activation_checkpointing: bool = False  # recompute block activations in backward: less memory
+    fsdp: bool = False  # under torchrun: shard weights, gradients and optimizer state (FSDP2), not DDP
 
     def __post_init__(self):
         for name in (
@@ -105,6 +110,7 @@ EXECUTION_FIELDS = (
     "compile",
     "precision",
     "activation_checkpointing",
+    "fsdp",
     "eval_interval",
     "eval_batches",
     "checkpoint_interval",
@@ -197,22 +203,20 @@ def fit(
     sequence_length (default: the model's context) sizes a token budget; `inputs` (digests of the data)
     joins the model and recipe in the identity a checkpoint must match to be resumed.
     """
-    device = resolve_device(config.device)
+    # Under torchrun each rank trains its share of every global micro-batch; rank 0 alone logs and writes.
+    context, device = distributed.setup(resolve_device(config.device))
     dtype = resolve_precision(config.precision, device)
-    total_steps = config.total_steps(sequence_length or model.config.block_size)
-    require_fits(
-        model.config,
-        config.batch_size,
-        sequence_length or model.config.block_size,
-        device,
-        stage,
-        config.activation_checkpointing,
-    )
     identity = run_identity(model.config, config, inputs or {})
-    model.to(device)
+    distributed.require_same(context, {"config": identity})  # before DDP compares shapes its own way
+    rows = distributed.local_rows(context, config.batch_size)
+    tracker = tracker if context.is_main else NullTracker()
+    block = sequence_length or model.config.block_size
+    total_steps = config.total_steps(block)
+    require_fits(model.config, rows.stop - rows.start, block, device, stage, config.activation_checkpointing)
     model.activation_checkpointing = config.activation_checkpointing
-    decay = [p for p in model.parameters() if p.dim() >= 2]
-    no_decay = [p for p in model.parameters() if p.dim() < 2]
+    trained = distributed.wrap(model, context, device, config.fsdp)  # `model` itself on one process
+    decay = [p for p in trained.parameters() if p.dim() >= 2]
+    no_decay = [p for p in trained.parameters() if p.dim() < 2]
     optimizer = torch.optim.AdamW(
         [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
         lr=config.learning_rate,
@@ -228,8 +232,7 @@ def fit(
     if resumed is not None:
         latest, state = resumed
         require_same_run(latest, state["identity"], identity)
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
+        distributed.load_full_state(trained, optimizer, state["model"], state["optimizer"])
         if scaler.is_enabled() and state.get("scaler"):
             scaler.load_state_dict(state["scaler"])
         torch.set_rng_state(state["rng"]["torch"])
@@ -237,11 +240,13 @@ def fit(
             torch.cuda.set_rng_state(state["rng"]["cuda"], device)
         start_step, history = state["step"], state.get("metrics", {})
         log.info("%s: resuming from %s (step %d of %d)", stage, latest.name, start_step, total_steps)
+    distributed.require_same(context, {"resumed step": start_step})
 
     use_compile = config.compile if config.compile is not None else device.type == "cuda"
-    forward = torch.compile(model) if use_compile else model
+    forward = torch.compile(trained) if use_compile else trained
     autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
     mfu_basis, peak = _mfu_peak(device)
+    peak = peak * context.world_size if peak else peak  # tokens/s below counts every rank's tokens
     precision = PRECISION_NAMES[dtype]
     tracker.log_params({stage: {"precision_used": precision, "mfu_peak": mfu_basis}})
     log.info(
@@ -265,31 +270,35 @@ def fit(
     skip_bad_grad = scaler.is_enabled()  # an fp16 overflow is the scaler's to skip, not a divergence
 
     # Reads ahead on a thread that stops when fit returns or raises.
-    batches = Prefetcher(train_batches, start_step * config.grad_accum_steps, device.type == "cuda")
+    batches = Prefetcher(train_batches, start_step * config.grad_accum_steps, device.type == "cuda", rows)
     for step in range(start_step, total_steps):
         lr = learning_rate_at(step, total_steps, config)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        model.train()
+        trained.train()
         loss_sum = torch.zeros((), device=device)
         micro_batches = [
             batches.get(step * config.grad_accum_steps + m) for m in range(config.grad_accum_steps)
         ]
-        # Every trained target weighs the same, however the step's targets fall into micro-batches: 2 x 4
-        # accumulation is one batch of 8 even when padding leaves micro-batches with different token
-        # counts. Counted on the host copies: no device sync.
+        # Every trained target weighs the same, however the step's targets fall into micro-batches and
+        # ranks: 2 x 4 accumulation is one batch of 8 even when padding leaves micro-batches with different
+        # token counts. Counted on the host copies: no device sync on one process.
         tokens = sum(int((y != IGNORE).sum()) for _, y in micro_batches)
+        if context.world_size > 1:
+            tokens = int(distributed.total(context, torch.tensor(tokens, device=device)))
         try:
-            for x, y in micro_batches:
+            for m, (x, y) in enumerate(micro_batches):
                 x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-                with autocast:
-                    _, loss = forward(x, y, reduction="sum")  # float32 sum over scored targets
-                loss = loss / max(1, tokens)
-                scaler.scale(loss).backward()
+                with distributed.no_sync(trained, sync=m == len(micro_batches) - 1):
+                    with autocast:
+                        _, loss = forward(x, y, reduction="sum")  # float32 sum over scored targets
+                    loss = loss / max(1, tokens)
+                    # DDP and FSDP average gradients over ranks: scale back up to a sum over all tokens
+                    scaler.scale(loss * context.world_size).backward()
                 loss_sum += loss.detach()
             scaler.unscale_(optimizer)
             clip = config.grad_clip if config.grad_clip > 0 else float("inf")
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+            grad_norm = distributed.grad_norm(torch.nn.utils.clip_grad_norm_(trained.parameters(), clip))
             scaler.step(optimizer)  # fp16: skips the step if the gradients overflowed
             scaler.update()
         except RuntimeError as error:
@@ -308,7 +317,8 @@ def fit(
         evaluates = done % config.eval_interval == 0 or done == total_steps
         checkpoints = done % config.checkpoint_interval == 0 or done == total_steps
         if logs or evaluates or checkpoints:
-            loss_value, grad_value, bad_step = float(loss_sum), float(grad_norm), int(first_bad)
+            loss_value = float(distributed.total(context, loss_sum))
+            grad_value, bad_step = float(grad_norm), int(first_bad)
             if bad_step >= 0:
                 kept = latest_checkpoint(checkpoint_dir)
                 raise TrainingDiverged(
@@ -357,7 +367,7 @@ def fit(
             window_seconds += time.perf_counter() - segment_started
 
         if evaluates:
-            val = token_loss(model, val_batches, device, token_bytes)
+            val = token_loss(trained, val_batches, device, token_bytes)  # every rank: forward is collective
             metrics.update({f"val_{k}": v for k, v in val.items() if k in ("loss", "bpb")})
             tracker.log_metrics(
                 {f"{stage}/val_{k}": v for k, v in val.items() if k in ("loss", "bpb")}, step=done
@@ -377,9 +387,10 @@ def fit(
                 "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
             }
             position = {"step": done, "batch_index": done * config.grad_accum_steps}  # the data position
+            model_state, optimizer_state = distributed.full_state(trained, optimizer)
             state = {
-                "model": model.state_dict(),
-                "optimizer": optimizer.state_dict(),
+                "model": model_state,
+                "optimizer": optimizer_state,
                 "scaler": scaler.state_dict(),
                 "rng": rng,
                 **position,
@@ -387,18 +398,20 @@ def fit(
                 "identity": identity,
                 "train_config": asdict(config),
             }
-            save_checkpoint(
-                checkpoint_dir,
-                done,
-                state,
-                {"stage": stage, "metrics": metrics, "identity": identity},
-                keep=config.keep_checkpoints,
-            )
+            if context.is_main:
+                save_checkpoint(
+                    checkpoint_dir,
+                    done,
+                    state,
+                    {"stage": stage, "metrics": metrics, "identity": identity},
+                    keep=config.keep_checkpoints,
+                )
 
         if evaluates or checkpoints:
             segment_started = time.perf_counter()
 
     batches.close()
+    distributed.finish(trained, model)
     metrics.update(steps=total_steps, wall_seconds=time.perf_counter() - started)
     return metrics
 
@@ -495,6 +508,8 @@ def pretrain(
         tracker=tracker,
         stage="pretrain",
     )
+    if distributed.env_rank() != 0:  # under torchrun rank 0 writes the model and manifest for the job
+        return {"stage": "pretrain", "metrics": metrics}
     model_sha256 = save_model(out_dir / "model.pt", model.to("cpu"))
     manifest = {
         "stage": "pretrain",
@@ -527,21 +542,26 @@ def main(argv: list[str] | None = None) -> None:
     add_config_flags(parser, GPTConfig, skip=("vocab_size",))
     add_config_flags(parser, TrainConfig)
     args = vars(parser.parse_args(argv))
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    logging.basicConfig(level=distributed.log_level(), format="%(asctime)s %(message)s")
     model_args = given(GPTConfig, args)
     train_args = given(TrainConfig, args)
     try:
         tokenizer = Tokenizer.load(args["tokenizer"])
-        manifest = pretrain(
-            args["tokenizer"],
-            args["tokens"],
-            GPTConfig(vocab_size=tokenizer.vocab_size, **model_args),
-            replace(TrainConfig(), **train_args),
-            args["out"],
-        )
+        with env_tracker() as tracker:
+            manifest = pretrain(
+                args["tokenizer"],
+                args["tokens"],
+                GPTConfig(vocab_size=tokenizer.vocab_size, **model_args),
+                replace(TrainConfig(), **train_args),
+                args["out"],
+                tracker,
+            )
     except ConfigError as error:
         parser.error(str(error))
-    print({k: round(v, 4) for k, v in manifest["metrics"].items()})
+    finally:
+        distributed.close()
+    if distributed.env_rank() == 0:
+        print({k: round(v, 4) for k, v in manifest["metrics"].items()})
 
 
 if __name__ == "__main__":

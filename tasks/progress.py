@@ -26,7 +26,11 @@ class ProgressTracker:
     def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
         self.inner.log_metrics(metrics, step)
         if step:
-            update_progress_artifact(self.artifact, min(100.0, 100.0 * step / self.total))
+            self.advance(step)
+
+    def advance(self, step: int) -> None:
+        """Move the bar to `step` (also for steps a launched process reports only in its log)."""
+        update_progress_artifact(self.artifact, min(100.0, 100.0 * step / self.total))
 
     def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
         self.inner.log_artifact(path, artifact_path)

@@ -26,6 +26,7 @@ from llmcore import completions, contamination, corpus, evaluate, finetune, sft_
 from llmcore.artifacts import MANIFEST, file_digest, is_finished, json_digest, read_json
 from llmcore.chat import chat_max_length
 from llmcore.checkpoint import load_model
+from llmcore.distributed import LaunchConfig
 from llmcore.errors import ConfigError
 from llmcore.evaluate import EvalConfig
 from llmcore.model import GPTConfig
@@ -33,6 +34,7 @@ from llmcore.sampling import SamplingConfig
 from llmcore.shards import open_split
 from llmcore.tracking import MlflowTracker, NullTracker, Tracker
 from llmcore.train import TrainConfig, result_fields
+from tasks import distributed
 from tasks.progress import ProgressTracker
 from tasks.tracking import (
     log_dataset,
@@ -319,8 +321,10 @@ def pretrain(
     config: TrainConfig,
     runs_dir: str,
     run_id: str | None = None,
+    launch: LaunchConfig = LaunchConfig(),
 ) -> str:
-    """Train (or resume, or reuse) the model for exactly this data, model and recipe; return model.pt."""
+    """Train (or resume, or reuse) the model for exactly this data, model and recipe; return model.pt.
+    With `launch` naming more than one process, training runs under torchrun (tasks/distributed.py)."""
     tokens = _manifest(tokens_dir, "tokens")
     out = (
         Path(runs_dir)
@@ -335,7 +339,21 @@ def pretrain(
     )
     log_tokens_dataset(run_id, tokens_dir, "training")
     with concurrency(GPU_SLOT, occupy=1), system_metrics(run_id):
-        manifest = train.pretrain(Path(tokenizer_dir), Path(tokens_dir), model, config, out, tracker)
+        if launch.world_size > 1:
+            tracker.log_params({"launch": asdict(launch)})
+            manifest = distributed.pretrain(
+                launch,
+                tokenizer_dir,
+                tokens_dir,
+                model,
+                config,
+                out,
+                run_id,
+                get_run_logger(),
+                tracker.advance,
+            )
+        else:
+            manifest = train.pretrain(Path(tokenizer_dir), Path(tokens_dir), model, config, out, tracker)
     tracker.log_metrics({f"pretrain/final_{k}": v for k, v in manifest["metrics"].items()})
     tracker.log_artifact(out / MANIFEST, "pretrain")  # the weights are logged once, in the pyfunc model
     record_or_link(out, run_id, "pretrain")
@@ -376,6 +394,7 @@ def finetune_model(
     runs_dir: str,
     max_length: int | None = None,
     run_id: str | None = None,
+    launch: LaunchConfig = LaunchConfig(),
 ) -> str:
     pairs = _manifest(sft_dir, "sft data")
     out = (
@@ -394,9 +413,24 @@ def finetune_model(
     )
     log_sft_dataset(run_id, sft_dir, "training")
     with concurrency(GPU_SLOT, occupy=1), system_metrics(run_id):
-        manifest = finetune.finetune(
-            Path(base_model), Path(tokenizer_dir), Path(sft_dir), config, out, max_length, tracker
-        )
+        if launch.world_size > 1:
+            tracker.log_params({"launch": asdict(launch)})
+            manifest = distributed.finetune(
+                launch,
+                base_model,
+                tokenizer_dir,
+                sft_dir,
+                config,
+                out,
+                max_length,
+                run_id,
+                get_run_logger(),
+                tracker.advance,
+            )
+        else:
+            manifest = finetune.finetune(
+                Path(base_model), Path(tokenizer_dir), Path(sft_dir), config, out, max_length, tracker
+            )
     tracker.log_metrics({f"finetune/final_{k}": v for k, v in manifest["metrics"].items()})
     tracker.log_artifact(out / MANIFEST, "finetune")  # the weights are logged once, in the pyfunc model
     tracker.log_artifact(Path(sft_dir) / MANIFEST, "sft_data")

@@ -93,10 +93,10 @@ def test_resume_is_bit_identical_to_an_uninterrupted_run(tmp_path):
     batches = token_windows(split(4000), MODEL.block_size, cfg.batch_size, cfg.seed, "train")
     real_get = batches.get
 
-    def killed_during_step_5(index):  # after the step-3 checkpoint, with step 4 done and lost
+    def killed_during_step_5(index, *part):  # after the step-3 checkpoint, with step 4 done and lost
         if index >= 4 * cfg.grad_accum_steps + 1:
             raise KeyboardInterrupt("killed")
-        return real_get(index)
+        return real_get(index, *part)
 
     batches.get = killed_during_step_5
     with pytest.raises(KeyboardInterrupt):
