@@ -238,7 +238,9 @@ def test_prefetched_batches_are_the_same_and_errors_surface_at_their_index():
 
     failing = windows()
     real_get = failing.get
-    failing.get = lambda i: real_get(i) if i < 2 else (_ for _ in ()).throw(OSError("disk gone"))
+    failing.get = lambda i, part=slice(None): (
+        real_get(i, part) if i < 2 else (_ for _ in ()).throw(OSError("disk gone"))
+    )
     reader = Prefetcher(failing, start=0)
     reader.get(0), reader.get(1)
     with pytest.raises(OSError, match="disk gone"):
