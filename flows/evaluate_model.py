@@ -18,6 +18,7 @@ It does not train, register or promote.
 import argparse
 import sys
 import tempfile
+from dataclasses import asdict
 from pathlib import Path
 
 import mlflow
@@ -29,6 +30,7 @@ from llmcore.baselines import compressor_bits_per_byte
 from llmcore.corpus import CorpusConfig
 from llmcore.errors import ConfigError
 from llmcore.evaluate import EvalConfig, held_out_text, score_text
+from llmcore.tracking import MlflowTracker
 from tasks.logged_models import download, resolve
 from tasks.registry import HELD_OUT_BYTES_PER_TOKEN
 from tasks.tracking import configure_tracking, mlflow_run
@@ -79,7 +81,9 @@ def evaluate_model(
                     model_file, tokenizer_file, lm_eval_tasks, lm_eval_include_path, evaluation
                 )
         metrics = {f"rescore/{k}": v for k, v in scores.items()}
-        mlflow.log_params({"evaluation.max_tokens": evaluation.max_tokens, "chat": chat}, run_id=new_run)
+        MlflowTracker(new_run).log_params(
+            {"evaluation": asdict(evaluation), "chat": chat, "lm_eval_tasks": lm_eval_tasks}
+        )
         # on the run, and on the logged model's page (MLflow 3 links metrics to a model id)
         mlflow.log_metrics(metrics, run_id=new_run, model_id=source.model_id)
     create_markdown_artifact(

@@ -324,6 +324,7 @@ def test_evaluate_model_rescores_logged_models_on_a_run_linked_to_the_source(pip
 
 def test_compare_tables_the_experiment_and_plots_bits_per_byte_against_tokens(pipeline_run, tmp_path):
     import json
+    import os
 
     import mlflow
     from mlflow import MlflowClient
@@ -331,8 +332,13 @@ def test_compare_tables_the_experiment_and_plots_bits_per_byte_against_tokens(pi
     from flows.compare import bpb_curves, compare, find_runs
 
     workdir, _, _, _ = pipeline_run
+    previous = os.getcwd()
+    os.chdir(workdir)  # where the pipeline ran: its ./mlruns store
+    try:
+        result = compare(experiment="flow-test", filter="params.preset = 'smoke'")
+    finally:
+        os.chdir(previous)
     mlflow.set_tracking_uri(f"sqlite:///{workdir / 'mlruns' / 'mlflow.db'}")
-    result = compare(experiment="flow-test", filter="params.preset = 'smoke'")
     table = result["table"]
     assert list(table["stage"]) == ["pipeline", "pipeline"]  # top-level pipeline runs only, newest first
     assert set(table["model.vocab_size"]) == {"1024"} and table["evaluate/pretrained_bpb"].notna().all()
