@@ -7,8 +7,9 @@
 
 The model's weights and tokenizer come from its logged pyfunc artifacts (loaded as tensors and data, never
 as code). It is scored on the held-out text of a corpus ingested today (cached while the source is
-unchanged): loss, perplexity and bits per byte (`llmcore.evaluate.score_text`), and gzip/bz2/xz on the
-same bytes; with `--lm-eval-tasks`, also lm-evaluation-harness tasks (`llmcore.lm_eval_adapter`). The
+unchanged): loss, perplexity and bits per byte (`llmcore.evaluate.score_text`), gzip/bz2/xz on the
+same bytes, and the cloze accuracy of the evaluate stage (`--cloze-data`, else next lines of held-out
+documents); with `--lm-eval-tasks`, also lm-evaluation-harness tasks (`llmcore.lm_eval_adapter`). The
 figures go to a new MLflow run (`rescore/...`), linked to the model (its metrics) and tagged with its
 source (`source.model_id`, `source.run_id`, `source.registered`), so `python -m flows.compare` sets it
 beside the others. A URI or run that does not exist is one line naming what does, before Prefect starts.
@@ -27,9 +28,12 @@ from prefect.artifacts import create_markdown_artifact
 
 from flows.stages import EXPERIMENT, RUNS_DIR, corpus_flow
 from llmcore.baselines import compressor_bits_per_byte
+from llmcore.checkpoint import load_model
 from llmcore.corpus import CorpusConfig
+from llmcore.device import resolve_device
 from llmcore.errors import ConfigError
-from llmcore.evaluate import EvalConfig, held_out_text, score_text
+from llmcore.evaluate import EvalConfig, cloze_accuracy, cloze_set, held_out_text, score_text
+from llmcore.tokenizer import Tokenizer
 from llmcore.tracking import MlflowTracker
 from tasks.logged_models import download, resolve
 from tasks.registry import HELD_OUT_BYTES_PER_TOKEN
@@ -76,6 +80,12 @@ def evaluate_model(
             model_file, tokenizer_file, chat = download(source, Path(tmp))
             scores = score_text(model_file, tokenizer_file, texts, evaluation)
             scores |= compressor_bits_per_byte("".join(texts).encode("utf-8"))
+            device = resolve_device(evaluation.device)
+            model = load_model(model_file, device)
+            cloze = cloze_set(evaluation, Path(corpus_dir), model.config.block_size)
+            if cloze:
+                tokenizer = Tokenizer.load(tokenizer_file)
+                scores |= cloze_accuracy(model, tokenizer, cloze, device, evaluation.batch_size)
             if lm_eval_tasks:
                 scores |= lm_eval_scores(
                     model_file, tokenizer_file, lm_eval_tasks, lm_eval_include_path, evaluation

@@ -144,11 +144,16 @@ def evaluate_model(
         num_batches = max(1, config.max_tokens // (max_length * config.batch_size))
         result["response_loss"] = token_loss(model, pairs.in_order(num_batches), device)["loss"]
     if cloze:
-        scores = multiple_choice.accuracy(
-            cloze, multiple_choice.choice_scores(model, tokenizer, cloze, device, config.batch_size)
-        )
-        result |= {f"cloze_{k}": v for k, v in scores.items()}
+        result |= cloze_accuracy(model, tokenizer, cloze, device, config.batch_size)
     return result
+
+
+def cloze_accuracy(
+    model: torch.nn.Module, tokenizer: Tokenizer, cloze: Sequence[dict], device: torch.device, batch_size: int
+) -> dict[str, float]:
+    """`cloze_accuracy`, `cloze_chance` and `cloze_items` of one model on multiple-choice items."""
+    scores = multiple_choice.choice_scores(model, tokenizer, cloze, device, batch_size)
+    return {f"cloze_{k}": v for k, v in multiple_choice.accuracy(cloze, scores).items()}
 
 
 def cloze_set(config: EvalConfig, corpus_dir: Path | None, block_size: int) -> list[dict]:

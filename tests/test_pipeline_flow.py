@@ -309,6 +309,9 @@ def test_evaluate_model_rescores_logged_models_on_a_run_linked_to_the_source(pip
     finally:
         os.chdir(previous)
     assert metrics["rescore/bpb"] == pytest.approx(direct["bpb"], rel=1e-6)
+    # today's cloze task too: four choices per held-out line, scored like the evaluate stage scores them
+    assert metrics["rescore/cloze_chance"] == pytest.approx(0.25) and metrics["rescore/cloze_items"] > 0
+    assert 0 <= metrics["rescore/cloze_accuracy"] <= 1
     assert all(
         0 < metrics[f"rescore/{c}_bpb"] < 8 for c in ("gzip", "bz2", "xz")
     )  # the same bytes, compressed
