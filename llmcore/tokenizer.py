@@ -556,7 +556,10 @@ def main(argv: list[str] | None = None) -> None:
             config = TokenizerConfig(**{k: v for k, v in given.items() if v is not None})
             manifest = train_tokenizer(args.corpus, args.out, config)
         else:
-            manifest = encode_corpus(args.corpus, args.tokenizer, args.out, args.shard_tokens, args.workers)
+            # The imported module's function, not __main__'s: worker processes look parts up by module name.
+            from llmcore.tokenizer import encode_corpus as importable
+
+            manifest = importable(args.corpus, args.tokenizer, args.out, args.shard_tokens, args.workers)
     except ConfigError as e:
         parser.exit(2, f"error: {e}\n")
     print(json.dumps(manifest, indent=2))
