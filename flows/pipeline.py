@@ -26,6 +26,7 @@ from prefect.runtime import flow_run
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from flows.cli import add_debug_flag, require_tracking_server, run_command
+from flows.runners import RunnerName, task_runner_for
 from flows.stages import (
     EXPERIMENT,
     RUNS_DIR,
@@ -128,6 +129,12 @@ class PipelineParams(BaseModel):
     )
     rdzv_endpoint: str | None = Field(None, description="torchrun rendezvous HOST:PORT, for --nnodes > 1")
     fsdp: bool | None = Field(None, description="under torchrun: shard the model with FSDP2 instead of DDP")
+    task_runner: RunnerName = Field(
+        "local", description="where per-part data tasks run: local (all cores) or ray (prefect-ray)"
+    )
+    ray_address: str | None = Field(
+        None, description="Ray cluster for --task-runner ray (ray://HOST:10001, auto); none: start one"
+    )
     promotion_metric: PromotionMetric = Field(
         "bpb",
         description="held-out metric that gates the champion alias: "
@@ -293,7 +300,13 @@ def _pipeline(**values: Any) -> list[dict[str, Any]]:
         )
         tok = timed(
             "tokenizer",
-            lambda: tokenizer_flow(corpus_dir, preset.tokenizer, **common),
+            lambda: tokenizer_flow(
+                corpus_dir,
+                preset.tokenizer,
+                **common,
+                task_runner=params.task_runner,
+                ray_address=params.ray_address,
+            ),
             lambda r: (
                 "bytes_per_token",
                 round(read_json(Path(r["tokenizer_dir"]) / MANIFEST)["bytes_per_token"], 3),
@@ -539,6 +552,7 @@ def main(argv: list[str] | None = None) -> None:
     def run() -> None:
         params = PipelineParams(**values)
         check_inputs(params.build())  # every config and input, before Prefect and MLflow start
+        task_runner_for(params.task_runner, params.ray_address)  # Ray installed when asked for
         print_summary(pipeline(**values), params.experiment, tracking_uri)
 
     run_command(run, values.get("runs_dir", RUNS_DIR), debug)

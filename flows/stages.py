@@ -12,11 +12,13 @@ digest of the parameters).
 """
 
 import sys
+from pathlib import Path
 from typing import Any
 
-from prefect import flow
+from prefect import flow, unmapped
 from prefect.runtime import flow_run
 
+from flows.runners import RunnerName, task_runner_for
 from llmcore.artifacts import is_finished, json_digest
 from llmcore.completions import PromptConfig
 from llmcore.corpus import CorpusConfig, source_digest
@@ -25,7 +27,7 @@ from llmcore.evaluate import EvalConfig
 from llmcore.model import GPTConfig
 from llmcore.sampling import SamplingConfig
 from llmcore.sft_data import SFTDataConfig
-from llmcore.tokenizer import TokenizerConfig
+from llmcore.tokenizer import EncodePart, TokenizerConfig
 from llmcore.train import TrainConfig
 from tasks import stages
 from tasks.tracking import mlflow_run
@@ -47,6 +49,7 @@ FLOW_STAGES = {
     "fine-tuning": "finetune",
     "evaluation": "evaluate",
     "generation-sampling": "sample",
+    "token-encoding": "encode",
 }
 
 
@@ -78,6 +81,20 @@ def corpus_flow(
         return corpus_dir
 
 
+@flow(name="token-encoding", flow_run_name=stage_run_name)
+def encoding_flow(corpus_dir: str, tokenizer_dir: str, runs_dir: str = RUNS_DIR) -> str:
+    """Encode the corpus into token shards: one `encode-part` task per part of each split, mapped on this
+    flow's task runner (`flows.runners`), then cut into shards; returns the tokens folder."""
+
+    def map_parts(parts: list[EncodePart], files: list[Path]) -> list[dict]:
+        futures = stages.encode_part.map(
+            unmapped(corpus_dir), unmapped(tokenizer_dir), parts, [str(f) for f in files]
+        )
+        return futures.result()
+
+    return stages.encode_corpus(corpus_dir, tokenizer_dir, runs_dir, map_parts)
+
+
 @flow(name="tokenizer-training", flow_run_name=stage_run_name)
 def tokenizer_flow(
     corpus_dir: str,
@@ -86,11 +103,15 @@ def tokenizer_flow(
     experiment: str = EXPERIMENT,
     parent_run_id: str | None = None,
     run_label: str | None = None,
+    task_runner: RunnerName = "local",
+    ray_address: str | None = None,
 ) -> dict[str, str]:
-    """Stage 2: train a sentencepiece tokenizer and encode the corpus into token shards."""
+    """Stage 2: train a sentencepiece tokenizer and encode the corpus into token shards (in parts, on all
+    local cores or, with task_runner "ray", on the Ray cluster at ray_address: a new local one if None)."""
+    runner = task_runner_for(task_runner, ray_address)  # a bad choice fails before any work
     with mlflow_run(experiment, stage_run_name(), parent_run_id, _tags()) as run_id:
         tokenizer_dir = _fresh(stages.train_tokenizer, corpus_dir, config, runs_dir)
-        tokens_dir = _fresh(stages.encode_corpus, corpus_dir, tokenizer_dir, runs_dir)
+        tokens_dir = encoding_flow.with_options(task_runner=runner)(corpus_dir, tokenizer_dir, runs_dir)
         stages.log_tokenizer(tokenizer_dir, tokens_dir, config, run_id, corpus_dir)
         return {"tokenizer_dir": tokenizer_dir, "tokens_dir": tokens_dir}
 

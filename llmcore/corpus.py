@@ -19,10 +19,12 @@ Small corpora still get a validation split: when the hash split holds out less t
 (at most half the text), the training documents nearest to being held out are held out too, in a fixed
 order; a corpus of one document holds out the tail of that document, cut at a line boundary.
 
-Ingestion reads the source twice (once to choose, once to write), so memory stays a small multiple of
-the largest file, not of the corpus; a `hf:` dataset is held in memory as a table. The output folder
-(`train.jsonl`, `validation.jsonl`, `manifest.json`) is written atomically. It does not clean, filter or
-tokenize text.
+Ingestion streams: it reads the source twice (once to choose, once to write), a document at a time,
+so memory stays a small multiple of the largest document, not of the corpus. Parquet files and `hf:`
+datasets are read in record batches of TABLE_BATCH_ROWS rows (the dataset memory-mapped by `datasets`);
+a .jsonl or .csv file is parsed whole, so memory grows with the largest such file (convert a big one to
+parquet). The output folder (`train.jsonl`, `validation.jsonl`, `manifest.json`) is written atomically,
+one document at a time. It does not clean, filter or tokenize text.
 """
 
 import argparse
@@ -67,6 +69,7 @@ from llmcore.errors import (
 )
 
 TABLE_SUFFIXES = (".jsonl", ".csv", ".parquet")
+TABLE_BATCH_ROWS = 1024  # rows of a parquet file or hf: dataset held in memory at once
 SPLITS = ("train", "validation")
 # Standard-library folders that hold tests, third-party packages or machine-generated tables (codec maps,
 # pydoc's topic dump) rather than human-written library code; generated near-duplicates on both sides of
@@ -306,9 +309,17 @@ def _hub_unreachable() -> str | None:
 def load_hf_table(
     name: str, hf_config: str | None = None, hf_split: str = "train", hf_revision: str | None = None
 ) -> pd.DataFrame:
-    """One split of a Hugging Face dataset as a DataFrame: a hub name (at `hf_revision` when given), a local
-    data folder, or a folder written by `save_to_disk`. Bad names or splits and an unreachable hub are
-    ConfigErrors."""
+    """One split of a Hugging Face dataset as a DataFrame (held in memory: for small data such as
+    instruction pairs; `load_hf_dataset` streams). ConfigErrors as `load_hf_dataset`."""
+    return load_hf_dataset(name, hf_config, hf_split, hf_revision).to_pandas()
+
+
+def load_hf_dataset(
+    name: str, hf_config: str | None = None, hf_split: str = "train", hf_revision: str | None = None
+):
+    """One split of a Hugging Face dataset as a memory-mapped `datasets.Dataset`: a hub name (at
+    `hf_revision` when given), a local data folder, or a folder written by `save_to_disk`. Bad names or
+    splits and an unreachable hub are ConfigErrors."""
     folder = Path(name)
     saved = (folder / "state.json").is_file() or (folder / "dataset_dict.json").is_file()
     if not folder.exists() and (why := _hub_unreachable()):
@@ -344,7 +355,7 @@ def load_hf_table(
                 f"hf dataset {name!r} could not be loaded ({first_line(e)}): check the name, --hf-config, "
                 "--hf-split and --hf-revision"
             ) from e
-    return loaded.to_pandas()
+    return loaded
 
 
 def _visible_files(root: Path) -> Iterator[Path]:
@@ -473,6 +484,9 @@ def _file_documents(
     sha256) of every file and `skipped` with the files skipped and why."""
     for rel, path in files:
         try:
+            if path.suffix.lower() == ".parquet":
+                yield from _parquet_documents(path, rel, text_column, digests)
+                continue
             data = read_bytes(path)
             digests.append((rel, hashlib.sha256(data).hexdigest()))
             suffix = path.suffix.lower()
@@ -489,6 +503,62 @@ def _file_documents(
         rows = table_columns(frame, {"text_column": text_column}, f"corpus file {rel}")
         del frame
         yield from ((f"{rel}#{i}", text) for i, (text,) in enumerate(rows))
+
+
+def _parquet_documents(
+    path: Path, rel: str, text_column: str, digests: list[tuple[str, str]]
+) -> Iterator[tuple[str, str]]:
+    """(source, text) of every row of a parquet file, read TABLE_BATCH_ROWS rows of the text column at a
+    time from one open file (hashed first, so the digest is of the bytes that are parsed);
+    UnreadableFileError when it is not parquet, ConfigError for a missing column or a file corrupt past
+    its footer (its first rows are already counted by then)."""
+    try:
+        import pyarrow.parquet as pq
+    except ImportError as e:
+        raise ConfigError(
+            f"reading .parquet files needs pyarrow ({first_line(e)}): pip install pyarrow"
+        ) from e
+    with _open_regular(path) as f:
+        h = hashlib.sha256()
+        try:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                h.update(block)
+        except OSError as e:
+            raise _unreadable(e) from e
+        digests.append((rel, h.hexdigest()))
+        f.seek(0)
+        try:
+            table = pq.ParquetFile(f)
+        except (ValueError, OSError) as e:  # ArrowInvalid is a ValueError; a bad footer may be an OSError
+            raise UnreadableFileError("invalid_table", f"not valid parquet: {first_line(e)}") from e
+        if not table.metadata.num_rows:
+            return
+        columns = [c for c in table.schema_arrow.names if not c.startswith("__index_level_")]
+        if text_column not in columns:
+            raise ConfigError(
+                f"corpus file {rel} has no column {text_column!r} (columns: {', '.join(columns)}): "
+                f"pass {flag('text_column')} naming one of them"
+            )
+        row = 0
+        try:
+            for batch in table.iter_batches(batch_size=TABLE_BATCH_ROWS, columns=[text_column]):
+                texts = [_as_text(v) for v in batch.column(0).to_pylist()]
+                del batch
+                yield from ((f"{rel}#{row + i}", text) for i, text in enumerate(texts))
+                row += len(texts)
+        except (ValueError, OSError) as e:
+            raise ConfigError(
+                f"corpus file {rel} is corrupt after row {row} ({first_line(e)}): repair or remove it"
+            ) from e
+
+
+def _hf_documents(dataset, source: str, text_column: str) -> Iterator[tuple[str, str]]:
+    """(source#row, text) of every row of a `datasets.Dataset`, TABLE_BATCH_ROWS rows at a time."""
+    row = 0
+    for batch in dataset.select_columns([text_column]).iter(batch_size=TABLE_BATCH_ROWS):
+        texts = [_as_text(v) for v in batch[text_column]]
+        yield from ((f"{source}#{row + i}", text) for i, text in enumerate(texts))
+        row += len(texts)
 
 
 def _hold_out(selected: dict[str, int], fraction: float, min_bytes: int) -> tuple[list[str], list[str]]:
@@ -531,14 +601,17 @@ def ingest(config: CorpusConfig, out_dir: Path) -> dict:
         import datasets
 
         versions["datasets"] = datasets.__version__
-        frame = load_hf_table(config.source[3:], config.hf_config, config.hf_split, config.hf_revision)
-        rows = table_columns(frame, {"text_column": config.text_column}, f"hf dataset {config.source[3:]}")
-        del frame
+        dataset = load_hf_dataset(config.source[3:], config.hf_config, config.hf_split, config.hf_revision)
+        if len(dataset) and config.text_column not in dataset.column_names:
+            raise ConfigError(
+                f"hf dataset {config.source[3:]} has no column {config.text_column!r} "
+                f"(columns: {', '.join(dataset.column_names)}): pass {flag('text_column')} naming one of them"
+            )
         folder_digests = [(rel, _file_digest(path)) for rel, path in files]
 
         def documents(digests: list, skipped: list) -> Iterator[tuple[str, str]]:
             digests += folder_digests
-            return ((f"{config.source}#{i}", text) for i, (text,) in enumerate(rows))
+            return _hf_documents(dataset, config.source, config.text_column)
     else:
 
         def documents(digests: list, skipped: list) -> Iterator[tuple[str, str]]:

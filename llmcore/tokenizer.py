@@ -6,6 +6,12 @@ newlines ("\\n▁▁▁▁def▁"), which is what makes code compress well. Four
 assistant, end of turn) have fixed ids and are never produced from raw text, so user text cannot inject
 them. This module does not clean or split the corpus (`llmcore.corpus` does), define the shard file format
 (`llmcore.shards`) or format chat turns (the fine-tuning code does, with these ids).
+
+Encoding streams and splits: `plan_encoding` cuts each split's JSONL file at line boundaries into parts,
+`encode_part` encodes one part into a flat file of ids (memory bounded by a batch of documents, not the
+part), and `encode_corpus` cuts the parts, in order, into shards. The shards are the same bytes however
+many parts there are and wherever they ran (local processes here, Prefect tasks on a Ray cluster in
+`flows.stages`), because a document's ids do not depend on its neighbours.
 """
 
 import argparse
@@ -15,7 +21,8 @@ import logging
 import os
 import re
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
@@ -102,7 +109,7 @@ def _threads(num_threads: int) -> int:
 class Tokenizer:
     """A trained sentencepiece model: exact round-trip encode/decode and the control-symbol ids."""
 
-    def __init__(self, processor: spm.SentencePieceProcessor) -> None:
+    def __init__(self, processor: spm.SentencePieceProcessor, num_threads: int = 0) -> None:
         self._sp = processor
         self.vocab_size: int = processor.get_piece_size()
         ids = [processor.piece_to_id(symbol) for symbol in CONTROL_SYMBOLS]
@@ -113,11 +120,12 @@ class Tokenizer:
             )
         self.eot_id, self.user_id, self.assistant_id, self.end_id = ids
         self._space_bytes = [processor.piece_to_id(f"<0x{b:02X}>") for b in _SPACE.encode()]
-        self._threads = _threads(0)
+        self._threads = _threads(num_threads)
 
     @classmethod
-    def load(cls, path: Path) -> "Tokenizer":
-        """Load from the `.model` file or the folder holding `tokenizer.model`.
+    def load(cls, path: Path, num_threads: int = 0) -> "Tokenizer":
+        """Load from the `.model` file or the folder holding `tokenizer.model`; `num_threads` encode a batch
+        (0 = all cores).
 
         When a tokenizer manifest sits beside the file, the file must match the digest it recorded; a file
         that changed since, or that sentencepiece cannot parse, is a ConfigError naming it.
@@ -138,7 +146,7 @@ class Tokenizer:
             raise ConfigError(
                 f"{model} is not a sentencepiece model ({str(error).splitlines()[0][:80]}): {retrain}"
             ) from None
-        return cls(processor)
+        return cls(processor, num_threads)
 
     def encode(self, text: str) -> list[int]:
         return self.encode_batch([text])[0]
@@ -395,16 +403,106 @@ def train_tokenizer(corpus_dir: Path, out_dir: Path, config: TokenizerConfig) ->
     return manifest
 
 
-def encode_corpus(corpus_dir: Path, tokenizer_dir: Path, out_dir: Path, shard_tokens: int = 2**27) -> dict:
+@dataclass(frozen=True)
+class EncodePart:
+    """Lines [start, end) (byte offsets) of a corpus split's JSONL file: the unit of parallel encoding."""
+
+    split: str  # "train" or "validation"
+    index: int  # position among the split's parts: their ids are concatenated in this order
+    start: int
+    end: int
+
+
+def plan_encoding(corpus_dir: Path, parts: int = 1, max_part_bytes: int = 1 << 26) -> list[EncodePart]:
+    """Cut each split of a finished corpus into max(parts, size / max_part_bytes) parts of about equal
+    bytes, at line boundaries (fewer when it has fewer lines); an empty split is one empty part."""
+    require_positive("parts", parts)
+    require_positive("max_part_bytes", max_part_bytes)
+    corpus_digest(Path(corpus_dir))  # ConfigError unless the corpus is finished
+    plan = []
+    for split in SPLITS:
+        path = Path(corpus_dir) / f"{split}.jsonl"
+        size = path.stat().st_size
+        n = max(parts, -(-size // max_part_bytes))
+        cuts = {0, size}
+        with open(path, "rb") as f:
+            for k in range(1, n):
+                f.seek(k * size // n)
+                f.readline()  # to the start of the next line
+                cuts.add(min(f.tell(), size))
+        ends = sorted(cuts)
+        bounds = list(zip(ends, ends[1:], strict=False)) or [(0, 0)]
+        plan += [EncodePart(split, i, start, end) for i, (start, end) in enumerate(bounds)]
+    return plan
+
+
+def _part_texts(corpus_dir: Path, part: EncodePart) -> Iterator[str]:
+    with open(Path(corpus_dir) / f"{part.split}.jsonl", "rb") as f:
+        f.seek(part.start)
+        while f.tell() < part.end:
+            yield json.loads(f.readline())["text"]
+
+
+def encode_part(
+    corpus_dir: Path, tokenizer_dir: Path, part: EncodePart, out_file: Path, num_threads: int = 0
+) -> dict:
+    """Encode the documents of one part, each followed by end-of-text, into `out_file` (raw ids in the
+    shard dtype, replaced if there); returns {"tokens", "documents", "bytes"}."""
+    tokenizer = Tokenizer.load(tokenizer_dir, num_threads)
+    dtype = token_dtype(tokenizer.vocab_size)
+    encoder = _DocumentEncoder(tokenizer, dtype)
+    counts = {"tokens": 0, "documents": 0, "bytes": 0}
+    with open(out_file, "wb") as out:
+
+        def write(arrays: Iterable[np.ndarray]) -> None:
+            for ids in arrays:
+                ids.tofile(out)
+                counts["tokens"] += ids.size
+
+        for text in _part_texts(corpus_dir, part):
+            counts["documents"] += 1
+            counts["bytes"] += len(text.encode())
+            write(encoder.add(text))
+        write(encoder.flush())
+    return counts
+
+
+MapParts = Callable[[list[EncodePart], list[Path]], list[dict]]
+
+
+def _in_processes(corpus_dir: Path, tokenizer_dir: Path, workers: int) -> MapParts:
+    """A MapParts that runs `encode_part` in `workers` local processes (in this one when 1)."""
+
+    def run(parts: list[EncodePart], files: list[Path]) -> list[dict]:
+        args = ([corpus_dir] * len(parts), [tokenizer_dir] * len(parts), parts, files)
+        if workers == 1:
+            return list(map(encode_part, *args))
+        with ProcessPoolExecutor(workers) as pool:
+            return list(pool.map(encode_part, *args, [1] * len(parts)))  # a thread each: workers = cores
+
+    return run
+
+
+def encode_corpus(
+    corpus_dir: Path,
+    tokenizer_dir: Path,
+    out_dir: Path,
+    shard_tokens: int = 2**27,
+    workers: int = 1,
+    map_parts: MapParts | None = None,
+) -> dict:
     """Encode both corpus splits into token shards (`llmcore.shards` format) in `out_dir`, atomically.
 
     Every document is followed by the end-of-text id. Args: `corpus_dir` a finished corpus folder,
     `tokenizer_dir` a finished tokenizer folder, `out_dir` the shards folder to create or replace,
-    `shard_tokens` the most ids per file. Returns the manifest: dtype, vocab_size, eot_id, and per split the
-    files, tokens, documents and UTF-8 bytes; tokenizer and corpus digests.
+    `shard_tokens` the most ids per file, `workers` local processes (0 = all cores), `map_parts` what
+    encodes the parts instead (`(parts, files) -> counts` in order, each part with `encode_part`: the
+    Prefect flow maps a task over them). Returns the manifest: dtype, vocab_size, eot_id, and per split
+    the files, tokens, documents and UTF-8 bytes; tokenizer and corpus digests.
     """
     corpus_dir, tokenizer_dir, out_dir = Path(corpus_dir), Path(tokenizer_dir), Path(out_dir)
     require_positive("shard_tokens", shard_tokens)
+    require_non_negative("workers", workers)
     source_digest = corpus_digest(corpus_dir)
     if not is_finished(tokenizer_dir):
         raise ConfigError(
@@ -413,27 +511,40 @@ def encode_corpus(corpus_dir: Path, tokenizer_dir: Path, out_dir: Path, shard_to
         )
     tokenizer = Tokenizer.load(tokenizer_dir)
     dtype = token_dtype(tokenizer.vocab_size)
-    encoder = _DocumentEncoder(tokenizer, dtype)
+    workers = workers or len(os.sched_getaffinity(0))
+    parts = plan_encoding(corpus_dir, workers)
     splits = {}
     start = time.perf_counter()
     with atomic_output_dir(out_dir) as tmp:
+        scratch = tmp / ".parts"  # encoded parts, removed once cut into shards
+        scratch.mkdir()
+        files = [scratch / f"{part.split}_{part.index:06d}.bin" for part in parts]
+        counts = (map_parts or _in_processes(corpus_dir, tokenizer_dir, workers))(parts, files)
         for split in SPLITS:
-            documents = n_bytes = 0
+            mine = [
+                (file, n) for part, file, n in zip(parts, files, counts, strict=True) if part.split == split
+            ]
             with ShardWriter(tmp, split, dtype, shard_tokens) as writer:
-                for text in _texts(corpus_dir, split):
-                    documents += 1
-                    n_bytes += len(text.encode())
-                    for ids in encoder.add(text):
-                        writer.write(ids)
-                for ids in encoder.flush():
-                    writer.write(ids)
-                files = writer.close()
+                for file, n in mine:
+                    if file.stat().st_size != n["tokens"] * dtype.itemsize:
+                        raise ConfigError(
+                            f"encoded part {file} does not hold the {n['tokens']} ids its task reported "
+                            "(another process wrote there?): rerun the encoding"
+                        )
+                    if n["tokens"]:
+                        ids = np.memmap(file, dtype=dtype, mode="r")
+                        for i in range(0, ids.size, 1 << 24):  # a bounded slice in memory at a time
+                            writer.write(ids[i : i + (1 << 24)])
+                        del ids
+                    file.unlink()
+                shards = writer.close()
             splits[split] = {
-                "files": files,
-                "tokens": sum(f["tokens"] for f in files),
-                "documents": documents,
-                "bytes": n_bytes,
+                "files": shards,
+                "tokens": sum(f["tokens"] for f in shards),
+                "documents": sum(n["documents"] for _, n in mine),
+                "bytes": sum(n["bytes"] for _, n in mine),
             }
+        scratch.rmdir()
         manifest = {
             "dtype": dtype.name,
             "vocab_size": tokenizer.vocab_size,
@@ -462,6 +573,7 @@ def main(argv: list[str] | None = None) -> None:
     encode.add_argument("--tokenizer", type=Path, required=True, help="tokenizer folder")
     encode.add_argument("--out", type=Path, required=True, help="shards folder to write")
     encode.add_argument("--shard-tokens", type=int, default=2**27, help="most token ids per shard file")
+    encode.add_argument("--workers", type=int, default=0, help="local processes (0 = all cores)")
     args = parser.parse_args(argv)
     try:
         if args.command == "train":
@@ -469,7 +581,10 @@ def main(argv: list[str] | None = None) -> None:
             config = TokenizerConfig(**{k: v for k, v in given.items() if v is not None})
             manifest = train_tokenizer(args.corpus, args.out, config)
         else:
-            manifest = encode_corpus(args.corpus, args.tokenizer, args.out, args.shard_tokens)
+            # The imported module's function, not __main__'s: worker processes look parts up by module name.
+            from llmcore.tokenizer import encode_corpus as importable
+
+            manifest = importable(args.corpus, args.tokenizer, args.out, args.shard_tokens, args.workers)
     except ConfigError as e:
         parser.exit(2, f"error: {e}\n")
     print(json.dumps(manifest, indent=2))

@@ -227,21 +227,25 @@ def train_tokenizer(corpus_dir: str, config: tokenizer.TokenizerConfig, runs_dir
     return str(out)
 
 
-@task(
-    name="encode-corpus",
-    **DATA_TASK,
-    cache_key_fn=_cache_key(
-        "tokens",
-        lambda p: corpus.corpus_digest(p["corpus_dir"]),
-        lambda p: _manifest(p["tokenizer_dir"], "tokenizer")["tokenizer_digest"],
-        lambda p: p["runs_dir"],
-        lambda p: _intact(_tokens_out(**p), _verify_tokens),
-    ),
-)
-def encode_corpus(corpus_dir: str, tokenizer_dir: str, runs_dir: str) -> str:
+@task(name="encode-part", **DATA_TASK)
+def encode_part(corpus_dir: str, tokenizer_dir: str, part: tokenizer.EncodePart, out_file: str) -> dict:
+    """Encode one part of a corpus split into a file of ids (sentencepiece on all cores of the machine it
+    runs on); the flow's task runner spreads the parts over threads or a Ray cluster."""
+    return tokenizer.encode_part(Path(corpus_dir), Path(tokenizer_dir), part, Path(out_file))
+
+
+def encode_corpus(
+    corpus_dir: str, tokenizer_dir: str, runs_dir: str, map_parts: tokenizer.MapParts | None = None
+) -> str:
+    """The corpus's token shards in runs/tokens/<key>: reused when finished and intact, else encoded in
+    parts by `map_parts` (the flow's `encode-part` tasks; local processes when None), one part per core."""
     out = _tokens_out(corpus_dir, tokenizer_dir, runs_dir)
     _reuse_or_build(
-        out, lambda: tokenizer.encode_corpus(Path(corpus_dir), Path(tokenizer_dir), out), _verify_tokens
+        out,
+        lambda: tokenizer.encode_corpus(
+            Path(corpus_dir), Path(tokenizer_dir), out, workers=0, map_parts=map_parts
+        ),
+        _verify_tokens,
     )
     return str(out)
 

@@ -153,15 +153,26 @@ def test_rerun_reuses_cached_stages(pipeline_run):
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import TaskRunFilter, TaskRunFilterName
 
-    _, first, rerun, started = pipeline_run
+    from flows.runners import local_cores
+    from llmcore.tokenizer import plan_encoding
+
+    workdir, first, rerun, started = pipeline_run
     seconds = {row["stage"]: row["seconds"] for row in first}
     again = {row["stage"]: row["seconds"] for row in rerun}
     assert again["pretrain"] < seconds["pretrain"]
     with get_client(sync_client=True) as client:
-        for name in ("ingest-corpus", "train-tokenizer", "encode-corpus"):
+
+        def states(name: str) -> list[str]:
             runs = client.read_task_runs(task_run_filter=TaskRunFilter(name=TaskRunFilterName(like_=name)))
-            states = sorted(r.state.name for r in runs if r.created >= started)
-            assert states == ["Cached", "Completed"], (name, states)
+            return sorted(r.state.name for r in runs if r.created >= started)
+
+        for name in ("ingest-corpus", "train-tokenizer"):
+            assert states(name) == ["Cached", "Completed"], (name, states(name))
+        # One encode-part task per part, all in the first run: the rerun reuses the finished shards.
+        (corpus_dir,) = (
+            d for d in (workdir / "runs" / "corpus").iterdir() if (d / "manifest.json").is_file()
+        )
+        assert states("encode-part") == ["Completed"] * len(plan_encoding(corpus_dir, local_cores()))
     assert [r["value"] for r in rerun if r["stage"] == "pretrain"] == [
         r["value"] for r in first if r["stage"] == "pretrain"
     ]

@@ -1,0 +1,123 @@
+"""Data past one machine's memory and cores: ingestion reads tables in record batches, encoding runs in
+parts whose shards are the same bytes however many parts there are and wherever they ran (one process,
+local processes, Prefect tasks on a process pool, Prefect tasks on a two-CPU Ray)."""
+
+import sysconfig
+import tracemalloc
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from llmcore import corpus
+from llmcore.corpus import CorpusConfig, ingest, read_documents
+from llmcore.errors import ConfigError
+from llmcore.tokenizer import TokenizerConfig, encode_corpus, plan_encoding, train_tokenizer
+
+ROWS, ROW_CHARS = 1500, 10_000
+
+
+def _texts() -> list[str]:
+    return [f"row {i}: " + chr(0x41 + i % 26) * ROW_CHARS for i in range(ROWS)]
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> dict[str, Path]:
+    """A small stdlib corpus (about 600 KB in 60 documents) and a tokenizer trained on it."""
+    root = tmp_path_factory.mktemp("stream")
+    files = sorted(Path(sysconfig.get_paths()["stdlib"]).glob("[a-c]*.py"))[:60]
+    (root / "src").mkdir()
+    for path in files:
+        (root / "src" / path.name).write_bytes(path.read_bytes())
+    ingest(CorpusConfig(source=str(root / "src"), validation_fraction=0.1), root / "corpus")
+    train_tokenizer(root / "corpus", root / "tokenizer", TokenizerConfig(vocab_size=400, num_threads=1))
+    return {"corpus": root / "corpus", "tokenizer": root / "tokenizer", "root": root}
+
+
+def _shard_bytes(folder: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(Path(folder).glob("*.bin"))}
+
+
+def _ingested_in_bounded_memory(source: str, out: Path, batch_rows: int, monkeypatch) -> int:
+    """Peak Python memory of ingesting `source` with `batch_rows` rows per record batch."""
+    monkeypatch.setattr(corpus, "TABLE_BATCH_ROWS", batch_rows)
+    tracemalloc.start()
+    try:
+        ingest(CorpusConfig(source=source), out)
+        return tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+
+
+def test_parquet_and_hf_rows_stream_in_batches_in_order_and_bounded_memory(tmp_path, monkeypatch) -> None:
+    import datasets
+
+    texts = _texts()
+    table = pa.table({"text": texts, "n": list(range(ROWS))})
+    pq.write_table(table, tmp_path / "rows.parquet", row_group_size=300)  # batches cross row groups
+    datasets.Dataset(table).save_to_disk(str(tmp_path / "saved"))
+    total = sum(len(t) for t in texts)  # 15 MB, ASCII
+    for source, name in ((str(tmp_path / "rows.parquet"), "rows.parquet"), (f"hf:{tmp_path}/saved", None)):
+        out = tmp_path / f"out-{len(str(name))}"
+        peak = _ingested_in_bounded_memory(source, out, 10, monkeypatch)
+        assert peak < total / 4, (source, peak, total)  # a whole table in memory would take > total
+        docs = [d for split in ("train", "validation") for d in read_documents(out, split)]
+        assert sorted(d["text"] for d in docs) == sorted(texts)
+        prefix = name or source
+        assert all(d["source"] == f"{prefix}#{texts.index(d['text'])}" for d in docs[:50])
+
+
+def test_parquet_without_the_text_column_names_its_columns(tmp_path) -> None:
+    pq.write_table(pa.table({"body": ["a b c"] * 3}), tmp_path / "t.parquet")
+    with pytest.raises(ConfigError, match=r"no column 'text' \(columns: body\): pass --text-column"):
+        ingest(CorpusConfig(source=str(tmp_path / "t.parquet")), tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_parts_cover_every_line_once_and_give_the_same_shards(data, tmp_path) -> None:
+    for parts in (1, 3, 50):
+        plan = plan_encoding(data["corpus"], parts, max_part_bytes=1 << 30)
+        for split in ("train", "validation"):
+            mine = [p for p in plan if p.split == split]
+            text = (data["corpus"] / f"{split}.jsonl").read_bytes()
+            assert [p.index for p in mine] == list(range(len(mine)))
+            assert b"".join(text[p.start : p.end] for p in mine) == text
+            assert all(p.start == 0 or text[p.start - 1 : p.start] == b"\n" for p in mine)
+        cut = len([p for p in plan if p.split == "train"])
+        assert cut == parts if parts <= 3 else 3 < cut <= parts  # fewer where one document spans a cut
+    one = encode_corpus(data["corpus"], data["tokenizer"], tmp_path / "one", shard_tokens=5000)
+    two = encode_corpus(data["corpus"], data["tokenizer"], tmp_path / "two", shard_tokens=5000, workers=3)
+    assert len(one["splits"]["train"]["files"]) > 3  # parts and shards cut at different places
+    assert _shard_bytes(tmp_path / "one") == _shard_bytes(tmp_path / "two")
+    assert {k: v for k, v in one.items() if k != "encode_seconds"} == {
+        k: v for k, v in two.items() if k != "encode_seconds"
+    }
+    assert not list((tmp_path / "two").glob(".*"))  # the parts folder is gone
+
+
+@pytest.mark.ray
+def test_encoding_tasks_on_ray_give_the_shards_of_the_default_runner(data, tmp_path, prefect_harness) -> None:
+    from flows.runners import task_runner_for
+    from flows.stages import encoding_flow
+
+    folders = {}
+    for name, init in (("local", None), ("ray", {"num_cpus": 2, "include_dashboard": False})):
+        runner = task_runner_for(name, ray_init=init)
+        folders[name] = Path(
+            encoding_flow.with_options(task_runner=runner)(
+                str(data["corpus"]), str(data["tokenizer"]), str(tmp_path / name)
+            )
+        )
+        assert folders[name].parent.parent == tmp_path / name
+    assert len(_shard_bytes(folders["local"])) == 2  # train and validation
+    assert _shard_bytes(folders["ray"]) == _shard_bytes(folders["local"])
+
+
+def test_runner_choices_fail_in_one_line() -> None:
+    from flows.runners import task_runner_for
+
+    with pytest.raises(ConfigError, match="pass --task-runner ray too"):
+        task_runner_for("local", "ray://head:10001")
+    with pytest.raises(ConfigError, match="unknown task runner 'dask'"):
+        task_runner_for("dask")
