@@ -27,7 +27,7 @@ from prefect.artifacts import create_table_artifact
 
 from flows.stages import EXPERIMENT
 from llmcore.errors import ConfigError
-from tasks.tracking import configure_tracking, experiment_id, mlflow_run
+from tasks.tracking import configure_tracking, mlflow_run
 
 KEY_PARAMS = (
     "preset",
@@ -48,7 +48,8 @@ def find_runs(experiment: str, filter_string: str = "", children: bool = False) 
     """The experiment's runs matching the filter, newest first; a missing experiment or a filter MLflow
     refuses is a one-line ConfigError."""
     client = MlflowClient()
-    if client.get_experiment_by_name(experiment) is None:
+    found = client.get_experiment_by_name(experiment)
+    if found is None:
         known = [e.name for e in client.search_experiments(max_results=50)]
         raise ConfigError(
             f"no MLflow experiment {experiment!r}: pass --experiment one of "
@@ -56,7 +57,7 @@ def find_runs(experiment: str, filter_string: str = "", children: bool = False) 
         )
     try:
         runs = client.search_runs(
-            [experiment_id(experiment)],
+            [found.experiment_id],
             filter_string,
             max_results=1000,
             order_by=["attributes.start_time DESC"],
