@@ -88,10 +88,11 @@ class ClassifyDataConfig:
     classify_data: str = (
         CORPUS  # "corpus" (source-group task on the corpus) | jsonl/csv/parquet file | hf:NAME
     )
-    text_column: str = "text"  # text column of a labelled file or HF dataset
+    # Names carry a classify_ prefix where the pipeline's corpus flags have the same idea (--text-column).
+    classify_text_column: str = "text"  # text column of a labelled file or HF dataset
     label_column: str = "label"  # label column of a labelled file or HF dataset
-    hf_config: str | None = None  # HF dataset configuration name
-    hf_split: str = "train"  # HF split to read (held-out texts are chosen from it by hash)
+    classify_hf_config: str | None = None  # HF dataset configuration name
+    classify_hf_split: str = "train"  # HF split to read (held-out texts are chosen from it by hash)
     validation_fraction: float = 0.2  # labelled data: share of texts held out, chosen by text hash
     max_classes: int = 8  # default task: the most frequent source groups kept as classes; the rest is "other"
     passage_chars: int = 400  # default task: passages are chunks of whole lines up to this many characters
@@ -217,7 +218,7 @@ def labelled_file_texts(config: ClassifyDataConfig) -> LabelledTexts:
     source = config.classify_data
     if source.startswith("hf:"):
         frame, where = (
-            load_hf_table(source[3:], config.hf_config, config.hf_split),
+            load_hf_table(source[3:], config.classify_hf_config, config.classify_hf_split),
             f"hf dataset {source[3:]}",
         )
     else:
@@ -234,7 +235,7 @@ def labelled_file_texts(config: ClassifyDataConfig) -> LabelledTexts:
                 f"classification data {source} is unreadable ({e}): pass a valid table file"
             ) from e
         where = f"classification data {source}"
-    columns = {"text_column": config.text_column, "label_column": config.label_column}
+    columns = {"classify_text_column": config.classify_text_column, "label_column": config.label_column}
     rows = [
         (text, label.strip())
         for text, label in table_columns(frame, columns, where)
