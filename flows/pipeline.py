@@ -351,7 +351,7 @@ def _pipeline(**values: Any) -> list[dict[str, Any]]:
                 ),
             )
         if "classify" in skipped:
-            classified = {"classifier_dir": None, "metrics": {}}
+            classified = {"classifier_dir": None}
             summary.append(
                 {"stage": "classify", "seconds": 0.0, "metric": "skipped", "value": skipped["classify"]}
             )
