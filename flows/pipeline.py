@@ -494,7 +494,7 @@ def check_derived_inputs(
             check_default_task(Path(corpus_dir))
         except ConfigError as error:
             log.warning("pipeline: %s; classification skipped", error)
-            skipped["classify"] = "one source group, no labels (pass --classify-data FILE)"
+            skipped["classify"] = "no default task on this corpus (pass --classify-data FILE)"
     return skipped
 
 

@@ -165,7 +165,9 @@ def corpus_groups(corpus_dir: Path) -> dict[str, Counter]:
 
 def check_default_task(corpus_dir: Path) -> None:
     """ConfigError, in one line, when the corpus cannot give the default task two classes: one source group
-    (a single file, a hub dataset) and no labels. Cheap: it reads document sources only."""
+    (a single file, a hub dataset) and no labels; or held-out documents from fewer than two of the training
+    groups (a flat folder of files, each file its own group: every held-out passage would be `other`, and
+    the scores would say nothing). Cheap: it reads document sources only."""
     groups = corpus_groups(corpus_dir)
     if len(groups["train"]) < 2:
         names = ", ".join(sorted(groups["train"] | groups["validation"])) or "none"
@@ -173,6 +175,13 @@ def check_default_task(corpus_dir: Path) -> None:
             f"corpus {corpus_dir} has one source group ({names}) and no labels, so there is no default "
             "classification task: pass --classify-data with a text and a label column, or a corpus "
             "of several files or folders, or skip classification"
+        )
+    if len(set(groups["validation"]) & set(groups["train"])) < 2:
+        raise ConfigError(
+            f"corpus {corpus_dir}: the held-out documents come from fewer than 2 of the "
+            f"{len(groups['train'])} training source groups (one file per group?), so the default "
+            "classification task has nothing to score: pass --classify-data with a text and a label "
+            "column, or a corpus of folders with several files each, or skip classification"
         )
 
 

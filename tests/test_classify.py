@@ -361,3 +361,14 @@ def test_pipeline_skips_classification_of_a_one_group_corpus_with_a_notice_befor
         preset, str(tmp_path / "corpus"), str(tmp_path / "runs"), False, ("instruct",)
     )
     assert only["classify"].startswith("not chosen")
+
+
+def test_flat_folder_has_no_default_task_because_held_out_files_are_new_groups(tmp_path):
+    rng = random.Random(0)
+    for i in range(12):  # twelve files, no folders: each file is its own source group
+        (tmp_path / "notes" / f"n{i}.txt").parent.mkdir(exist_ok=True)
+        (tmp_path / "notes" / f"n{i}.txt").write_text(" ".join(rng.choices(WORDS["animals"], k=400)))
+    ingest(CorpusConfig(source=str(tmp_path / "notes"), validation_fraction=0.3), tmp_path / "corpus")
+    with pytest.raises(ConfigError) as error:
+        check_default_task(tmp_path / "corpus")
+    assert "fewer than 2" in one_line(error) and "--classify-data" in str(error.value)
