@@ -491,7 +491,7 @@ def check_derived_inputs(
             skipped["instruct"] = f"no {preset.sft_data.source} pairs (pass --sft-data FILE)"
     if "classify" in kinds and preset.classify_data.classify_data == CORPUS:
         try:
-            check_default_task(Path(corpus_dir))
+            check_default_task(Path(corpus_dir), preset.classify_data.max_classes)
         except ConfigError as error:
             log.warning("pipeline: %s; classification skipped", error)
             skipped["classify"] = "no default task on this corpus (pass --classify-data FILE)"

@@ -163,11 +163,17 @@ def corpus_groups(corpus_dir: Path) -> dict[str, Counter]:
     }
 
 
-def check_default_task(corpus_dir: Path) -> None:
+def default_classes(groups: dict[str, Counter], max_classes: int) -> list[str]:
+    """The default task's classes: the most frequent source groups of the training documents."""
+    ranked = sorted(groups["train"], key=lambda g: (-(groups["train"][g] + groups["validation"][g]), g))
+    return ranked[:max_classes]
+
+
+def check_default_task(corpus_dir: Path, max_classes: int = ClassifyDataConfig.max_classes) -> None:
     """ConfigError, in one line, when the corpus cannot give the default task two classes: one source group
-    (a single file, a hub dataset) and no labels; or held-out documents from fewer than two of the training
-    groups (a flat folder of files, each file its own group: every held-out passage would be `other`, and
-    the scores would say nothing). Cheap: it reads document sources only."""
+    (a single file, a hub dataset) and no labels; or held-out documents that all fall in one class (a flat
+    folder of files, each file its own group: every held-out passage would be `other`, and the scores
+    would say nothing). Cheap: it reads document sources only."""
     groups = corpus_groups(corpus_dir)
     if len(groups["train"]) < 2:
         names = ", ".join(sorted(groups["train"] | groups["validation"])) or "none"
@@ -176,12 +182,14 @@ def check_default_task(corpus_dir: Path) -> None:
             "classification task: pass --classify-data with a text and a label column, or a corpus "
             "of several files or folders, or skip classification"
         )
-    if len(set(groups["validation"]) & set(groups["train"])) < 2:
+    classes = set(default_classes(groups, max_classes))
+    held_out = {group if group in classes else OTHER for group in groups["validation"]}
+    if len(held_out) < 2:
         raise ConfigError(
-            f"corpus {corpus_dir}: the held-out documents come from fewer than 2 of the "
-            f"{len(groups['train'])} training source groups (one file per group?), so the default "
-            "classification task has nothing to score: pass --classify-data with a text and a label "
-            "column, or a corpus of folders with several files each, or skip classification"
+            f"corpus {corpus_dir}: the held-out documents all fall in one class ({', '.join(held_out)}) "
+            "of the default classification task (one file per source group?), so it has nothing to "
+            "score: pass --classify-data with a text and a label column, or a corpus of folders with "
+            "several files each, or skip classification"
         )
 
 
@@ -200,11 +208,10 @@ def passages(text: str, max_chars: int) -> list[str]:
 
 def source_group_texts(corpus_dir: Path, config: ClassifyDataConfig) -> LabelledTexts:
     """The default task: passages labelled with their document's source group, split like the corpus."""
-    check_default_task(corpus_dir)
+    check_default_task(corpus_dir, config.max_classes)
     groups = corpus_groups(corpus_dir)
-    ranked = sorted(groups["train"], key=lambda g: (-(groups["train"][g] + groups["validation"][g]), g))
-    classes = ranked[: config.max_classes]
-    rest = len(ranked) > len(classes) or bool(set(groups["validation"]) - set(classes))
+    classes = default_classes(groups, config.max_classes)
+    rest = len(groups["train"]) > len(classes) or bool(set(groups["validation"]) - set(classes))
     labels = classes + ([OTHER] if rest and OTHER not in classes else [])
     ids = {name: i for i, name in enumerate(labels)}
     split_texts: dict[str, list[tuple[str, int]]] = {}

@@ -371,4 +371,4 @@ def test_flat_folder_has_no_default_task_because_held_out_files_are_new_groups(t
     ingest(CorpusConfig(source=str(tmp_path / "notes"), validation_fraction=0.3), tmp_path / "corpus")
     with pytest.raises(ConfigError) as error:
         check_default_task(tmp_path / "corpus")
-    assert "fewer than 2" in one_line(error) and "--classify-data" in str(error.value)
+    assert "all fall in one class (other)" in one_line(error) and "--classify-data" in str(error.value)
