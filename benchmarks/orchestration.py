@@ -32,7 +32,7 @@ class OrchestrationBench:
 
 def direct(runs: Path, max_steps: int, finetune_steps: int) -> None:
     """The smoke pipeline's llmcore calls, in order, without Prefect or MLflow."""
-    from llmcore import completions, corpus, evaluate, finetune, sft_data, tokenizer, train
+    from llmcore import classify, completions, corpus, evaluate, finetune, sft_data, tokenizer, train
     from llmcore.presets import get_preset
 
     preset = get_preset("smoke")
@@ -53,6 +53,15 @@ def direct(runs: Path, max_steps: int, finetune_steps: int) -> None:
         runs / "sft_data",
         replace(preset.finetune, max_steps=finetune_steps),
         runs / "finetune",
+    )
+    classify.train_classifier(  # the pipeline's second kind of fine-tuning, scored with its baselines
+        runs / "pretrain" / "model.pt",
+        runs / "tokenizer",
+        classify.load_texts(preset.classify_data, runs / "corpus"),
+        preset.classify,
+        preset.adapter,
+        replace(preset.classify_train, max_steps=finetune_steps),
+        runs / "classify",
     )
     models = {"pretrained": runs / "pretrain" / "model.pt", "finetuned": runs / "finetune" / "model.pt"}
     for model in models.values():

@@ -1,5 +1,7 @@
 """The whole pipeline as one Prefect flow: the six stage flows in order, as subflows.
 
+Fine-tuning has two kinds, instruction tuning and classification (`--finetune-kind`, both by default),
+each its own stage flow and child run, both full or LoRA (`--finetune-method`).
 It opens a parent MLflow run (tagged with the Prefect flow run id) in one experiment per pipeline
 name; each stage flow opens a child run. The Prefect flow runs and MLflow runs are named alike:
 `pipeline-<label>` and `<stage>-<label>`, the label being preset, corpus and a digest of every config.
@@ -20,11 +22,13 @@ from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any, Literal
 
+import torch
 from prefect import flow
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.runtime import flow_run
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from flows.classify import classify_flow
 from flows.cli import add_debug_flag, require_tracking_server, run_command
 from flows.runners import RunnerName, task_runner_for
 from flows.stages import (
@@ -37,7 +41,9 @@ from flows.stages import (
     sample_flow,
     tokenizer_flow,
 )
+from llmcore.adapters import require_targets
 from llmcore.artifacts import MANIFEST, json_digest, read_json
+from llmcore.classify import CORPUS, check_default_task, load_texts
 from llmcore.cli import add_flag
 from llmcore.completions import held_out_prompts
 from llmcore.corpus import CorpusConfig, describe_source, source_bytes
@@ -45,6 +51,7 @@ from llmcore.device import resolve_device
 from llmcore.distributed import Context, LaunchConfig, local_rows
 from llmcore.errors import ConfigError
 from llmcore.memory import require_fits
+from llmcore.model import GPT
 from llmcore.multiple_choice import read_items
 from llmcore.presets import PRESETS, Preset, get_preset, with_vocab_size
 from llmcore.tracking import MlflowTracker
@@ -56,6 +63,12 @@ log = logging.getLogger("llmcore.pipeline")
 
 
 PresetName = Literal[tuple(PRESETS)]  # a choice in the Prefect UI and the deployment schema
+FinetuneKind = Literal["instruct", "classify", "both"]
+
+
+def finetune_kinds(kind: str) -> tuple[str, ...]:
+    """The fine-tuning stages a --finetune-kind runs."""
+    return ("instruct", "classify") if kind == "both" else (kind,)
 
 
 class PipelineParams(BaseModel):
@@ -99,8 +112,34 @@ class PipelineParams(BaseModel):
     )
     learning_rate: float | None = Field(None, description="peak pretraining learning rate")
     warmup_steps: int | None = Field(None, description="pretraining steps of linear learning-rate warmup")
-    finetune_steps: int | None = Field(None, description="fine-tuning optimizer steps")
-    max_length: int | None = Field(None, description="longest fine-tuning sequence (<= block size)")
+    finetune_steps: int | None = Field(None, description="fine-tuning optimizer steps (each kind)")
+    max_length: int | None = Field(
+        None, description="longest fine-tuning sequence or classified text, in tokens (<= block size)"
+    )
+    finetune_kind: FinetuneKind = Field(
+        "both", description="fine-tuning to run: instruct (prompt/response pairs), classify (labels), both"
+    )
+    finetune_method: Literal["full", "lora"] | None = Field(
+        None, description="train all weights or LoRA adapters, for both kinds (default: full)"
+    )
+    lora_rank: int | None = Field(None, description="LoRA rank r (default 8)")
+    lora_alpha: float | None = Field(None, description="LoRA scale numerator: updates are scaled by alpha/r")
+    lora_dropout: float | None = Field(None, description="dropout on the LoRA input in training")
+    lora_targets: str | None = Field(
+        None, description="comma-separated linear layers that get adapters (default c_attn,c_proj,c_fc)"
+    )
+    classify_data: str | None = Field(
+        None,
+        description="classification texts and labels: a jsonl/csv/parquet file or hf:NAME (default: "
+        "corpus, which source group of the corpus a passage comes from)",
+    )
+    classify_text_column: str | None = Field(None, description="text column of --classify-data")
+    label_column: str | None = Field(None, description="label column of --classify-data (default: label)")
+    classify_hf_config: str | None = Field(None, description="configuration of an hf: --classify-data")
+    classify_hf_split: str | None = Field(None, description="split of an hf: --classify-data")
+    class_weights: bool | None = Field(
+        None, description="weight the classification loss inversely to class frequency"
+    )
     device: str | None = Field(None, description="auto, cpu, cuda or cuda:N")
     precision: Literal["auto", "fp32", "bf16", "fp16"] | None = Field(
         None,
@@ -114,8 +153,8 @@ class PipelineParams(BaseModel):
     seed: int | None = Field(None, description="seed for model init, data order and sampling")
     registry_prefix: str | None = Field(
         None,
-        description="registered models are PREFIX-pretrained and "
-        "PREFIX-instruct (default: the experiment name)",
+        description="registered models are PREFIX-pretrained, "
+        "PREFIX-instruct and PREFIX-classifier (default: the experiment name)",
     )
     cloze_data: str | None = Field(
         None,
@@ -196,6 +235,27 @@ class PipelineParams(BaseModel):
             ),
         )
         finetune = replace(preset.finetune, **shared, **_set(max_steps=self.finetune_steps))
+        classify_train = replace(preset.classify_train, **shared, **_set(max_steps=self.finetune_steps))
+        adapter = replace(
+            preset.adapter,
+            **_set(
+                finetune_method=self.finetune_method,
+                lora_rank=self.lora_rank,
+                lora_alpha=self.lora_alpha,
+                lora_dropout=self.lora_dropout,
+                lora_targets=self.lora_targets,
+            ),
+        )
+        classify_data = replace(
+            preset.classify_data,
+            **_set(
+                classify_data=self.classify_data,
+                classify_text_column=self.classify_text_column,
+                label_column=self.label_column,
+                classify_hf_config=self.classify_hf_config,
+                classify_hf_split=self.classify_hf_split,
+            ),
+        )
         if self.max_length is not None and not 0 < self.max_length <= model.block_size:
             raise ConfigError(
                 f"context length {self.max_length} does not fit the model, which supports "
@@ -203,6 +263,9 @@ class PipelineParams(BaseModel):
             )
         for config in (pretrain, finetune):  # each process trains an equal share of every batch
             local_rows(Context(world_size=self.launch().world_size), config.batch_size)
+        classify = replace(
+            preset.classify, **_set(class_weights=self.class_weights, max_length=self.max_length)
+        )
         return replace(
             preset,
             corpus=corpus,
@@ -210,6 +273,10 @@ class PipelineParams(BaseModel):
             model=model,
             pretrain=pretrain,
             finetune=finetune,
+            classify_train=classify_train,
+            adapter=adapter,
+            classify_data=classify_data,
+            classify=classify,
             evaluation=replace(preset.evaluation, **_set(device=self.device, cloze_data=self.cloze_data)),
             sampling=replace(preset.sampling, **_set(seed=self.seed)),
         )
@@ -295,8 +362,12 @@ def _pipeline(**values: Any) -> list[dict[str, Any]]:
             lambda: corpus_flow(preset.corpus, **common),
             lambda d: ("documents", read_json(Path(d) / MANIFEST)["counts"]["documents"]),
         )
-        skip_finetune = check_derived_inputs(
-            preset, corpus_dir, runs, sft_data_given=params.sft_data is not None
+        skipped = check_derived_inputs(
+            preset,
+            corpus_dir,
+            runs,
+            sft_data_given=params.sft_data is not None,
+            kinds=finetune_kinds(params.finetune_kind),
         )
         tok = timed(
             "tokenizer",
@@ -333,9 +404,11 @@ def _pipeline(**values: Any) -> list[dict[str, Any]]:
             ),
             lambda m: ("val_bpb", round(read_json(Path(m).parent / MANIFEST)["metrics"]["val_bpb"], 4)),
         )
-        if skip_finetune:
+        if "instruct" in skipped:
             tuned = {"model": None, "sft_dir": None}
-            summary.append({"stage": "finetune", "seconds": 0.0, "metric": "skipped", "value": skip_finetune})
+            summary.append(
+                {"stage": "finetune", "seconds": 0.0, "metric": "skipped", "value": skipped["instruct"]}
+            )
         else:
             tuned = timed(
                 "finetune",
@@ -346,12 +419,38 @@ def _pipeline(**values: Any) -> list[dict[str, Any]]:
                     preset.sft_data,
                     preset.finetune,
                     params.max_length,
+                    preset.adapter,
                     **common,
                     launch=params.launch(),
                 ),
                 lambda r: (
                     "val_loss",
                     round(read_json(Path(r["model"]).parent / MANIFEST)["metrics"]["val_loss"], 4),
+                ),
+            )
+        if "classify" in skipped:
+            classified = {"classifier_dir": None}
+            summary.append(
+                {"stage": "classify", "seconds": 0.0, "metric": "skipped", "value": skipped["classify"]}
+            )
+        else:
+            classified = timed(
+                "classify",
+                lambda: classify_flow(
+                    pretrained,
+                    tok["tokenizer_dir"],
+                    corpus_dir,
+                    preset.classify_data,
+                    preset.classify,
+                    preset.adapter,
+                    preset.classify_train,
+                    **common,
+                ),
+                lambda r: (
+                    "accuracy (tfidf / majority)",
+                    "{classifier_accuracy:.3f} ({tfidf_accuracy:.3f} / {majority_accuracy:.3f})".format(
+                        **r["metrics"]
+                    ),
                 ),
             )
         common.pop("runs_dir")
@@ -364,6 +463,7 @@ def _pipeline(**values: Any) -> list[dict[str, Any]]:
                 tok["tokens_dir"],
                 tuned["sft_dir"],
                 preset.evaluation,
+                classifier_dir=classified["classifier_dir"],
                 **common,
                 corpus_dir=corpus_dir,
             ),
@@ -402,6 +502,16 @@ def _pipeline(**values: Any) -> list[dict[str, Any]]:
                     _prefixed(scores, "finetuned"),
                 )
             )
+        if classified["classifier_dir"]:
+            candidates.append(
+                Candidate(
+                    "classifier",
+                    "classifier",
+                    str(Path(classified["classifier_dir"]) / "model.pt"),
+                    tok["tokenizer_dir"],
+                    _prefixed(scores, "classifier"),
+                )
+            )
         decisions = timed(
             "promote",
             lambda: register_and_promote(
@@ -432,23 +542,39 @@ def _pipeline(**values: Any) -> list[dict[str, Any]]:
     return summary
 
 
-def check_derived_inputs(preset: Preset, corpus_dir: str, runs_dir: str, sft_data_given: bool) -> str | None:
-    """Build what the later stages derive from the corpus (instruction pairs, sampling prompts) before any
-    training, so that no default can fail the run after pretraining. Returns why instruction tuning is
-    skipped (no pairs derived by default), or None; pairs from --sft-data that fail raise ConfigError."""
+def check_derived_inputs(
+    preset: Preset,
+    corpus_dir: str,
+    runs_dir: str,
+    sft_data_given: bool,
+    kinds: tuple[str, ...] = ("instruct", "classify"),
+) -> dict[str, str]:
+    """Build (or check) what the later stages derive from the corpus (instruction pairs, the default
+    classification task, sampling prompts) before any training, so that no default can fail the run after
+    pretraining. Returns the fine-tuning kinds skipped ("instruct", "classify"), each with why: not in
+    `kinds`, or nothing to train on by default (one notice each). Pairs from --sft-data that fail raise
+    ConfigError; labelled --classify-data was checked before Prefect started (check_inputs)."""
     held_out_prompts(Path(corpus_dir), preset.prompts)
-    try:
-        build_sft_data.fn(preset.sft_data, corpus_dir, runs_dir)  # the fine-tuning stage reuses the folder
-    except ConfigError as error:
-        if sft_data_given:
-            raise
-        log.warning(
-            "pipeline: no instruction pairs derived by default (%s); instruction tuning skipped: pass "
-            "--sft-data FILE with prompt/response columns to run it",
-            error,
-        )
-        return f"no {preset.sft_data.source} pairs (pass --sft-data FILE)"
-    return None
+    skipped = {kind: "not chosen (--finetune-kind)" for kind in ("instruct", "classify") if kind not in kinds}
+    if "instruct" in kinds:
+        try:
+            build_sft_data.fn(preset.sft_data, corpus_dir, runs_dir)  # the fine-tuning stage reuses it
+        except ConfigError as error:
+            if sft_data_given:
+                raise
+            log.warning(
+                "pipeline: no instruction pairs derived by default (%s); instruction tuning skipped: pass "
+                "--sft-data FILE with prompt/response columns to run it",
+                error,
+            )
+            skipped["instruct"] = f"no {preset.sft_data.source} pairs (pass --sft-data FILE)"
+    if "classify" in kinds and preset.classify_data.classify_data == CORPUS:
+        try:
+            check_default_task(Path(corpus_dir), preset.classify_data.max_classes)
+        except ConfigError as error:
+            log.warning("pipeline: %s; classification skipped", error)
+            skipped["classify"] = "no default task on this corpus (pass --classify-data FILE)"
+    return skipped
 
 
 def _sample_metric(metrics: dict[str, Any]) -> tuple[str, Any]:
@@ -493,7 +619,7 @@ def run_report(
     lines += [
         f"| {k} | {v:.4f} |"
         for k, v in sorted(scores.items())
-        if k.endswith(("bpb", "loss", "bpb_strided", "cloze_accuracy", "cloze_chance"))
+        if k.endswith(("bpb", "loss", "bpb_strided", "accuracy", "cloze_chance", "macro_f1"))
     ]
     lines += ["", "## Promotion", ""]
     for d in decisions:
@@ -551,16 +677,19 @@ def main(argv: list[str] | None = None) -> None:
 
     def run() -> None:
         params = PipelineParams(**values)
-        check_inputs(params.build())  # every config and input, before Prefect and MLflow start
+        # every config and input, before Prefect and MLflow start
+        check_inputs(params.build(), finetune_kinds(params.finetune_kind))
         task_runner_for(params.task_runner, params.ray_address)  # Ray installed when asked for
         print_summary(pipeline(**values), params.experiment, tracking_uri)
 
     run_command(run, values.get("runs_dir", RUNS_DIR), debug)
 
 
-def check_inputs(preset: Preset) -> None:
-    """What can be checked before any work: the sources exist and can fill the vocabulary, the devices are
-    there, a training step fits in memory, and the MLflow server (if one is named) answers."""
+def check_inputs(preset: Preset, kinds: tuple[str, ...] = ("instruct", "classify")) -> None:
+    """What can be checked before any work: the sources exist and can fill the vocabulary, labelled
+    classification data has its columns and at least two examples of every label, LoRA targets name layers
+    of the model, the devices are there, a training step fits in memory, and the MLflow server (if one is
+    named) answers."""
     corpus_bytes = _corpus_bytes_at_most(preset.corpus)
     fits = preset.tokenizer.fit_vocab_to_corpus  # then the tokenizer stage sizes the vocabulary
     if corpus_bytes is not None and corpus_bytes < preset.tokenizer.vocab_size and not fits:
@@ -576,9 +705,18 @@ def check_inputs(preset: Preset) -> None:
         )
     if preset.evaluation.cloze_data:
         read_items(Path(preset.evaluation.cloze_data))  # every item checked before any training
+    if "classify" in kinds and preset.classify_data.classify_data != CORPUS:
+        load_texts(preset.classify_data)
+    if preset.adapter.finetune_method == "lora":
+        with torch.device("meta"):  # layer names only: no memory, no initialisation
+            require_targets(GPT(preset.model), preset.adapter.targets)
     for device in {preset.pretrain.device, preset.finetune.device, preset.evaluation.device}:
         resolve_device(device)
-    for stage, config in (("pretraining", preset.pretrain), ("fine-tuning", preset.finetune)):
+    for stage, config in (
+        ("pretraining", preset.pretrain),
+        ("fine-tuning", preset.finetune),
+        ("classification", preset.classify_train),
+    ):
         require_fits(
             preset.model,
             config.batch_size,

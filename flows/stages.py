@@ -19,6 +19,7 @@ from prefect import flow, unmapped
 from prefect.runtime import flow_run
 
 from flows.runners import RunnerName, task_runner_for
+from llmcore.adapters import AdapterConfig
 from llmcore.artifacts import is_finished, json_digest
 from llmcore.completions import PromptConfig
 from llmcore.corpus import CorpusConfig, source_digest
@@ -29,7 +30,7 @@ from llmcore.sampling import SamplingConfig
 from llmcore.sft_data import SFTDataConfig
 from llmcore.tokenizer import EncodePart, TokenizerConfig
 from llmcore.train import TrainConfig
-from tasks import stages
+from tasks import classify, stages
 from tasks.tracking import mlflow_run
 
 RUNS_DIR = "runs"
@@ -47,6 +48,7 @@ FLOW_STAGES = {
     "tokenizer-training": "tokenizer",
     "pretraining": "pretrain",
     "fine-tuning": "finetune",
+    "classification": "classify",
     "evaluation": "evaluate",
     "generation-sampling": "sample",
     "token-encoding": "encode",
@@ -144,18 +146,19 @@ def finetune_flow(
     data: SFTDataConfig = SFTDataConfig(),
     config: TrainConfig = TrainConfig(max_steps=100),
     max_length: int | None = None,
+    adapter: AdapterConfig = AdapterConfig(),
     runs_dir: str = RUNS_DIR,
     experiment: str = EXPERIMENT,
     parent_run_id: str | None = None,
     run_label: str | None = None,
     launch: LaunchConfig = LaunchConfig(),
 ) -> dict[str, str]:
-    """Stage 4: build prompt/response pairs and fine-tune the pretrained model on them (under torchrun
-    when `launch` names more than one process)."""
+    """Stage 4: build prompt/response pairs and fine-tune the pretrained model on them (all weights, or
+    LoRA adapters merged into the saved model; under torchrun when `launch` names more than one process)."""
     with mlflow_run(experiment, stage_run_name(), parent_run_id, _tags()) as run_id:
         sft_dir = _fresh(stages.build_sft_data, data, corpus_dir, runs_dir)
         model_file = stages.finetune_model(
-            base_model, tokenizer_dir, sft_dir, config, runs_dir, max_length, run_id, launch
+            base_model, tokenizer_dir, sft_dir, config, runs_dir, max_length, run_id, launch, adapter
         )
         stages.log_model(run_id, model_file, tokenizer_dir, chat=True, name="finetuned")
         return {"model": model_file, "sft_dir": sft_dir}
@@ -169,6 +172,7 @@ def evaluate_flow(
     tokens_dir: str,
     sft_dir: str | None,
     config: EvalConfig = EvalConfig(),
+    classifier_dir: str | None = None,
     experiment: str = EXPERIMENT,
     parent_run_id: str | None = None,
     run_label: str | None = None,
@@ -176,12 +180,17 @@ def evaluate_flow(
 ) -> dict[str, float]:
     """Stage 5: held-out loss, perplexity, bits per byte (vs gzip/bz2/xz; non-overlapping and strided)
     and response-only loss (the fine-tuned model and the response loss only where instruction tuning
-    ran); with the corpus folder, cloze accuracy and the contamination of every evaluation set."""
+    ran); with the corpus folder, cloze accuracy and the contamination of every evaluation set; with a
+    classifier folder (runs/classify/<id>), its held-out accuracy and macro-F1 beside the majority class and
+    TF-IDF."""
     models = {"pretrained": pretrained} | ({"finetuned": finetuned} if finetuned else {})
     with mlflow_run(experiment, stage_run_name(), parent_run_id, _tags()) as run_id:
-        return stages.evaluate_models(
+        metrics = stages.evaluate_models(
             models, tokenizer_dir, tokens_dir, sft_dir, config, run_id, corpus_dir=corpus_dir
         )
+        if classifier_dir:
+            metrics |= classify.log_classifier_evaluation(classifier_dir, run_id, prefix="evaluate/")
+        return metrics
 
 
 @flow(name="generation-sampling", flow_run_name=stage_run_name)

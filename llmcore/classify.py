@@ -88,10 +88,11 @@ class ClassifyDataConfig:
     classify_data: str = (
         CORPUS  # "corpus" (source-group task on the corpus) | jsonl/csv/parquet file | hf:NAME
     )
-    text_column: str = "text"  # text column of a labelled file or HF dataset
+    # Names carry a classify_ prefix where the pipeline's corpus flags have the same idea (--text-column).
+    classify_text_column: str = "text"  # text column of a labelled file or HF dataset
     label_column: str = "label"  # label column of a labelled file or HF dataset
-    hf_config: str | None = None  # HF dataset configuration name
-    hf_split: str = "train"  # HF split to read (held-out texts are chosen from it by hash)
+    classify_hf_config: str | None = None  # HF dataset configuration name
+    classify_hf_split: str = "train"  # HF split to read (held-out texts are chosen from it by hash)
     validation_fraction: float = 0.2  # labelled data: share of texts held out, chosen by text hash
     max_classes: int = 8  # default task: the most frequent source groups kept as classes; the rest is "other"
     passage_chars: int = 400  # default task: passages are chunks of whole lines up to this many characters
@@ -162,9 +163,17 @@ def corpus_groups(corpus_dir: Path) -> dict[str, Counter]:
     }
 
 
-def check_default_task(corpus_dir: Path) -> None:
+def default_classes(groups: dict[str, Counter], max_classes: int) -> list[str]:
+    """The default task's classes: the most frequent source groups of the training documents."""
+    ranked = sorted(groups["train"], key=lambda g: (-(groups["train"][g] + groups["validation"][g]), g))
+    return ranked[:max_classes]
+
+
+def check_default_task(corpus_dir: Path, max_classes: int = ClassifyDataConfig.max_classes) -> None:
     """ConfigError, in one line, when the corpus cannot give the default task two classes: one source group
-    (a single file, a hub dataset) and no labels. Cheap: it reads document sources only."""
+    (a single file, a hub dataset) and no labels; or held-out documents that all fall in one class (a flat
+    folder of files, each file its own group: every held-out passage would be `other`, and the scores
+    would say nothing). Cheap: it reads document sources only."""
     groups = corpus_groups(corpus_dir)
     if len(groups["train"]) < 2:
         names = ", ".join(sorted(groups["train"] | groups["validation"])) or "none"
@@ -172,6 +181,15 @@ def check_default_task(corpus_dir: Path) -> None:
             f"corpus {corpus_dir} has one source group ({names}) and no labels, so there is no default "
             "classification task: pass --classify-data with a text and a label column, or a corpus "
             "of several files or folders, or skip classification"
+        )
+    classes = set(default_classes(groups, max_classes))
+    held_out = {group if group in classes else OTHER for group in groups["validation"]}
+    if len(held_out) < 2:
+        raise ConfigError(
+            f"corpus {corpus_dir}: the held-out documents all fall in one class ({', '.join(held_out)}) "
+            "of the default classification task (one file per source group?), so it has nothing to "
+            "score: pass --classify-data with a text and a label column, or a corpus of folders with "
+            "several files each, or skip classification"
         )
 
 
@@ -190,11 +208,10 @@ def passages(text: str, max_chars: int) -> list[str]:
 
 def source_group_texts(corpus_dir: Path, config: ClassifyDataConfig) -> LabelledTexts:
     """The default task: passages labelled with their document's source group, split like the corpus."""
-    check_default_task(corpus_dir)
+    check_default_task(corpus_dir, config.max_classes)
     groups = corpus_groups(corpus_dir)
-    ranked = sorted(groups["train"], key=lambda g: (-(groups["train"][g] + groups["validation"][g]), g))
-    classes = ranked[: config.max_classes]
-    rest = len(ranked) > len(classes) or bool(set(groups["validation"]) - set(classes))
+    classes = default_classes(groups, config.max_classes)
+    rest = len(groups["train"]) > len(classes) or bool(set(groups["validation"]) - set(classes))
     labels = classes + ([OTHER] if rest and OTHER not in classes else [])
     ids = {name: i for i, name in enumerate(labels)}
     split_texts: dict[str, list[tuple[str, int]]] = {}
@@ -217,7 +234,7 @@ def labelled_file_texts(config: ClassifyDataConfig) -> LabelledTexts:
     source = config.classify_data
     if source.startswith("hf:"):
         frame, where = (
-            load_hf_table(source[3:], config.hf_config, config.hf_split),
+            load_hf_table(source[3:], config.classify_hf_config, config.classify_hf_split),
             f"hf dataset {source[3:]}",
         )
     else:
@@ -234,7 +251,7 @@ def labelled_file_texts(config: ClassifyDataConfig) -> LabelledTexts:
                 f"classification data {source} is unreadable ({e}): pass a valid table file"
             ) from e
         where = f"classification data {source}"
-    columns = {"text_column": config.text_column, "label_column": config.label_column}
+    columns = {"classify_text_column": config.classify_text_column, "label_column": config.label_column}
     rows = [
         (text, label.strip())
         for text, label in table_columns(frame, columns, where)

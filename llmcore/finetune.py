@@ -2,6 +2,8 @@
 
 A pair becomes one chat turn (`llmcore.chat`); the loss is taken on the response and its `<|end|>` only.
 Training reuses `llmcore.train.fit`, starting from the pretrained weights, and resumes like pretraining.
+All weights train, or only low-rank adapters (`llmcore.adapters`): then the adapter is saved on its own
+(`adapter/`) and merged into the saved `model.pt`, which later stages load as any model.
 Building the pairs is `llmcore.sft_data`'s job; this module only encodes and trains on them.
 
     python -m llmcore.finetune --base DIR/model.pt --tokenizer DIR --sft DIR --out DIR --max-steps 100
@@ -14,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from llmcore import distributed
+from llmcore.adapters import AdapterConfig, apply_lora, merge, parameter_counts, save_adapter
 from llmcore.artifacts import MANIFEST, atomic_write_json, file_digest, is_finished, locks_folder, read_json
 from llmcore.batches import sft_batches
 from llmcore.checkpoint import load_model, save_model, verify_model
@@ -35,6 +38,7 @@ def finetune(
     out_dir: Path,
     max_length: int | None = None,
     tracker: Tracker = NullTracker(),
+    adapter: AdapterConfig = AdapterConfig(),
 ) -> dict[str, Any]:
     """Fine-tune the model in base_model on the pairs in sft_dir; write out_dir/model.pt and manifest.json.
 
@@ -50,7 +54,10 @@ def finetune(
         )
     max_length = max_length or block
     tracker.log_params(
-        {"finetune": asdict(config) | {"max_length": max_length, "base_model": str(base_model)}}
+        {
+            "finetune": asdict(config) | {"max_length": max_length, "base_model": str(base_model)},
+            "adapter": asdict(adapter),
+        }
     )
     inputs = {
         "base_model": file_digest(Path(base_model)),
@@ -58,6 +65,7 @@ def finetune(
         if is_finished(Path(sft_dir))
         else None,
         "max_length": max_length,
+        "adapter": asdict(adapter),
     }
     if is_finished(out_dir):
         manifest = read_json(out_dir / MANIFEST)
@@ -86,6 +94,14 @@ def finetune(
             "finetune/trained_fraction": train_batches.info["trained_fraction"],
         }
     )
+    if adapter.finetune_method == "lora":
+        model = apply_lora(model, adapter)
+    counts = parameter_counts(model)
+    log.info(
+        "finetune: %s: %s of %s parameters train",
+        adapter.finetune_method,
+        *map("{:,}".format, counts.values()),
+    )
     model.train()
     metrics = fit(
         model,
@@ -100,6 +116,9 @@ def finetune(
     )
     if distributed.env_rank() != 0:  # under torchrun rank 0 writes the model and manifest for the job
         return {"stage": "finetune", "metrics": metrics}
+    if adapter.finetune_method == "lora":
+        save_adapter(model, out_dir / "adapter")
+        model = merge(model)
     # max_length travels with the weights: sampling, the pyfunc model and evaluation cut prompts with it
     model_sha256 = save_model(
         out_dir / "model.pt", model.to("cpu"), extra={"chat": True, "max_length": max_length}
@@ -113,6 +132,9 @@ def finetune(
         "train_config": asdict(config),
         "max_length": max_length,
         "metrics": metrics,
+        "params": counts,
+        "adapter_config": asdict(adapter),
+        "adapter": "adapter" if adapter.finetune_method == "lora" else None,
         "identity": run_identity(model.config, config, inputs),
         "tokenizer_dir": str(Path(tokenizer_dir).resolve()),
         "sft_dir": str(Path(sft_dir).resolve()),
@@ -129,6 +151,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--max-length", type=int)
     add_config_flags(parser, TrainConfig)
+    add_config_flags(parser, AdapterConfig)
     args = vars(parser.parse_args(argv))
     logging.basicConfig(level=distributed.log_level(), format="%(asctime)s %(message)s")
     train_args = given(TrainConfig, args)
@@ -142,6 +165,7 @@ def main(argv: list[str] | None = None) -> None:
                 args["out"],
                 args["max_length"],
                 tracker,
+                adapter=replace(AdapterConfig(), **given(AdapterConfig, args)),
             )
     except ConfigError as error:
         parser.error(str(error))

@@ -7,11 +7,15 @@
 
 A preset only groups configs; each stage receives its own config and nothing else. The one derived
 value, the model's vocabulary size, is taken from the tokenizer config here (and, for a preset whose
-tokenizer fits its vocabulary to the corpus, from the trained tokenizer by the pipeline).
+tokenizer fits its vocabulary to the corpus, from the trained tokenizer by the pipeline). Fine-tuning has
+two kinds, instruction tuning (`finetune`) and classification (`classify_train`), both sized here;
+`adapter` (full or LoRA) applies to both.
 """
 
 from dataclasses import dataclass, replace
 
+from llmcore.adapters import AdapterConfig
+from llmcore.classify import ClassifyConfig, ClassifyDataConfig
 from llmcore.completions import PromptConfig
 from llmcore.corpus import CorpusConfig
 from llmcore.errors import ConfigError
@@ -36,6 +40,10 @@ class Preset:
     evaluation: EvalConfig
     prompts: PromptConfig
     sampling: SamplingConfig
+    classify_data: ClassifyDataConfig
+    classify: ClassifyConfig
+    classify_train: TrainConfig
+    adapter: AdapterConfig = AdapterConfig()  # full fine-tuning or LoRA, for both kinds
 
     def __post_init__(self):
         if self.model.vocab_size != self.tokenizer.vocab_size:
@@ -77,6 +85,18 @@ def tiny() -> Preset:
         evaluation=EvalConfig(max_tokens=4096),
         prompts=PromptConfig(num_prompts=2),
         sampling=SamplingConfig(max_new_tokens=16, temperature=0.8),
+        classify_data=ClassifyDataConfig(max_classes=4, passage_chars=200),
+        classify=ClassifyConfig(),
+        classify_train=TrainConfig(
+            max_steps=6,
+            batch_size=8,
+            learning_rate=1e-3,
+            warmup_steps=2,
+            eval_interval=6,
+            eval_batches=2,
+            checkpoint_interval=6,
+            log_interval=2,
+        ),
     )
 
 
@@ -112,6 +132,18 @@ def smoke() -> Preset:
         evaluation=EvalConfig(max_tokens=32_768),
         prompts=PromptConfig(num_prompts=4),
         sampling=SamplingConfig(max_new_tokens=48, temperature=0.8),
+        classify_data=ClassifyDataConfig(),
+        classify=ClassifyConfig(),
+        classify_train=TrainConfig(
+            max_steps=150,
+            batch_size=16,
+            learning_rate=1e-3,
+            warmup_steps=15,
+            eval_interval=75,
+            eval_batches=8,
+            checkpoint_interval=75,
+            log_interval=25,
+        ),
     )
 
 
@@ -147,6 +179,18 @@ def cpu() -> Preset:
         evaluation=EvalConfig(max_tokens=262_144),
         prompts=PromptConfig(num_prompts=8),
         sampling=SamplingConfig(max_new_tokens=128, temperature=0.8),
+        classify_data=ClassifyDataConfig(),
+        classify=ClassifyConfig(),
+        classify_train=TrainConfig(
+            max_steps=300,
+            batch_size=16,
+            learning_rate=5e-4,
+            warmup_steps=20,
+            eval_interval=100,
+            eval_batches=16,
+            checkpoint_interval=100,
+            log_interval=25,
+        ),
     )
 
 
@@ -192,6 +236,18 @@ def gpu() -> Preset:
         evaluation=EvalConfig(max_tokens=1_048_576, batch_size=16),
         prompts=PromptConfig(num_prompts=16),
         sampling=SamplingConfig(max_new_tokens=256, temperature=0.8),
+        classify_data=ClassifyDataConfig(),
+        classify=ClassifyConfig(),
+        classify_train=TrainConfig(
+            max_steps=500,
+            batch_size=32,
+            learning_rate=1e-4,
+            warmup_steps=50,
+            eval_interval=100,
+            eval_batches=16,
+            checkpoint_interval=250,
+            log_interval=10,
+        ),
     )
 
 

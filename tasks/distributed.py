@@ -22,6 +22,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from llmcore.adapters import AdapterConfig
 from llmcore.artifacts import MANIFEST, read_json
 from llmcore.cli import to_flags
 from llmcore.distributed import LaunchConfig, torchrun_command
@@ -125,9 +126,10 @@ def finetune(
     run_id: str | None,
     logger: logging.Logger | logging.LoggerAdapter,
     on_step: Callable[[int], None] | None = None,
+    adapter: AdapterConfig = AdapterConfig(),
 ) -> dict[str, Any]:
-    """`llmcore.finetune.finetune` under torchrun; returns the manifest rank 0 wrote."""
+    """`llmcore.finetune.finetune` under torchrun (all weights or LoRA); returns the manifest rank 0 wrote."""
     args = ["--base", base_model, "--tokenizer", tokenizer_dir, "--sft", sft_dir, "--out", str(out)]
     args += ["--max-length", str(max_length)] if max_length is not None else []
-    launch(config, "llmcore.finetune", args + to_flags(train), run_id, logger, on_step)
+    launch(config, "llmcore.finetune", args + to_flags(train) + to_flags(adapter), run_id, logger, on_step)
     return read_json(Path(out) / MANIFEST)

@@ -9,6 +9,11 @@ version is promoted. The decision and both figures are written as version tags a
 registered version also gets its Hugging Face export (`llmcore.export`) as `hf_export/` artifacts of its
 run, named in the version tag `hf_export`, so `transformers` can load what the registry holds.
 
+The classifier (`<prefix>-classifier`, when classification ran) is gated more simply, and differently: on
+the held-out macro-F1 recorded when each version was registered (its `eval.macro_f1` tag), higher is
+better. Each figure comes from its own run's held-out texts, so the comparison is fair only while the
+classification data (and its split) stays the same; it has no Hugging Face export.
+
 What this module does not do: train, log models (tasks/tracking.py), or load a pyfunc model: a
 champion's weights and tokenizer are downloaded as files and loaded by llmcore (weights only).
 """
@@ -41,6 +46,8 @@ PROMOTION_METRICS: dict[str, Literal["lower", "higher"]] = {
     "perplexity": "lower",
 }
 PromotionMetric = Literal["bpb", "loss", "perplexity"]
+CLASSIFIER, CLASSIFIER_METRIC = "classifier", "macro_f1"  # the classifier's kind and its gated metric
+BETTER = PROMOTION_METRICS | {CLASSIFIER_METRIC: "higher"}
 HELD_OUT_BYTES_PER_TOKEN = 4  # the gate scores about EvalConfig.max_tokens tokens' worth of held-out bytes
 
 
@@ -48,7 +55,7 @@ HELD_OUT_BYTES_PER_TOKEN = 4  # the gate scores about EvalConfig.max_tokens toke
 class Candidate:
     """One model of this run: what it is called in the registry and where its files are."""
 
-    kind: str  # "pretrained" or "instruct"
+    kind: str  # "pretrained", "instruct" or "classifier"
     logged_name: str  # the name it was logged under by its stage flow (tasks/stages.py log_model)
     model_file: str
     tokenizer_dir: str
@@ -60,7 +67,7 @@ def registered_name(prefix: str, kind: str) -> str:
 
 
 def beats(metric: str, challenger: float, champion: float) -> bool:
-    return challenger < champion if PROMOTION_METRICS[metric] == "lower" else challenger > champion
+    return challenger < champion if BETTER[metric] == "lower" else challenger > champion
 
 
 def version_by_alias(name: str, alias: str) -> ModelVersion:
@@ -145,27 +152,51 @@ def gate(
     candidate: Candidate, version: ModelVersion, held_out: list[str], metric: str, config: EvalConfig
 ) -> dict[str, Any]:
     """Score challenger and champion on the same held-out text; move `champion` if the challenger wins."""
+    challenger = score_text(Path(candidate.model_file), Path(candidate.tokenizer_dir), held_out, config)
+    current, champion = current_champion(version.name), None
+    if current is not None:
+        with tempfile.TemporaryDirectory() as tmp:
+            model_file, tokenizer_file, _ = download_version(current, Path(tmp))
+            champion = score_text(model_file, tokenizer_file, held_out, config)[metric]
+    return decide(version, metric, challenger[metric], current, champion) | {
+        "bytes": challenger.get("bytes", 0.0)
+    }
+
+
+def gate_recorded(candidate: Candidate, version: ModelVersion, metric: str) -> dict[str, Any]:
+    """Compare the challenger's recorded figure with the champion's (its `eval.<metric>` tag), each from
+    its own run's held-out data; move `champion` if the challenger wins."""
+    current = current_champion(version.name)
+    champion = None if current is None else float(current.tags[f"eval.{metric}"])
+    return decide(version, metric, candidate.metrics[metric], current, champion)
+
+
+def current_champion(name: str) -> ModelVersion | None:
+    try:
+        return MlflowClient().get_model_version_by_alias(name, CHAMPION)
+    except MlflowException:
+        return None
+
+
+def decide(
+    version: ModelVersion,
+    metric: str,
+    challenger: float,
+    current: ModelVersion | None,
+    champion: float | None,
+) -> dict[str, Any]:
+    """Promote the challenger if there is no champion or it beats the champion's figure; record the
+    decision and both figures as version tags."""
     client = MlflowClient()
     name = version.name
-    challenger = score_text(Path(candidate.model_file), Path(candidate.tokenizer_dir), held_out, config)
     decision: dict[str, Any] = {
         "model": name,
         "version": version.version,
         "metric": metric,
-        "challenger": challenger[metric],
-        "bytes": challenger.get("bytes", 0.0),
-        "champion": None,
-        "champion_version": None,
+        "challenger": challenger,
+        "champion": champion,
+        "champion_version": None if current is None else current.version,
     }
-    try:
-        current = client.get_model_version_by_alias(name, CHAMPION)
-    except MlflowException:
-        current = None
-    if current is not None:
-        with tempfile.TemporaryDirectory() as tmp:
-            model_file, tokenizer_file, _ = download_version(current, Path(tmp))
-            decision["champion"] = score_text(model_file, tokenizer_file, held_out, config)[metric]
-        decision["champion_version"] = current.version
     promoted = current is None or beats(metric, decision["challenger"], decision["champion"])
     decision["promoted"] = promoted
     decision["decision"] = (
@@ -218,6 +249,9 @@ def register_and_promote(
         if logged is None:
             continue
         version = register(candidate, logged.model_uri, registered_name(prefix, candidate.kind), tags)
+        if candidate.kind == CLASSIFIER:
+            decisions.append(gate_recorded(candidate, version, CLASSIFIER_METRIC))
+            continue
         export_version(candidate, logged.source_run_id, version)
         decisions.append(gate(candidate, version, held_out, metric, config))
     create_markdown_artifact(

@@ -23,6 +23,7 @@ from prefect.artifacts import create_table_artifact
 from prefect.concurrency.sync import concurrency
 
 from llmcore import completions, contamination, corpus, evaluate, finetune, sft_data, tokenizer, train
+from llmcore.adapters import AdapterConfig
 from llmcore.artifacts import MANIFEST, file_digest, is_finished, json_digest, read_json
 from llmcore.chat import chat_max_length
 from llmcore.checkpoint import load_model
@@ -399,12 +400,19 @@ def finetune_model(
     max_length: int | None = None,
     run_id: str | None = None,
     launch: LaunchConfig = LaunchConfig(),
+    adapter: AdapterConfig = AdapterConfig(),
 ) -> str:
     pairs = _manifest(sft_dir, "sft data")
     out = (
         Path(runs_dir)
         / "finetune"
-        / _key(file_digest(Path(base_model)), pairs["content_digest"], result_fields(config), max_length)
+        / _key(
+            file_digest(Path(base_model)),
+            pairs["content_digest"],
+            result_fields(config),
+            max_length,
+            asdict(adapter),
+        )
     )
     tracker = ProgressTracker(
         tracker_for(run_id, runs_dir),
@@ -430,12 +438,23 @@ def finetune_model(
                 run_id,
                 get_run_logger(),
                 tracker.advance,
+                adapter,
             )
         else:
             manifest = finetune.finetune(
-                Path(base_model), Path(tokenizer_dir), Path(sft_dir), config, out, max_length, tracker
+                Path(base_model),
+                Path(tokenizer_dir),
+                Path(sft_dir),
+                config,
+                out,
+                max_length,
+                tracker,
+                adapter,
             )
     tracker.log_metrics({f"finetune/final_{k}": v for k, v in manifest["metrics"].items()})
+    tracker.log_metrics({f"finetune/{k}": v for k, v in manifest["params"].items()})  # also when reused
+    if manifest["adapter"]:
+        tracker.log_artifact(out / manifest["adapter"], "finetune/adapter")
     tracker.log_artifact(out / MANIFEST, "finetune")  # the weights are logged once, in the pyfunc model
     tracker.log_artifact(Path(sft_dir) / MANIFEST, "sft_data")
     record_or_link(sft_dir, run_id, "sft_data")

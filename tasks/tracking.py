@@ -271,6 +271,33 @@ def _pinned(*packages: str) -> list[str]:
     return [f"{name}=={version(name).split('+')[0]}" for name in packages]
 
 
+def model_digest(model_file: Path, tokenizer_dir: Path, *kind: Any) -> str:
+    """What identifies a logged model: its weights, its tokenizer and its kind."""
+    return json_digest(
+        [file_digest(Path(model_file)), file_digest(Path(tokenizer_dir) / "tokenizer.model"), *kind]
+    )[:32]
+
+
+def reuse_logged_model(run_id: str, digest: str, name: str) -> str | None:
+    """The URI of a model with this digest already logged in the run's experiment, with the run linked to
+    it (an output of the run, tag `reused.model.<name>`); None when there is none."""
+    from mlflow.entities import LoggedModelOutput
+
+    client = MlflowClient()
+    experiment = client.get_run(run_id).info.experiment_id
+    same = mlflow.search_logged_models(
+        experiment_ids=[experiment],
+        output_format="list",
+        filter_string=f"tags.`{MODEL_DIGEST_TAG}` = '{digest}'",
+    )
+    ready = [m for m in same if str(m.status).endswith("READY")]
+    if not ready:
+        return None
+    client.log_outputs(run_id, [LoggedModelOutput(ready[0].model_id, step=0)])
+    client.set_tag(run_id, f"reused.model.{name}", ready[0].model_id)
+    return ready[0].model_uri
+
+
 def log_generator_model(run_id: str, model_file: Path, tokenizer_dir: Path, chat: bool, name: str) -> str:
     """Log a pyfunc model bundling weights, tokenizer and config; return its models:/ URI.
 
@@ -280,26 +307,14 @@ def log_generator_model(run_id: str, model_file: Path, tokenizer_dir: Path, chat
     """
     import tempfile
 
-    from mlflow.entities import LoggedModelOutput
     from mlflow.models import infer_signature
 
     import llmcore
 
-    client = MlflowClient()
-    digest = json_digest(
-        [file_digest(Path(model_file)), file_digest(Path(tokenizer_dir) / "tokenizer.model"), chat, name]
-    )[:32]
-    experiment = client.get_run(run_id).info.experiment_id
-    same = mlflow.search_logged_models(
-        experiment_ids=[experiment],
-        output_format="list",
-        filter_string=f"tags.`{MODEL_DIGEST_TAG}` = '{digest}'",
-    )
-    ready = [m for m in same if str(m.status).endswith("READY")]
-    if ready:
-        client.log_outputs(run_id, [LoggedModelOutput(ready[0].model_id, step=0)])
-        client.set_tag(run_id, f"reused.model.{name}", ready[0].model_id)
-        return ready[0].model_uri
+    digest = model_digest(model_file, tokenizer_dir, chat, name)
+    reused = reuse_logged_model(run_id, digest, name)
+    if reused:
+        return reused
 
     # An unnamed string column: predict takes a list of prompts, or a DataFrame (its "prompt" column).
     signature = infer_signature(

@@ -116,3 +116,32 @@ def test_bad_adapter_config_is_a_one_line_error(fields):
     with pytest.raises(ConfigError) as error:
         AdapterConfig(**fields)
     assert "\n" not in str(error.value) and "--" in str(error.value)
+
+
+def test_instruction_tuning_with_lora_saves_the_adapter_and_a_merged_model(tmp_path):
+    from llmcore.checkpoint import load_model, save_model
+    from llmcore.finetune import finetune
+    from llmcore.train import TrainConfig
+    from tests.tiny_run import build_data
+
+    data = build_data(tmp_path)
+    torch.manual_seed(0)
+    save_model(
+        tmp_path / "base.pt", GPT(GPTConfig(vocab_size=400, block_size=32, n_layer=1, n_head=2, n_embd=32))
+    )
+    recipe = TrainConfig(
+        max_steps=3, batch_size=4, learning_rate=1e-2, warmup_steps=1, eval_batches=1, device="cpu"
+    )
+    lora = AdapterConfig(finetune_method="lora", lora_rank=2, lora_targets="c_attn")
+    manifest = finetune(
+        tmp_path / "base.pt", data["tokenizer"], data["sft"], recipe, tmp_path / "out", adapter=lora
+    )
+    assert 0 < manifest["params"]["trainable_params"] < manifest["params"]["total_params"] / 10
+    assert (tmp_path / "out" / "adapter" / "adapter_config.json").is_file()
+    base, tuned = (
+        load_model(tmp_path / "base.pt").state_dict(),
+        load_model(tmp_path / "out" / "model.pt").state_dict(),
+    )
+    assert tuned.keys() == base.keys()  # merged: a plain GPT, no adapter layers
+    changed = {k for k in base if not torch.equal(base[k], tuned[k])}
+    assert changed and all(k.endswith("c_attn.weight") for k in changed)  # only the adapted layers moved

@@ -165,7 +165,7 @@ def test_labelled_csv_is_split_by_text_and_labels_are_sorted(tmp_path):
     pd.DataFrame(rows).to_csv(tmp_path / "reviews.csv", index=False)
     config = ClassifyDataConfig(
         classify_data=str(tmp_path / "reviews.csv"),
-        text_column="review",
+        classify_text_column="review",
         label_column="sentiment",
         validation_fraction=0.25,
     )
@@ -264,7 +264,7 @@ def test_flow_logs_metrics_and_a_pyfunc_classifier_that_predicts_in_a_fresh_proc
         log_interval=10,
         device="cpu",
     )
-    metrics = classify_flow(
+    result = classify_flow(
         str(root / "base.pt"),
         str(root / "tok"),
         str(corpus),
@@ -275,6 +275,8 @@ def test_flow_logs_metrics_and_a_pyfunc_classifier_that_predicts_in_a_fresh_proc
         runs_dir=str(tmp_path / "runs"),
         experiment="classify-test",
     )
+    metrics = result["metrics"]
+    assert Path(result["classifier_dir"], "model.pt").is_file()
     assert set(metrics) >= {
         "classifier_accuracy",
         "classifier_macro_f1",
@@ -311,3 +313,62 @@ def test_flow_logs_metrics_and_a_pyfunc_classifier_that_predicts_in_a_fresh_proc
         assert set(row) == {"label", *(f"prob_{label}" for label in labels)}
         assert sum(row[f"prob_{label}"] for label in labels) == pytest.approx(1, abs=1e-4)
         assert row["label"] == max(labels, key=lambda label: row[f"prob_{label}"])
+
+
+def test_pipeline_flags_size_both_kinds_of_fine_tuning():
+    from flows.pipeline import PipelineParams
+
+    preset = PipelineParams(
+        preset="tiny",
+        finetune_steps=5,
+        batch_size=3,
+        max_length=48,
+        finetune_method="lora",
+        lora_rank=2,
+        lora_targets="c_fc",
+        classify_data="tickets.csv",
+        classify_text_column="body",
+        label_column="intent",
+        class_weights=True,
+    ).build()
+    assert preset.finetune.max_steps == preset.classify_train.max_steps == 5
+    assert preset.finetune.batch_size == preset.classify_train.batch_size == 3
+    assert preset.adapter == AdapterConfig(finetune_method="lora", lora_rank=2, lora_targets="c_fc")
+    assert (preset.classify_data.classify_text_column, preset.classify_data.label_column) == (
+        "body",
+        "intent",
+    )
+    assert preset.classify.class_weights and preset.classify.max_length == 48
+
+
+def test_pipeline_skips_classification_of_a_one_group_corpus_with_a_notice_before_pretraining(
+    tmp_path, caplog
+):
+    from flows.pipeline import PipelineParams, check_derived_inputs
+
+    rows = "".join(
+        json.dumps({"text": f"Chapter {i}. It was a dark and stormy night."}) + "\n" for i in range(40)
+    )
+    (tmp_path / "book.jsonl").write_text(rows)
+    ingest(CorpusConfig(source=str(tmp_path / "book.jsonl"), validation_fraction=0.5), tmp_path / "corpus")
+    preset = PipelineParams(preset="tiny").build()
+    with caplog.at_level("WARNING", logger="llmcore.pipeline"):
+        skipped = check_derived_inputs(preset, str(tmp_path / "corpus"), str(tmp_path / "runs"), False)
+    assert set(skipped) == {"instruct", "classify"} and "--classify-data" in skipped["classify"]
+    notices = [r.getMessage() for r in caplog.records if "classification skipped" in r.getMessage()]
+    assert len(notices) == 1 and "\n" not in notices[0] and "book.jsonl" in notices[0]
+    only = check_derived_inputs(
+        preset, str(tmp_path / "corpus"), str(tmp_path / "runs"), False, ("instruct",)
+    )
+    assert only["classify"].startswith("not chosen")
+
+
+def test_flat_folder_has_no_default_task_because_held_out_files_are_new_groups(tmp_path):
+    rng = random.Random(0)
+    for i in range(12):  # twelve files, no folders: each file is its own source group
+        (tmp_path / "notes" / f"n{i}.txt").parent.mkdir(exist_ok=True)
+        (tmp_path / "notes" / f"n{i}.txt").write_text(" ".join(rng.choices(WORDS["animals"], k=400)))
+    ingest(CorpusConfig(source=str(tmp_path / "notes"), validation_fraction=0.3), tmp_path / "corpus")
+    with pytest.raises(ConfigError) as error:
+        check_default_task(tmp_path / "corpus")
+    assert "all fall in one class (other)" in one_line(error) and "--classify-data" in str(error.value)

@@ -91,10 +91,25 @@ def _closed_port() -> int:
 
 @pytest.mark.cli
 @pytest.mark.parametrize(
-    "case", ["batch", "vocab_small", "vocab_large", "device", "mlflow_down", "missing_corpus"]
+    "case",
+    [
+        "batch",
+        "vocab_small",
+        "vocab_large",
+        "device",
+        "mlflow_down",
+        "missing_corpus",
+        "classify_column",
+        "classify_single_example",
+        "lora_target",
+    ],
 )
 def test_bad_input_fails_in_one_line_before_prefect_starts(case, tmp_path, small_corpus, prefect_home):
     port = _closed_port()
+    labelled = tmp_path / "tickets.csv"  # label "refund" has a single example
+    labelled.write_text(
+        "body,intent\n" + "".join(f"ticket {i},{'ab'[i % 2]}\n" for i in range(20)) + "x,refund\n"
+    )
     args, env, fragments = {
         "batch": (["--batch-size", "100000"], {}, ["--batch-size", "free"]),
         "vocab_small": (["--vocab-size", "100"], {}, ["--vocab-size >= 261"]),
@@ -110,6 +125,21 @@ def test_bad_input_fails_in_one_line_before_prefect_starts(case, tmp_path, small
             [f"http://127.0.0.1:{port}", "MLFLOW_TRACKING_URI"],
         ),
         "missing_corpus": (["--corpus", "nowhere/"], {}, ["nowhere/", "--corpus"]),
+        "classify_column": (
+            ["--classify-data", str(labelled), "--label-column", "intent"],
+            {},
+            [str(labelled), "'text'", "body, intent", "--classify-text-column"],
+        ),
+        "classify_single_example": (
+            ["--classify-data", str(labelled), "--classify-text-column", "body", "--label-column", "intent"],
+            {},
+            [str(labelled), "'refund' has 1 example"],
+        ),
+        "lora_target": (
+            ["--finetune-method", "lora", "--lora-targets", "c_attn,q_proj"],
+            {},
+            ["'q_proj'", "--lora-targets", "c_attn"],
+        ),
     }[case]
     done = command("flows.pipeline", *args, cwd=tmp_path, prefect_home=prefect_home, **env)
     one_line_failure(done, *fragments)

@@ -1,7 +1,9 @@
 """The whole pipeline on a user's own data, built in the test: a folder of plain-text notes (some without a
 suffix, one binary file among them), a parquet file with user instruction pairs, and a `save_to_disk`
 dataset read through `hf:`. Non-code corpora give no docstring pairs, so instruction tuning is skipped with
-a notice unless --sft-data is given, and evaluation and sampling run on the pretrained model alone."""
+a notice unless --sft-data is given, and evaluation and sampling run on the pretrained model alone. A
+single file or dataset is one source group, and a flat folder holds out files whose groups (files) are
+not trained on: no default classification task, so classification is skipped with a notice too."""
 
 import json
 import logging
@@ -92,9 +94,23 @@ def parent_metrics(workdir: Path) -> dict[str, float]:
     }
 
 
-def assert_completed(summary: list[dict], finetuned: bool) -> dict:
+def assert_completed(summary: list[dict], finetuned: bool, classified: bool) -> dict:
     by_stage = {row["stage"]: row for row in summary}
-    assert list(by_stage) == ["corpus", "tokenizer", "pretrain", "finetune", "evaluate", "sample", "promote"]
+    assert list(by_stage) == [
+        "corpus",
+        "tokenizer",
+        "pretrain",
+        "finetune",
+        "classify",
+        "evaluate",
+        "sample",
+        "promote",
+    ]
+    classify = by_stage["classify"]
+    if classified:
+        assert classify["metric"].startswith("accuracy") and classify["seconds"] > 0
+    else:
+        assert classify["metric"] == "skipped" and "--classify-data" in classify["value"]
     if finetuned:
         assert by_stage["finetune"]["metric"] == "val_loss" and by_stage["finetune"]["value"] > 0
     else:
@@ -115,7 +131,7 @@ def test_plain_text_folder_runs_end_to_end_and_skips_instruction_tuning(prefect_
     workdir = tmp_path / "run"
     workdir.mkdir()
     summary, logs = run_pipeline(workdir, corpus=str(notes))
-    assert_completed(summary, finetuned=False)
+    assert_completed(summary, finetuned=False, classified=False)  # each held-out note is its own group
     manifest = corpus_manifest(workdir)
     counts = manifest["counts"]
     assert counts["files_seen"] == 42 and counts["documents"] == 41
@@ -125,6 +141,7 @@ def test_plain_text_folder_runs_end_to_end_and_skips_instruction_tuning(prefect_
     assert "instruction tuning skipped" in logs and "validation" in logs
     metrics = parent_metrics(workdir)
     assert metrics["pretrained_bpb"] > 0 and "finetuned_bpb" not in metrics
+    assert "held-out documents all fall in one class" in logs and "classifier_accuracy" not in metrics
     assert "pretrained_response_loss" not in metrics
 
 
@@ -140,14 +157,19 @@ def test_parquet_file_with_user_pairs_fine_tunes(prefect_harness, tmp_path):
             json.dumps({"prompt": f"Describe the valley, part {i}.", "response": prose(rng, 2)}) + "\n"
             for i in range(80)
         )
-    summary, _ = run_pipeline(tmp_path, corpus=str(data), text_column="body", sft_data=str(pairs))
-    by_stage = assert_completed(summary, finetuned=True)
+    summary, logs = run_pipeline(tmp_path, corpus=str(data), text_column="body", sft_data=str(pairs))
+    by_stage = assert_completed(summary, finetuned=True, classified=False)
     assert by_stage["corpus"]["value"] == 60
     manifest = corpus_manifest(tmp_path)
     assert manifest["counts"]["validation_documents"] >= 1 and manifest["skipped_by_reason"] == {}
     metrics = parent_metrics(tmp_path)
     assert metrics["pretrained_bpb"] > 0 and metrics["finetuned_bpb"] > 0
     assert metrics["finetuned_response_loss"] < metrics["pretrained_response_loss"]
+    assert (
+        "one source group" in logs
+        and "classification skipped" in logs
+        and "classifier_accuracy" not in metrics
+    )
 
 
 def test_saved_dataset_through_hf_runs_end_to_end(prefect_harness, tmp_path):
@@ -158,7 +180,7 @@ def test_saved_dataset_through_hf_runs_end_to_end(prefect_harness, tmp_path):
     part = datasets.Dataset.from_dict({"text": [prose(rng, rng.randint(4, 12)) for _ in range(50)]})
     datasets.DatasetDict({"train": part.select(range(10)), "notes": part}).save_to_disk(str(saved))
     summary, logs = run_pipeline(tmp_path, corpus=f"hf:{saved}", hf_split="notes")
-    by_stage = assert_completed(summary, finetuned=False)
+    by_stage = assert_completed(summary, finetuned=False, classified=False)
     assert by_stage["corpus"]["value"] == 50  # the split named on the command line, not train
     manifest = corpus_manifest(tmp_path)
     assert manifest["kind"] == "hf" and manifest["config"]["hf_split"] == "notes"

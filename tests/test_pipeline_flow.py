@@ -10,7 +10,15 @@ import pytest
 
 pytestmark = pytest.mark.flow
 
-STAGES = ("corpus", "tokenizer", "pretrain", "finetune", "evaluate", "sample")
+STAGES = ("corpus", "tokenizer", "pretrain", "finetune", "classify", "evaluate", "sample")
+# The held-out classification report: on the evaluate run and, as `evaluate/<key>`, on the parent.
+CLASSIFICATION = (
+    "classifier_accuracy",
+    "classifier_macro_f1",
+    "majority_accuracy",
+    "tfidf_accuracy",
+    "tfidf_macro_f1",
+)
 
 
 @pytest.fixture(scope="module")
@@ -91,6 +99,18 @@ def test_pipeline_logs_a_parent_run_with_one_child_per_stage(pipeline_run):
     assert 0 < evaluation["xz_bpb"] < evaluation["gzip_bpb"]
     assert evaluation["finetuned_response_loss"] < evaluation["pretrained_response_loss"]
     assert evaluation["cloze_chance"] == 0.25 and evaluation["cloze_items"] == 200
+    on_parent = parent.data.metrics
+    for key in CLASSIFICATION:
+        assert 0 <= evaluation[key] <= 1 and on_parent[f"evaluate/{key}"] == evaluation[key], key
+    assert evaluation["classify_imbalance_ratio"] >= 1
+    # both kinds of fine-tuning ran (full weights): each run counts what it trained
+    for stage in ("finetune", "classify"):
+        trained = children[stage].data.metrics
+        assert 0 < trained["finetune/trainable_params"] == trained["finetune/total_params"], stage
+    classify = children["classify"].data
+    assert classify.params["classify_train.max_steps"] == "6" and "classify/loss" in classify.metrics
+    report = {a.path for a in client.list_artifacts(children["evaluate"].info.run_id, "classify")}
+    assert {"classify/confusion.png", "classify/per_class.json"} <= report
     for model in ("pretrained", "finetuned"):
         assert 0 <= evaluation[f"{model}_cloze_accuracy"] <= 1
         # the same bytes, with more context per token: after 30 steps the model barely uses context
@@ -236,6 +256,7 @@ def test_a_rerun_links_to_the_runs_it_reuses_and_stores_no_new_model(pipeline_ru
         ("pretrain", "pretrain"),
         ("finetune", "finetune"),
         ("finetune", "sft_data"),
+        ("classify", "classify"),
     ):
         assert reused[stage].data.tags[f"reused.{folder}"] == made[stage].info.run_id, folder
     curve = client.get_metric_history(reused["pretrain"].info.run_id, "pretrain/loss")
@@ -243,7 +264,8 @@ def test_a_rerun_links_to_the_runs_it_reuses_and_stores_no_new_model(pipeline_ru
         m.value for m in client.get_metric_history(made["pretrain"].info.run_id, "pretrain/loss")
     ]
     models = mlflow.search_logged_models(experiment_ids=[experiment], output_format="list")
-    assert sorted(m.name for m in models) == ["finetuned", "pretrained"]  # the rerun stored no new copy
+    # the rerun stored no new copy
+    assert sorted(m.name for m in models) == ["classifier", "finetuned", "pretrained"]
     assert reused["pretrain"].data.tags["reused.model.pretrained"] in {m.model_id for m in models}
     inputs = {(i.dataset.name, i.tags[0].value) for i in made["tokenizer"].inputs.dataset_inputs}
     assert inputs == {("corpus", "training"), ("tokens", "output")}
@@ -263,6 +285,9 @@ def test_registered_versions_carry_their_hugging_face_export(pipeline_run):
         assert uri == f"runs:/{version.run_id}/hf_export"
         files = {a.path.rsplit("/", 1)[-1] for a in client.list_artifacts(version.run_id, "hf_export")}
         assert {"config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"} <= files
+    classifier = client.get_model_version_by_alias("flow-test-classifier", "champion")
+    assert int(classifier.version) == 1 and "hf_export" not in classifier.tags
+    assert classifier.tags["promotion.metric"] == "macro_f1" and float(classifier.tags["eval.macro_f1"]) >= 0
 
 
 def test_evaluate_model_rescores_logged_models_on_a_run_linked_to_the_source(pipeline_run):
