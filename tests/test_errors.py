@@ -169,7 +169,7 @@ def test_diverged_pretraining_is_one_line_naming_real_flags_with_the_trace_in_a_
         cwd=tmp_path,
         prefect_home=prefect_home,
     )
-    line = one_line_failure(done, "loss became", "last good checkpoint")
+    line = one_line_failure(done, "became non-finite at step", "last good checkpoint")
     assert done.returncode == 1
     flags = set(re.findall(r"--[a-z][a-z-]+", line))
     assert flags and flags <= {"--" + name.replace("_", "-") for name in PipelineParams.model_fields}, line
@@ -212,7 +212,7 @@ def test_debug_prints_the_trace_and_still_ends_with_the_line(tmp_path, token_fol
     )
     assert done.returncode == 1
     assert "Traceback" in done.stderr and "TrainingDiverged" in done.stderr
-    assert done.stderr.strip().splitlines()[-1].startswith("error: pretrain: loss became")
+    assert done.stderr.strip().splitlines()[-1].startswith("error: pretrain: loss or gradient norm became non-finite")
 
 
 @pytest.mark.flow
