@@ -28,15 +28,24 @@ from llmcore.chat import IGNORE
 from llmcore.checkpoint import latest_checkpoint, resume_state, save_checkpoint, save_model, verify_model
 from llmcore.cli import add_config_flags, given
 from llmcore.device import require_device, resolve_device
-from llmcore.errors import ConfigError, require_non_negative, require_positive
+from llmcore.errors import (
+    ConfigError,
+    require_choice,
+    require_fraction,
+    require_non_negative,
+    require_positive,
+)
 from llmcore.losses import token_loss
 from llmcore.memory import require_fits
 from llmcore.model import GPT, GPTConfig
+from llmcore.optim import OPTIMIZERS, build_optimizer
 from llmcore.shards import open_split
 from llmcore.tokenizer import Tokenizer
 from llmcore.tracking import NullTracker, Tracker
 
 log = logging.getLogger(__name__)
+
+SCHEDULES = ("cosine", "wsd")
 
 
 @dataclass(frozen=True)
@@ -60,6 +69,11 @@ class TrainConfig:
     seed: int = 1337  # model init and data order
     device: str = "auto"  # auto (CUDA when present, else CPU) | cpu | cuda | cuda:N
     compile: bool | None = None  # torch.compile; None = on CUDA only
+    optimizer: str = (
+        "adamw"  # adamw | muon (Muon for the blocks' matrices, AdamW for the rest: llmcore.optim)
+    )
+    lr_schedule: str = "cosine"  # cosine | wsd (warmup, stable at the peak, linear cooldown at the end)
+    cooldown_fraction: float = 0.2  # wsd: share of the steps spent decaying to learning_rate * min_lr_ratio
 
     def __post_init__(self):
         for name in (
@@ -83,6 +97,9 @@ class TrainConfig:
                 f"min_lr_ratio must be <= 1, got {self.min_lr_ratio}: pass --min-lr-ratio in [0, 1]"
             )
         require_device(self.device)
+        require_choice("optimizer", self.optimizer, OPTIMIZERS)
+        require_choice("lr_schedule", self.lr_schedule, SCHEDULES)
+        require_fraction("cooldown_fraction", self.cooldown_fraction)
 
     def total_steps(self, block_size: int) -> int:
         """Optimizer steps this run takes: max_steps, or the token budget divided by tokens per step."""
@@ -137,9 +154,14 @@ class TrainingDiverged(RuntimeError):
 
 
 def learning_rate_at(step: int, total_steps: int, config: TrainConfig) -> float:
-    """Linear warmup, then cosine decay to learning_rate * min_lr_ratio at the last step."""
+    """Linear warmup, then cosine decay to learning_rate * min_lr_ratio at the last step; or, for "wsd",
+    the peak held until the last cooldown_fraction of the steps, which decay linearly to that floor."""
     if step < config.warmup_steps:
         return config.learning_rate * (step + 1) / config.warmup_steps
+    if config.lr_schedule == "wsd":
+        cooldown = max(1, round(config.cooldown_fraction * total_steps))
+        left = min(1.0, (total_steps - step - 1) / cooldown)  # 1 while stable, then down to 0 at the end
+        return config.learning_rate * (config.min_lr_ratio + (1 - config.min_lr_ratio) * left)
     progress = (step - config.warmup_steps) / max(1, total_steps - config.warmup_steps)
     cosine = 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
     return config.learning_rate * (config.min_lr_ratio + (1 - config.min_lr_ratio) * cosine)
@@ -179,13 +201,8 @@ def fit(
     require_fits(model.config, config.batch_size, sequence_length or model.config.block_size, device, stage)
     identity = run_identity(model.config, config, inputs or {})
     model.to(device)
-    decay = [p for p in model.parameters() if p.dim() >= 2]
-    no_decay = [p for p in model.parameters() if p.dim() < 2]
-    optimizer = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=config.learning_rate,
-        betas=(config.beta1, config.beta2),
-        fused=True,  # CPU too: 5x foreach
+    optimizer = build_optimizer(
+        model, config.optimizer, config.learning_rate, (config.beta1, config.beta2), config.weight_decay
     )
 
     start_step, history = 0, {}
