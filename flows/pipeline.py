@@ -91,6 +91,13 @@ class PipelineParams(BaseModel):
     )
     learning_rate: float | None = Field(None, description="peak pretraining learning rate")
     warmup_steps: int | None = Field(None, description="pretraining steps of linear learning-rate warmup")
+    optimizer: Literal["adamw", "muon"] | None = Field(
+        None, description="pretraining optimizer: adamw, or muon for the blocks' matrices"
+    )
+    lr_schedule: Literal["cosine", "wsd"] | None = Field(
+        None, description="pretraining learning-rate schedule: cosine, or wsd (warmup-stable-decay)"
+    )
+    qk_norm: bool | None = Field(None, description="RMS-normalize each head's queries and keys")
     finetune_steps: int | None = Field(None, description="fine-tuning optimizer steps")
     max_length: int | None = Field(None, description="longest fine-tuning sequence (<= block size)")
     device: str | None = Field(None, description="auto, cpu, cuda or cuda:N")
@@ -131,7 +138,13 @@ class PipelineParams(BaseModel):
             preset = with_vocab_size(preset, self.vocab_size)
         model = replace(
             preset.model,
-            **_set(block_size=self.block_size, n_layer=self.n_layer, n_head=self.n_head, n_embd=self.n_embd),
+            **_set(
+                block_size=self.block_size,
+                n_layer=self.n_layer,
+                n_head=self.n_head,
+                n_embd=self.n_embd,
+                qk_norm=self.qk_norm,
+            ),
         )
         shared = _set(batch_size=self.batch_size, device=self.device, seed=self.seed)
         pretrain = replace(
@@ -142,6 +155,8 @@ class PipelineParams(BaseModel):
                 max_tokens=self.max_tokens,
                 learning_rate=self.learning_rate,
                 warmup_steps=self.warmup_steps,
+                optimizer=self.optimizer,
+                lr_schedule=self.lr_schedule,
             ),
         )
         finetune = replace(preset.finetune, **shared, **_set(max_steps=self.finetune_steps))
