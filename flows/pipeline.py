@@ -97,7 +97,6 @@ class PipelineParams(BaseModel):
     lr_schedule: Literal["cosine", "wsd"] | None = Field(
         None, description="pretraining learning-rate schedule: cosine, or wsd (warmup-stable-decay)"
     )
-    qk_norm: bool | None = Field(None, description="RMS-normalize each head's queries and keys")
     finetune_steps: int | None = Field(None, description="fine-tuning optimizer steps")
     max_length: int | None = Field(None, description="longest fine-tuning sequence (<= block size)")
     device: str | None = Field(None, description="auto, cpu, cuda or cuda:N")
@@ -138,13 +137,7 @@ class PipelineParams(BaseModel):
             preset = with_vocab_size(preset, self.vocab_size)
         model = replace(
             preset.model,
-            **_set(
-                block_size=self.block_size,
-                n_layer=self.n_layer,
-                n_head=self.n_head,
-                n_embd=self.n_embd,
-                qk_norm=self.qk_norm,
-            ),
+            **_set(block_size=self.block_size, n_layer=self.n_layer, n_head=self.n_head, n_embd=self.n_embd),
         )
         shared = _set(batch_size=self.batch_size, device=self.device, seed=self.seed)
         pretrain = replace(
