@@ -139,10 +139,8 @@ class KVCache:
         if isinstance(self._slots, slice):
             self.k[layer, :, :, self._slots] = k
             self.v[layer, :, :, self._slots] = v
-        else:
-            self.k[layer][self._rows, :, self._slots] = k.transpose(
-                1, 2
-            )  # (B, T, nkv, hd) into (B, nkv, L, hd)
+        else:  # advanced indexing puts the (B, T) index dims first: write (B, T, nkv, hd)
+            self.k[layer][self._rows, :, self._slots] = k.transpose(1, 2)
             self.v[layer][self._rows, :, self._slots] = v.transpose(1, 2)
         return self.k[layer, :, :, : self._end], self.v[layer, :, :, : self._end]
 
