@@ -112,6 +112,12 @@ class PipelineParams(BaseModel):
     )
     learning_rate: float | None = Field(None, description="peak pretraining learning rate")
     warmup_steps: int | None = Field(None, description="pretraining steps of linear learning-rate warmup")
+    optimizer: Literal["adamw", "muon"] | None = Field(
+        None, description="pretraining optimizer: adamw, or muon for the blocks' matrices"
+    )
+    lr_schedule: Literal["cosine", "wsd"] | None = Field(
+        None, description="pretraining learning-rate schedule: cosine, or wsd (warmup-stable-decay)"
+    )
     finetune_steps: int | None = Field(None, description="fine-tuning optimizer steps (each kind)")
     max_length: int | None = Field(
         None, description="longest fine-tuning sequence or classified text, in tokens (<= block size)"
@@ -232,6 +238,8 @@ class PipelineParams(BaseModel):
                 max_tokens=self.max_tokens,
                 learning_rate=self.learning_rate,
                 warmup_steps=self.warmup_steps,
+                optimizer=self.optimizer,
+                lr_schedule=self.lr_schedule,
             ),
         )
         finetune = replace(preset.finetune, **shared, **_set(max_steps=self.finetune_steps))

@@ -230,7 +230,13 @@ def _load_model_file(model_file: Path) -> tuple[GPTConfig, dict[str, torch.Tenso
             f"model file {model_file} has config fields {unknown} that a Llama config cannot "
             "express: export it with the llmcore version that trained it"
         )
-    return GPTConfig(**saved["model_config"]), saved["model"]
+    config = GPTConfig(**saved["model_config"])
+    if config.qk_norm:
+        raise ConfigError(
+            f"model file {model_file} normalizes queries and keys (qk_norm), which a Llama config cannot "
+            "express: export a model trained without --qk-norm"
+        )
+    return config, saved["model"]
 
 
 def _require_bpe_tokenizer(tokenizer_dir: Path) -> None:

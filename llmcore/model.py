@@ -6,6 +6,7 @@ A decoder-only transformer in the style of Llama / nanochat:
 - pre-norm blocks with RMSNorm, and a final RMSNorm before the output projection;
 - causal self-attention through `F.scaled_dot_product_attention` (flash kernels on CUDA come free),
   with optional grouped-query attention (`n_kv_head` < `n_head`);
+- optional QK-norm: queries and keys RMS-normalized per head after the rotation (`qk_norm`);
 - SwiGLU MLP; no biases anywhere; optionally tied input/output embeddings;
 - init: normal(0, 0.02), residual projections scaled by 1/sqrt(2 * n_layer) (GPT-2);
 - optional activation checkpointing (`GPT.activation_checkpointing`, set by the training loop): in
@@ -43,6 +44,7 @@ class GPTConfig:
     n_embd: int = 256  # width of the residual stream
     rope_theta: float = 10000.0  # RoPE base: larger values stretch the wavelengths of the rotations
     tie_embeddings: bool = True  # output projection shares its weight with the token embedding
+    qk_norm: bool = False  # RMS-normalize each head's queries and keys (no weights), as in nanochat
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd"):
@@ -111,21 +113,40 @@ class KVCache:
         self.v = torch.zeros(shape, device=device, dtype=dtype)
         self.pos = torch.zeros(batch_size, dtype=torch.long, device=device)
         self._rows = torch.arange(batch_size, device=device).unsqueeze(1)  # (B, 1)
-        self._slots: torch.Tensor | None = None  # (B, T): where the current chunk goes, set by `begin`
+        self._slots: torch.Tensor | slice | None = None  # where the current chunk goes, set by `begin`
         self._end = 0  # keys 0.._end are read by the current chunk
 
-    def begin(self, T: int, end: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Start a chunk of T tokens per row, reaching position `end` at most: its positions (B, T) and
-        attention mask (B, 1, T, end)."""
-        self._slots = self.pos.unsqueeze(1) + torch.arange(T, device=self.pos.device)  # (B, T)
+    def begin(self, T: int, end: int) -> tuple[torch.Tensor | slice, torch.Tensor | None]:
+        """Start a chunk of T tokens per row, reaching position `end` at most: its positions and attention
+        mask (B, 1, T, end) or less.
+
+        When every row is at the same position (one prompt, or a batch not yet ragged) the positions are a
+        slice and the chunk is written with a plain slice; the mask is then None when a single query sees
+        every key or a chunk at position 0 is causal on its own (SDPA's is_causal), else (T, end). Otherwise
+        the positions are (B, T), written row by row, and the mask hides each row's keys past its own.
+        """
         self._end = end
-        keys = torch.arange(self._end, device=self.pos.device)
-        return self._slots, (keys <= self._slots.unsqueeze(-1)).unsqueeze(1)  # query sees keys up to its own
+        start = end - T
+        if int(self.pos.min()) == start:  # every row at the furthest position
+            self._slots = slice(start, end)
+            if T == 1 or start == 0:
+                return self._slots, None
+            queries = torch.arange(start, end, device=self.pos.device)  # (T,)
+        else:
+            self._slots = queries = self.pos.unsqueeze(1) + torch.arange(T, device=self.pos.device)  # (B, T)
+        keys = torch.arange(end, device=self.pos.device)
+        # a query sees keys up to its own position: (T, end) or (B, T, end)
+        mask = keys <= queries.unsqueeze(-1)
+        return self._slots, mask if mask.dim() == 2 else mask.unsqueeze(1)
 
     def append(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Store `layer`'s new keys/values (B, n_kv_head, T, hd) at each row's slots; return keys 0.._end."""
-        self.k[layer][self._rows, :, self._slots] = k.transpose(1, 2)  # (B, T, nkv, hd) into (B, nkv, L, hd)
-        self.v[layer][self._rows, :, self._slots] = v.transpose(1, 2)
+        if isinstance(self._slots, slice):
+            self.k[layer, :, :, self._slots] = k
+            self.v[layer, :, :, self._slots] = v
+        else:  # advanced indexing puts the (B, T) index dims first: write (B, T, nkv, hd)
+            self.k[layer][self._rows, :, self._slots] = k.transpose(1, 2)
+            self.v[layer][self._rows, :, self._slots] = v.transpose(1, 2)
         return self.k[layer, :, :, : self._end], self.v[layer, :, :, : self._end]
 
 
@@ -146,6 +167,7 @@ class CausalSelfAttention(nn.Module):
         super().__init__()
         self.layer = layer  # index into the KV cache
         self.n_head, self.n_kv_head, self.head_dim = config.n_head, config.kv_heads, config.head_dim
+        self.qk_norm = config.qk_norm
         # queries, keys and values in one matmul
         self.c_attn = nn.Linear(config.n_embd, (self.n_head + 2 * self.n_kv_head) * self.head_dim, bias=False)
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=False)
@@ -167,13 +189,21 @@ class CausalSelfAttention(nn.Module):
         k = k.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, nkv, T, hd)
         v = v.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, nkv, T, hd)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        if self.qk_norm:  # bounds the attention logits, which lets the learning rate go higher
+            q, k = F.rms_norm(q, (self.head_dim,)), F.rms_norm(k, (self.head_dim,))
 
-        gqa = self.n_kv_head != self.n_head
-        if kv_cache is None:
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)  # (B, nh, T, hd)
-        else:
+        if kv_cache is not None:
             k, v = kv_cache.append(self.layer, k, v)  # (B, nkv, keys, hd)
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)  # (B, nh, T, hd)
+        # Without a mask, queries and keys start at the same position (no cache, or a chunk at position 0),
+        # or a single query sees every key.
+        y = F.scaled_dot_product_attention(
+            q,
+            k,
+            v,
+            attn_mask=mask,
+            is_causal=mask is None and T > 1,
+            enable_gqa=self.n_kv_head != self.n_head,
+        )  # (B, nh, T, hd)
         return self.c_proj(y.transpose(1, 2).reshape(B, T, C))
 
 
@@ -282,8 +312,10 @@ class GPT(nn.Module):
         if kv_cache is None:
             cos, sin = self.cos[:T], self.sin[:T]  # (T, hd)
         else:
-            positions, mask = kv_cache.begin(T, end)  # (B, T), (B, 1, T, keys)
-            cos, sin = self.cos[positions].unsqueeze(1), self.sin[positions].unsqueeze(1)  # (B, 1, T, hd)
+            positions, mask = kv_cache.begin(T, end)  # a slice or (B, T); None or (B, 1, T, keys)
+            cos, sin = self.cos[positions], self.sin[positions]  # (T, hd) or (B, T, hd)
+            if cos.dim() == 3:
+                cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)  # (B, 1, T, hd): per row
         x = self.wte(idx)  # (B, T, C)
         recompute = self.activation_checkpointing and self.training and torch.is_grad_enabled()
         for block in self.blocks:
@@ -341,6 +373,7 @@ def main() -> None:
     p.add_argument(
         "--tie-embeddings", action=argparse.BooleanOptionalAction, default=GPTConfig.tie_embeddings
     )
+    p.add_argument("--qk-norm", action=argparse.BooleanOptionalAction, default=GPTConfig.qk_norm)
     args = p.parse_args()
     try:
         config = GPTConfig(**vars(args))

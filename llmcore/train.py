@@ -33,15 +33,24 @@ from llmcore.chat import IGNORE
 from llmcore.checkpoint import latest_checkpoint, resume_state, save_checkpoint, save_model, verify_model
 from llmcore.cli import add_config_flags, given
 from llmcore.device import peak_flops, require_device, require_precision, resolve_device, resolve_precision
-from llmcore.errors import ConfigError, require_non_negative, require_positive
+from llmcore.errors import (
+    ConfigError,
+    require_choice,
+    require_fraction,
+    require_non_negative,
+    require_positive,
+)
 from llmcore.losses import token_loss
 from llmcore.memory import require_fits
 from llmcore.model import GPT, GPTConfig
+from llmcore.optim import OPTIMIZERS, build_optimizer
 from llmcore.shards import open_split
 from llmcore.tokenizer import Tokenizer
 from llmcore.tracking import NullTracker, Tracker, env_tracker
 
 log = logging.getLogger(__name__)
+
+SCHEDULES = ("cosine", "wsd")
 
 
 @dataclass(frozen=True)
@@ -70,6 +79,11 @@ class TrainConfig:
     precision: str = "auto"
     activation_checkpointing: bool = False  # recompute block activations in backward: less memory
     fsdp: bool = False  # under torchrun: shard weights, gradients and optimizer state (FSDP2), not DDP
+    optimizer: str = (
+        "adamw"  # adamw | muon (Muon for the blocks' matrices, AdamW for the rest: llmcore.optim)
+    )
+    lr_schedule: str = "cosine"  # cosine | wsd (warmup, stable at the peak, linear cooldown at the end)
+    cooldown_fraction: float = 0.2  # wsd: share of the steps spent decaying to learning_rate * min_lr_ratio
 
     def __post_init__(self):
         for name in (
@@ -94,6 +108,14 @@ class TrainConfig:
             )
         require_device(self.device)
         require_precision(self.precision)
+        require_choice("optimizer", self.optimizer, OPTIMIZERS)
+        require_choice("lr_schedule", self.lr_schedule, SCHEDULES)
+        require_fraction("cooldown_fraction", self.cooldown_fraction)
+        if self.fsdp and self.optimizer == "muon":
+            raise ConfigError(
+                "--fsdp shards each matrix, but Muon orthogonalises whole matrices: pass --optimizer adamw "
+                "with --fsdp, or train without --fsdp (DDP)"
+            )
 
     def total_steps(self, block_size: int) -> int:
         """Optimizer steps this run takes: max_steps, or the token budget divided by tokens per step."""
@@ -152,9 +174,14 @@ class TrainingDiverged(RuntimeError):
 
 
 def learning_rate_at(step: int, total_steps: int, config: TrainConfig) -> float:
-    """Linear warmup, then cosine decay to learning_rate * min_lr_ratio at the last step."""
+    """Linear warmup, then cosine decay to learning_rate * min_lr_ratio at the last step; or, for "wsd",
+    the peak held until the last cooldown_fraction of the steps, which decay linearly to that floor."""
     if step < config.warmup_steps:
         return config.learning_rate * (step + 1) / config.warmup_steps
+    if config.lr_schedule == "wsd":
+        cooldown = max(1, round(config.cooldown_fraction * total_steps))
+        left = min(1.0, (total_steps - step - 1) / cooldown)  # 1 while stable, then down to 0 at the end
+        return config.learning_rate * (config.min_lr_ratio + (1 - config.min_lr_ratio) * left)
     progress = (step - config.warmup_steps) / max(1, total_steps - config.warmup_steps)
     cosine = 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
     return config.learning_rate * (config.min_lr_ratio + (1 - config.min_lr_ratio) * cosine)
@@ -215,13 +242,8 @@ def fit(
     require_fits(model.config, rows.stop - rows.start, block, device, stage, config.activation_checkpointing)
     model.activation_checkpointing = config.activation_checkpointing
     trained = distributed.wrap(model, context, device, config.fsdp)  # `model` itself on one process
-    decay = [p for p in trained.parameters() if p.dim() >= 2]
-    no_decay = [p for p in trained.parameters() if p.dim() < 2]
-    optimizer = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=config.learning_rate,
-        betas=(config.beta1, config.beta2),
-        fused=True,  # CPU too: 5x foreach
+    optimizer = build_optimizer(
+        trained, config.optimizer, config.learning_rate, (config.beta1, config.beta2), config.weight_decay
     )
     # fp16 gradients underflow: the scaler multiplies the loss up, divides the gradients back before
     # clipping, and skips a step whose gradients overflowed. Disabled, each of its calls does nothing.

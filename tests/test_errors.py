@@ -212,7 +212,11 @@ def test_debug_prints_the_trace_and_still_ends_with_the_line(tmp_path, token_fol
     )
     assert done.returncode == 1
     assert "Traceback" in done.stderr and "TrainingDiverged" in done.stderr
-    assert done.stderr.strip().splitlines()[-1].startswith("error: pretrain: loss or gradient norm became non-finite")
+    assert (
+        done.stderr.strip()
+        .splitlines()[-1]
+        .startswith("error: pretrain: loss or gradient norm became non-finite")
+    )
 
 
 @pytest.mark.flow

@@ -302,3 +302,13 @@ def test_flow_command_line_fails_in_one_line(tokenizer_dir, tmp_path):
     )
     assert failed.returncode == 2
     assert failed.stderr.count("\n") == 1 and "missing.pt does not exist" in failed.stderr, failed.stderr
+
+
+def test_a_qk_norm_model_is_refused(tokenizer_dir, tmp_path):
+    vocab = Tokenizer.load(tokenizer_dir).vocab_size
+    save_model(
+        tmp_path / "model.pt", GPT(GPTConfig(vocab_size=vocab, block_size=16, n_layer=1, qk_norm=True))
+    )
+    with pytest.raises(ConfigError, match="qk_norm"):
+        export_hf(tmp_path / "model.pt", tokenizer_dir, tmp_path / "hf")
+    assert not (tmp_path / "hf").exists()
