@@ -50,6 +50,7 @@ from llmcore.corpus import CorpusConfig, describe_source, source_bytes
 from llmcore.device import resolve_device
 from llmcore.distributed import Context, LaunchConfig, local_rows
 from llmcore.errors import ConfigError
+from llmcore.evaluate import cloze_set
 from llmcore.memory import require_fits
 from llmcore.model import GPT
 from llmcore.multiple_choice import read_items
@@ -558,11 +559,12 @@ def check_derived_inputs(
     kinds: tuple[str, ...] = ("instruct", "classify"),
 ) -> dict[str, str]:
     """Build (or check) what the later stages derive from the corpus (instruction pairs, the default
-    classification task, sampling prompts) before any training, so that no default can fail the run after
-    pretraining. Returns the fine-tuning kinds skipped ("instruct", "classify"), each with why: not in
-    `kinds`, or nothing to train on by default (one notice each). Pairs from --sft-data that fail raise
-    ConfigError; labelled --classify-data was checked before Prefect started (check_inputs)."""
+    classification task, the cloze items, sampling prompts) before any training, so that no default can
+    fail the run after pretraining. Returns the fine-tuning kinds skipped ("instruct", "classify"), each with
+    why: not in `kinds`, or nothing to train on by default (one notice each). Pairs from --sft-data that
+    fail raise ConfigError; labelled --classify-data was checked before Prefect started (check_inputs)."""
     held_out_prompts(Path(corpus_dir), preset.prompts)
+    cloze_set(preset.evaluation, Path(corpus_dir), preset.model.block_size)  # one notice if there is none
     skipped = {kind: "not chosen (--finetune-kind)" for kind in ("instruct", "classify") if kind not in kinds}
     if "instruct" in kinds:
         try:

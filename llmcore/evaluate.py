@@ -18,6 +18,7 @@ This module does not train or sample.
 
 import argparse
 import json
+import logging
 import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
@@ -38,6 +39,8 @@ from llmcore.losses import token_loss
 from llmcore.sft_data import read_pairs
 from llmcore.shards import open_split
 from llmcore.tokenizer import Tokenizer
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -158,13 +161,18 @@ def cloze_accuracy(
 
 def cloze_set(config: EvalConfig, corpus_dir: Path | None, block_size: int) -> list[dict]:
     """The user's cloze items (`cloze_data`), else the default task from the corpus's held-out documents,
-    with lines short enough for a model of `block_size` tokens; none without either."""
+    with lines short enough for a model of `block_size` tokens; none without either, or (with a warning)
+    when no held-out document has enough distinct lines."""
     if config.cloze_data:
         return multiple_choice.read_items(Path(config.cloze_data))
     if corpus_dir is None:
         return []
     max_line_bytes = min(multiple_choice.MAX_LINE_BYTES, block_size - 1)  # one token may cross into it
-    return multiple_choice.default_items(corpus_dir, config.cloze_items, max_line_bytes=max_line_bytes)
+    try:
+        return multiple_choice.default_items(corpus_dir, config.cloze_items, max_line_bytes=max_line_bytes)
+    except ConfigError as error:  # a corpus of one-line documents: no default task, the rest still runs
+        log.warning("cloze evaluation skipped: %s", error)
+        return []
 
 
 def evaluation_sets(

@@ -15,7 +15,7 @@ from llmcore.errors import ConfigError
 
 ENCODINGS = ("utf-8", "utf-8-sig", "utf-16", "latin-1")
 MEMORY_FACTOR = 8  # the whole file, its text, its UTF-8 bytes and its JSON line, with room to spare
-MEMORY_SLACK = 2 << 20  # bookkeeping that does not grow with a file
+MEMORY_SLACK = 4 << 20  # bookkeeping that does not grow with a file (a first call also imports lazily)
 
 names = st.text(
     st.characters(blacklist_characters="/\0", blacklist_categories=("Cs",)), min_size=1, max_size=30
@@ -80,7 +80,8 @@ def test_ingestion_never_crashes_counts_what_it_skips_and_stays_within_memory(fi
                 continue
             if kind == "nul" and not data.startswith((b"\xff\xfe", b"\xfe\xff")):
                 assert name + suffix in skipped  # NUL bytes: binary
-            if kind in ("huge", "text") and data.strip() and name + suffix not in skipped:
+            text = data.decode("utf-8", "replace").lstrip("\ufeff")  # a byte-order mark alone is empty
+            if kind in ("huge", "text") and text.strip() and name + suffix not in skipped:
                 assert (
                     any(d["source"].startswith(name + suffix) for d in docs) or counts["duplicates_dropped"]
                 )

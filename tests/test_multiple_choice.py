@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from llmcore.errors import ConfigError
+from llmcore.evaluate import EvalConfig, cloze_set
 from llmcore.model import GPT, GPTConfig
 from llmcore.multiple_choice import NUM_CHOICES, accuracy, choice_scores, default_items, read_items
 from llmcore.tokenizer import Tokenizer, TokenizerConfig, train_tokenizer
@@ -113,6 +114,8 @@ def test_a_corpus_without_usable_held_out_lines_is_a_one_line_error(tmp_path):
     corpus = write_corpus(tmp_path / "corpus", ["a\nb\n"], ["a\nb\nc\n", "x\n"])
     with pytest.raises(ConfigError, match="--cloze-data"):
         default_items(corpus, 10)
+    # the evaluate stage and the pipeline's pre-training check skip the default task instead of failing
+    assert cloze_set(EvalConfig(), corpus, block_size=64) == []
 
 
 @pytest.mark.parametrize(

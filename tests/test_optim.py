@@ -38,10 +38,10 @@ def test_muon_trains_and_resumes_bit_identically(tmp_path):
     batches = token_windows(split(4000), MODEL.block_size, cfg.batch_size, cfg.seed, "train")
     real_get = batches.get
 
-    def killed_during_step_5(index):
+    def killed_during_step_5(index, *part):
         if index >= 4 * cfg.grad_accum_steps + 1:
             raise KeyboardInterrupt("killed")
-        return real_get(index)
+        return real_get(index, *part)
 
     batches.get = killed_during_step_5
     with pytest.raises(KeyboardInterrupt):
