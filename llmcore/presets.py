@@ -55,6 +55,16 @@ class Preset:
 
 def tiny() -> Preset:
     tokenizer = TokenizerConfig(vocab_size=1024)
+    finetune = TrainConfig(  # both kinds of fine-tuning train with it
+        max_steps=6,
+        batch_size=8,
+        learning_rate=1e-3,
+        warmup_steps=2,
+        eval_interval=6,
+        eval_batches=2,
+        checkpoint_interval=6,
+        log_interval=2,
+    )
     return Preset(
         name="tiny",
         description="every stage in seconds on 1 MB of the standard library: deployment and server tests",
@@ -72,31 +82,13 @@ def tiny() -> Preset:
             log_interval=5,
         ),
         sft_data=SFTDataConfig(max_response_chars=600),
-        finetune=TrainConfig(
-            max_steps=6,
-            batch_size=8,
-            learning_rate=1e-3,
-            warmup_steps=2,
-            eval_interval=6,
-            eval_batches=2,
-            checkpoint_interval=6,
-            log_interval=2,
-        ),
+        finetune=finetune,
         evaluation=EvalConfig(max_tokens=4096),
         prompts=PromptConfig(num_prompts=2),
         sampling=SamplingConfig(max_new_tokens=16, temperature=0.8),
         classify_data=ClassifyDataConfig(max_classes=4, passage_chars=200),
         classify=ClassifyConfig(),
-        classify_train=TrainConfig(
-            max_steps=6,
-            batch_size=8,
-            learning_rate=1e-3,
-            warmup_steps=2,
-            eval_interval=6,
-            eval_batches=2,
-            checkpoint_interval=6,
-            log_interval=2,
-        ),
+        classify_train=finetune,
     )
 
 
@@ -154,6 +146,16 @@ def smoke() -> Preset:
 
 def cpu() -> Preset:
     tokenizer = TokenizerConfig(vocab_size=4096)
+    finetune = TrainConfig(  # both kinds of fine-tuning train with it
+        max_steps=300,
+        batch_size=16,
+        learning_rate=5e-4,
+        warmup_steps=20,
+        eval_interval=100,
+        eval_batches=16,
+        checkpoint_interval=100,
+        log_interval=25,
+    )
     return Preset(
         name="cpu",
         description="a real ~30 minute CPU run on the standard library; should beat xz on bits per byte",
@@ -171,31 +173,13 @@ def cpu() -> Preset:
             log_interval=25,
         ),
         sft_data=SFTDataConfig(max_response_chars=2000),
-        finetune=TrainConfig(
-            max_steps=300,
-            batch_size=16,
-            learning_rate=5e-4,
-            warmup_steps=20,
-            eval_interval=100,
-            eval_batches=16,
-            checkpoint_interval=100,
-            log_interval=25,
-        ),
+        finetune=finetune,
         evaluation=EvalConfig(max_tokens=262_144),
         prompts=PromptConfig(num_prompts=8),
         sampling=SamplingConfig(max_new_tokens=128, temperature=0.8),
         classify_data=ClassifyDataConfig(),
         classify=ClassifyConfig(),
-        classify_train=TrainConfig(
-            max_steps=300,
-            batch_size=16,
-            learning_rate=5e-4,
-            warmup_steps=20,
-            eval_interval=100,
-            eval_batches=16,
-            checkpoint_interval=100,
-            log_interval=25,
-        ),
+        classify_train=finetune,
     )
 
 
@@ -203,6 +187,16 @@ def gpu() -> Preset:
     # GPT-2's vocabulary, padded to a multiple of 64; a corpus that cannot fill it (a small standard
     # library) gets the largest multiple of 64 it can, in the tokenizer and the model alike
     tokenizer = TokenizerConfig(vocab_size=50_304, fit_vocab_to_corpus=True)
+    finetune = TrainConfig(  # both kinds of fine-tuning train with it
+        max_steps=500,
+        batch_size=32,
+        learning_rate=1e-4,
+        warmup_steps=50,
+        eval_interval=100,
+        eval_batches=16,
+        checkpoint_interval=250,
+        log_interval=10,
+    )
     return Preset(
         name="gpu",
         description="a ~124M-parameter GPT (GPT-2 small shape) for one GPU; point --corpus at real data",
@@ -228,31 +222,13 @@ def gpu() -> Preset:
             log_interval=10,
         ),
         sft_data=SFTDataConfig(max_response_chars=4000),
-        finetune=TrainConfig(
-            max_steps=500,
-            batch_size=32,
-            learning_rate=1e-4,
-            warmup_steps=50,
-            eval_interval=100,
-            eval_batches=16,
-            checkpoint_interval=250,
-            log_interval=10,
-        ),
+        finetune=finetune,
         evaluation=EvalConfig(max_tokens=1_048_576, batch_size=16),
         prompts=PromptConfig(num_prompts=16),
         sampling=SamplingConfig(max_new_tokens=256, temperature=0.8),
         classify_data=ClassifyDataConfig(),
         classify=ClassifyConfig(),
-        classify_train=TrainConfig(
-            max_steps=500,
-            batch_size=32,
-            learning_rate=1e-4,
-            warmup_steps=50,
-            eval_interval=100,
-            eval_batches=16,
-            checkpoint_interval=250,
-            log_interval=10,
-        ),
+        classify_train=finetune,
     )
 
 
