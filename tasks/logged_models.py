@@ -20,9 +20,8 @@ from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 
 from llmcore.errors import ConfigError
-from tasks.registry import version_by_alias
+from tasks.registry import MISSING, require_registered, version_by_alias
 
-MISSING = ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE", "NOT_FOUND")
 FORMS = "models:/NAME/VERSION, models:/NAME@ALIAS, models:/<model id>, runs:/RUN_ID/NAME or --run-id RUN_ID"
 
 
@@ -52,12 +51,7 @@ def _registered(name: str, version: str, requested: str) -> LoggedGenerator:
     except MlflowException as error:
         if not _missing(error):
             raise
-        known = [m.name for m in client.search_registered_models(max_results=50)]
-        if name not in known:
-            raise ConfigError(
-                f"no registered model {name!r} at {mlflow.get_tracking_uri()} ({requested}): pass one of "
-                f"{', '.join(known) or '(none registered yet)'}"
-            ) from None
+        require_registered(name, requested)
         versions = sorted(int(v.version) for v in client.search_model_versions(f"name = '{name}'"))
         raise ConfigError(
             f"registered model {name!r} has no version {version} ({requested}): pass one of versions "

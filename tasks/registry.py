@@ -70,20 +70,29 @@ def beats(metric: str, challenger: float, champion: float) -> bool:
     return challenger < champion if BETTER[metric] == "lower" else challenger > champion
 
 
+# MLflow's error codes for a registered model, version, alias or logged model that does not exist
+MISSING = ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE", "NOT_FOUND")
+
+
+def require_registered(name: str, requested: str) -> None:
+    """A one-line ConfigError naming the registered models, unless `name` is one of them."""
+    known = [m.name for m in MlflowClient().search_registered_models(max_results=50)]
+    if name not in known:
+        raise ConfigError(
+            f"no registered model {name!r} at {mlflow.get_tracking_uri()} ({requested}): run the pipeline "
+            f"first or pass one of: {', '.join(known) or '(none registered yet)'}"
+        )
+
+
 def version_by_alias(name: str, alias: str) -> ModelVersion:
     """The version behind `name@alias`, or a one-line ConfigError naming what exists."""
     client = MlflowClient()
     try:
         return client.get_model_version_by_alias(name, alias)
     except MlflowException as error:
-        if error.error_code not in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE", "NOT_FOUND"):
+        if error.error_code not in MISSING:
             raise
-    known = [m.name for m in client.search_registered_models(max_results=50)]
-    if name not in known:
-        raise ConfigError(
-            f"no registered model {name!r} at {mlflow.get_tracking_uri()}: run the pipeline first "
-            f"or pass one of: {', '.join(known) or '(none registered yet)'}"
-        ) from None
+    require_registered(name, f"models:/{name}@{alias}")
     aliases = sorted(client.get_registered_model(name).aliases)
     raise ConfigError(
         f"registered model {name!r} has no alias {alias!r}: pass one of "
