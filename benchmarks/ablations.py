@@ -19,17 +19,19 @@ from pathlib import Path
 from llmcore.presets import get_preset
 from llmcore.train import pretrain
 
-# Each variant: (model config changes, pretraining config changes) on top of the preset.
+# Each variant: (model config changes, pretraining config changes) on top of the preset with the recipe
+# every change is measured against: AdamW and a cosine schedule, whatever the preset's own recipe is.
+BASELINE = {"optimizer": "adamw", "lr_schedule": "cosine"}
 VARIANTS: dict[str, tuple[dict, dict]] = {
-    "baseline": ({}, {}),
-    "wsd": ({}, {"lr_schedule": "wsd"}),
-    "muon": ({}, {"optimizer": "muon"}),
+    "baseline": ({}, BASELINE),
+    "wsd": ({}, BASELINE | {"lr_schedule": "wsd"}),
+    "muon": ({}, BASELINE | {"optimizer": "muon"}),
     "muon+wsd": ({}, {"optimizer": "muon", "lr_schedule": "wsd"}),
-    "qk_norm": ({"qk_norm": True}, {}),
+    "qk_norm": ({"qk_norm": True}, BASELINE),
     "muon+wsd+qk_norm": ({"qk_norm": True}, {"optimizer": "muon", "lr_schedule": "wsd"}),
-    "lr x2": ({}, {"learning_rate_scale": 2.0}),
+    "lr x2": ({}, BASELINE | {"learning_rate_scale": 2.0}),
     "muon+wsd lr x2": ({}, {"optimizer": "muon", "lr_schedule": "wsd", "learning_rate_scale": 2.0}),
-    "batch x2": ({}, {"batch_size_scale": 2}),
+    "batch x2": ({}, BASELINE | {"batch_size_scale": 2}),
 }
 
 

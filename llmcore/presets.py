@@ -167,6 +167,9 @@ def cpu() -> Preset:
             batch_size=16,
             learning_rate=2e-3,
             warmup_steps=100,
+            # Muon for the blocks' matrices with warmup-stable-decay: README, "Recipe options and ablations"
+            optimizer="muon",
+            lr_schedule="wsd",
             eval_interval=250,
             eval_batches=16,
             checkpoint_interval=250,
