@@ -26,8 +26,10 @@ $(VENV)/.installed: pyproject.toml
 run: install
 	$(PY) -m flows.pipeline --preset $(PRESET)
 
+# One pytest worker per core, a test file per worker at a time (its module fixtures run once); -n 0 runs
+# in this process.
 test: install
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n auto --dist loadfile
 
 # ruff, configured in pyproject.toml: lint and formatting, checked (CI runs this before the tests).
 lint: install

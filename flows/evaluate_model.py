@@ -7,13 +7,14 @@
 
 The model's weights and tokenizer come from its logged pyfunc artifacts (loaded as tensors and data, never
 as code). It is scored on the held-out text of a corpus ingested today (cached while the source is
-unchanged): loss, perplexity and bits per byte (`llmcore.evaluate.score_text`), gzip/bz2/xz on the
-same bytes, and the cloze accuracy of the evaluate stage (`--cloze-data`, else next lines of held-out
-documents); with `--lm-eval-tasks`, also lm-evaluation-harness tasks (`llmcore.lm_eval_adapter`). The
-figures go to a new MLflow run (`rescore/...`), linked to the model (its metrics) and tagged with its
-source (`source.model_id`, `source.run_id`, `source.registered`), so `python -m flows.compare` sets it
-beside the others. A URI or run that does not exist is one line naming what does, before Prefect starts.
-It does not train, register or promote.
+unchanged): loss, perplexity, bits per byte and strided bits per byte (`llmcore.evaluate.score_text`),
+gzip/bz2/xz on the same bytes, and the cloze accuracy of the evaluate stage (`--cloze-data`, else next
+lines of held-out documents); with `--lm-eval-tasks`, also lm-evaluation-harness tasks
+(`llmcore.lm_eval_adapter`). The figures go to a new MLflow run (`rescore/...`), linked to the model (its
+metrics) and tagged with its source (`source.model_id`, `source.run_id`, `source.registered`), so
+`python -m flows.compare` sets it beside the others. The instruction response loss is not re-scored (it
+needs the fine-tuning pairs the model was trained against). A URI or run that does not exist is one line
+naming what does, before Prefect starts. It does not train, register or promote.
 """
 
 import argparse
@@ -78,7 +79,7 @@ def evaluate_model(
         texts = held_out_text(Path(corpus_dir), evaluation.max_tokens * HELD_OUT_BYTES_PER_TOKEN)
         with tempfile.TemporaryDirectory() as tmp:
             model_file, tokenizer_file, chat = download(source, Path(tmp))
-            scores = score_text(model_file, tokenizer_file, texts, evaluation)
+            scores = score_text(model_file, tokenizer_file, texts, evaluation, strided=True)
             scores |= compressor_bits_per_byte("".join(texts).encode("utf-8"))
             device = resolve_device(evaluation.device)
             model = load_model(model_file, device)

@@ -20,14 +20,15 @@ Small corpora still get a validation split: when the hash split holds out less t
 order; a corpus of one document holds out the tail of that document, cut at a line boundary.
 
 Ingestion streams: it reads the source twice (once to choose, once to write), a document at a time,
-so memory stays a small multiple of the largest document, not of the corpus. Parquet files and `hf:`
-datasets are read in record batches of TABLE_BATCH_ROWS rows (the dataset memory-mapped by `datasets`);
-a .jsonl or .csv file is parsed whole, so memory grows with the largest such file (convert a big one to
-parquet). The output folder (`train.jsonl`, `validation.jsonl`, `manifest.json`) is written atomically,
-one document at a time. It does not clean, filter or tokenize text.
+so memory stays a small multiple of the largest document, not of the corpus. Table files and `hf:`
+datasets are read TABLE_BATCH_ROWS rows at a time (the dataset memory-mapped by `datasets`); in a .jsonl
+or .csv file the binary check reads only the first SNIFF_BYTES. The output folder (`train.jsonl`,
+`validation.jsonl`, `manifest.json`) is written atomically, one document at a time. It does not clean,
+filter or tokenize text.
 """
 
 import argparse
+import codecs
 import errno
 import fnmatch
 import glob
@@ -69,7 +70,8 @@ from llmcore.errors import (
 )
 
 TABLE_SUFFIXES = (".jsonl", ".csv", ".parquet")
-TABLE_BATCH_ROWS = 1024  # rows of a parquet file or hf: dataset held in memory at once
+TABLE_BATCH_ROWS = 1024  # rows of a table file or hf: dataset held in memory at once
+SNIFF_BYTES = 1 << 16  # the start of a .jsonl/.csv file that the decoding rule's binary check reads
 SPLITS = ("train", "validation")
 # Standard-library folders that hold tests, third-party packages or machine-generated tables (codec maps,
 # pydoc's topic dump) rather than human-written library code; generated near-duplicates on both sides of
@@ -158,13 +160,22 @@ def is_validation(digest_hex: str, fraction: float) -> bool:
     return validation_score(digest_hex) < fraction
 
 
-def decode_text(data: bytes) -> str:
+def text_encoding(data: bytes) -> str:
+    """The codec of the decoding rule for a file starting with `data`: UTF-16 after a UTF-16 byte-order mark
+    (not UTF-32's), else UTF-8 with an optional byte-order mark."""
+    if data.startswith((b"\xff\xfe", b"\xfe\xff")) and not data.startswith(b"\xff\xfe\0\0"):
+        return "utf-16"
+    return "utf-8-sig"
+
+
+def decode_text(data: bytes, final: bool = True) -> str:
     """The module's decoding rule: UTF-8 (BOM dropped), or UTF-16 after a UTF-16 BOM; UnreadableFileError
-    ("binary" for NUL bytes or more than 10% control characters, "not_text" for other encodings) otherwise."""
+    ("binary" for NUL bytes or more than 10% control characters, "not_text" for other encodings) otherwise.
+    With `final` False, `data` is the start of a file: a character cut at its end is left out."""
     text = None
-    if data.startswith((b"\xff\xfe", b"\xfe\xff")) and not data.startswith(b"\xff\xfe\0\0"):  # not UTF-32
+    if text_encoding(data) == "utf-16":
         try:
-            text = data.decode("utf-16").removeprefix("\ufeff")
+            text = codecs.getincrementaldecoder("utf-16")().decode(data, final).removeprefix("\ufeff")
         except UnicodeDecodeError as e:
             raise UnreadableFileError(
                 "not_text", f"not UTF-16 despite its byte-order mark ({e.reason})"
@@ -173,7 +184,7 @@ def decode_text(data: bytes) -> str:
         raise UnreadableFileError("binary", "contains NUL bytes")
     if text is None:
         try:
-            text = data.decode("utf-8-sig")
+            text = codecs.getincrementaldecoder("utf-8-sig")().decode(data, final)
         except UnicodeDecodeError as e:
             raise UnreadableFileError(
                 "not_text", f"not UTF-8 or UTF-16 ({e.reason} at byte {e.start})"
@@ -484,25 +495,70 @@ def _file_documents(
     sha256) of every file and `skipped` with the files skipped and why."""
     for rel, path in files:
         try:
-            if path.suffix.lower() == ".parquet":
+            suffix = path.suffix.lower()
+            if suffix == ".parquet":
                 yield from _parquet_documents(path, rel, text_column, digests)
+                continue
+            if suffix in TABLE_SUFFIXES:
+                yield from _text_table_documents(path, rel, suffix, text_column, digests)
                 continue
             data = read_bytes(path)
             digests.append((rel, hashlib.sha256(data).hexdigest()))
-            suffix = path.suffix.lower()
-            if suffix not in TABLE_SUFFIXES:
-                text = decode_text(data)
-                del data
-                yield rel, text
-                continue
-            frame = _parse_table(data, suffix)
+            text = decode_text(data)
+            del data
+            yield rel, text
         except UnreadableFileError as e:
             skipped.append({"path": rel, "reason": e.reason, "detail": str(e)})
-            continue
-        del data
-        rows = table_columns(frame, {"text_column": text_column}, f"corpus file {rel}")
-        del frame
-        yield from ((f"{rel}#{i}", text) for i, (text,) in enumerate(rows))
+
+
+def _hashed(f: io.BufferedReader) -> str:
+    """The sha256 of an open file's bytes, read 1 MiB at a time; the file is left at its start."""
+    h = hashlib.sha256()
+    try:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    except OSError as e:
+        raise _unreadable(e) from e
+    f.seek(0)
+    return h.hexdigest()
+
+
+def _text_table_documents(
+    path: Path, rel: str, suffix: str, text_column: str, digests: list[tuple[str, str]]
+) -> Iterator[tuple[str, str]]:
+    """(source, text) of every row of a .jsonl or .csv file, parsed TABLE_BATCH_ROWS rows at a time from one
+    open file (hashed first). The decoding rule and its binary check are applied to the first SNIFF_BYTES;
+    UnreadableFileError when the file is not a table before its first rows, ConfigError for a missing
+    column or a file that breaks after them (its first rows are already counted by then)."""
+    with _open_regular(path) as f:
+        digests.append((rel, _hashed(f)))
+        head = f.read(SNIFF_BYTES)
+        whole = len(head) < SNIFF_BYTES
+        if not decode_text(head, final=whole).strip() and whole:
+            return
+        f.seek(0)
+        stream = io.TextIOWrapper(f, encoding=text_encoding(head), newline="")
+        row = 0
+        try:
+            if suffix == ".jsonl":
+                # dtype=False: pandas would otherwise turn a text value like "123" into the float 123.0.
+                reader = pd.read_json(
+                    stream, lines=True, dtype=False, convert_dates=False, chunksize=TABLE_BATCH_ROWS
+                )
+            else:  # keep_default_na=False: otherwise cells reading "NA", "null" or "" become NaN.
+                reader = pd.read_csv(stream, dtype=str, keep_default_na=False, chunksize=TABLE_BATCH_ROWS)
+            for frame in reader:
+                rows = table_columns(frame, {"text_column": text_column}, f"corpus file {rel}")
+                yield from ((f"{rel}#{row + i}", text) for i, (text,) in enumerate(rows))
+                row += len(frame)
+        except ConfigError:
+            raise
+        except ValueError as e:  # pandas' parser errors and a UnicodeDecodeError past the first bytes
+            if not row:
+                raise UnreadableFileError("invalid_table", f"not valid {suffix[1:]}: {first_line(e)}") from e
+            raise ConfigError(
+                f"corpus file {rel} is corrupt after row {row} ({first_line(e)}): repair or remove it"
+            ) from e
 
 
 def _parquet_documents(
@@ -519,14 +575,7 @@ def _parquet_documents(
             f"reading .parquet files needs pyarrow ({first_line(e)}): pip install pyarrow"
         ) from e
     with _open_regular(path) as f:
-        h = hashlib.sha256()
-        try:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                h.update(block)
-        except OSError as e:
-            raise _unreadable(e) from e
-        digests.append((rel, h.hexdigest()))
-        f.seek(0)
+        digests.append((rel, _hashed(f)))
         try:
             table = pq.ParquetFile(f)
         except (ValueError, OSError) as e:  # ArrowInvalid is a ValueError; a bad footer may be an OSError

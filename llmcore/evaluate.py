@@ -205,9 +205,10 @@ def held_out_text(corpus_dir: Path, max_bytes: int) -> list[str]:
 
 
 def score_text(
-    model_path: Path, tokenizer_dir: Path, texts: Sequence[str], config: EvalConfig
+    model_path: Path, tokenizer_dir: Path, texts: Sequence[str], config: EvalConfig, strided: bool = False
 ) -> dict[str, float]:
-    """Loss, perplexity and bits per byte of one model on `texts`, encoded with the model's own tokenizer.
+    """Loss, perplexity and bits per byte of one model on `texts`, encoded with the model's own tokenizer;
+    with `strided`, also `bpb_strided` over the same targets with sliding windows (and its `bpb_stride`).
 
     Models with different tokenizers (or context lengths) are compared on exactly the same bytes: the
     texts are joined by end-of-text into one stream and every token after the first is scored, in
@@ -217,24 +218,19 @@ def score_text(
     device = resolve_device(config.device)
     model = load_model(model_path, device)
     tokenizer = Tokenizer.load(tokenizer_dir)
-    ids = [i for ids in tokenizer.encode_batch(list(texts)) for i in (*ids, tokenizer.eot_id)]
+    ids = torch.tensor([i for ids in tokenizer.encode_batch(list(texts)) for i in (*ids, tokenizer.eot_id)])
     if len(ids) < 2:
         raise ConfigError("no held-out text to score: the corpus has an empty validation split")
     block = model.config.block_size
-    windows = [torch.tensor(ids[start : start + block + 1]) for start in range(0, len(ids) - 1, block)]
-    batches = []
-    for first in range(0, len(windows), config.batch_size):
-        chunk = windows[first : first + config.batch_size]
-        width = max(len(w) for w in chunk) - 1
-        x = torch.zeros(len(chunk), width, dtype=torch.long)
-        y = torch.full(
-            (len(chunk), width), -100, dtype=torch.long
-        )  # a short last window: its tail is ignored
-        for row, w in enumerate(chunk):
-            x[row, : len(w) - 1], y[row, : len(w) - 1] = w[:-1], w[1:]
-        batches.append((x, y))
-    result = token_loss(model, batches, device, torch.from_numpy(tokenizer.token_byte_lengths()))
+    token_bytes = torch.from_numpy(tokenizer.token_byte_lengths())
+    # a stride of the whole context: non-overlapping windows
+    result = token_loss(model, strided_batches(ids, block, block, config.batch_size), device, token_bytes)
     result["perplexity"] = math.exp(min(result["loss"], 50.0))
+    if strided:
+        stride = config.stride(block)
+        windows = strided_batches(ids, block, stride, config.batch_size)
+        result["bpb_strided"] = token_loss(model, windows, device, token_bytes)["bpb"]
+        result["bpb_stride"] = float(stride)
     return result
 
 

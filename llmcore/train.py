@@ -291,148 +291,152 @@ def fit(
     first_bad = torch.full((), -1, device=device)
     skip_bad_grad = scaler.is_enabled()  # an fp16 overflow is the scaler's to skip, not a divergence
 
-    # Reads ahead on a thread that stops when fit returns or raises.
+    # Reads ahead on a thread, stopped and joined however the loop ends: a thread left running in torch
+    # when the process exits aborts it ("terminate called without an active exception").
     batches = Prefetcher(train_batches, start_step * config.grad_accum_steps, device.type == "cuda", rows)
-    for step in range(start_step, total_steps):
-        lr = learning_rate_at(step, total_steps, config)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        trained.train()
-        loss_sum = torch.zeros((), device=device)
-        micro_batches = [
-            batches.get(step * config.grad_accum_steps + m) for m in range(config.grad_accum_steps)
-        ]
-        # Every trained target weighs the same, however the step's targets fall into micro-batches and
-        # ranks: 2 x 4 accumulation is one batch of 8 even when padding leaves micro-batches with different
-        # token counts. Counted on the host copies: no device sync on one process.
-        tokens = sum(int((y != IGNORE).sum()) for _, y in micro_batches)
-        if context.world_size > 1:
-            tokens = int(distributed.total(context, torch.tensor(tokens, device=device)))
-        try:
-            for m, (x, y) in enumerate(micro_batches):
-                x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-                with distributed.no_sync(trained, sync=m == len(micro_batches) - 1):
-                    with autocast:
-                        _, loss = forward(x, y, reduction="sum")  # float32 sum over scored targets
-                    loss = loss / max(1, tokens)
-                    # DDP and FSDP average gradients over ranks: scale back up to a sum over all tokens
-                    scaler.scale(loss * context.world_size).backward()
-                loss_sum += loss.detach()
-            scaler.unscale_(optimizer)
-            clip = config.grad_clip if config.grad_clip > 0 else float("inf")
-            grad_norm = distributed.grad_norm(torch.nn.utils.clip_grad_norm_(trained.parameters(), clip))
-            scaler.step(optimizer)  # fp16: skips the step if the gradients overflowed
-            scaler.update()
-        except RuntimeError as error:
-            if not _out_of_memory(error):
-                raise
-            raise ConfigError(
-                _out_of_memory_advice(stage, device, step, config, x.shape, precision)
-            ) from error
-        optimizer.zero_grad(set_to_none=True)
-        finite = torch.isfinite(loss_sum) & (torch.isfinite(grad_norm) | skip_bad_grad)
-        first_bad = torch.where(finite | (first_bad >= 0), first_bad, step)
-        window_tokens, window_steps = window_tokens + tokens, window_steps + 1
-        done = step + 1
+    try:
+        for step in range(start_step, total_steps):
+            lr = learning_rate_at(step, total_steps, config)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            trained.train()
+            loss_sum = torch.zeros((), device=device)
+            micro_batches = [
+                batches.get(step * config.grad_accum_steps + m) for m in range(config.grad_accum_steps)
+            ]
+            # Every trained target weighs the same, however the step's targets fall into micro-batches
+            # and ranks: 2 x 4 accumulation is one batch of 8 even when padding leaves micro-batches with
+            # different token counts. Counted on the host copies: no device sync on one process.
+            tokens = sum(int((y != IGNORE).sum()) for _, y in micro_batches)
+            if context.world_size > 1:
+                tokens = int(distributed.total(context, torch.tensor(tokens, device=device)))
+            try:
+                for m, (x, y) in enumerate(micro_batches):
+                    x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+                    with distributed.no_sync(trained, sync=m == len(micro_batches) - 1):
+                        with autocast:
+                            _, loss = forward(x, y, reduction="sum")  # float32 sum over scored targets
+                        loss = loss / max(1, tokens)
+                        # DDP and FSDP average gradients over ranks: scale back up to a sum over all tokens
+                        scaler.scale(loss * context.world_size).backward()
+                    loss_sum += loss.detach()
+                scaler.unscale_(optimizer)
+                clip = config.grad_clip if config.grad_clip > 0 else float("inf")
+                grad_norm = distributed.grad_norm(torch.nn.utils.clip_grad_norm_(trained.parameters(), clip))
+                scaler.step(optimizer)  # fp16: skips the step if the gradients overflowed
+                scaler.update()
+            except RuntimeError as error:
+                if not _out_of_memory(error):
+                    raise
+                raise ConfigError(
+                    _out_of_memory_advice(stage, device, step, config, x.shape, precision)
+                ) from error
+            optimizer.zero_grad(set_to_none=True)
+            finite = torch.isfinite(loss_sum) & (torch.isfinite(grad_norm) | skip_bad_grad)
+            first_bad = torch.where(finite | (first_bad >= 0), first_bad, step)
+            window_tokens, window_steps = window_tokens + tokens, window_steps + 1
+            done = step + 1
 
-        logs = done % config.log_interval == 0 or done == total_steps
-        evaluates = done % config.eval_interval == 0 or done == total_steps
-        checkpoints = done % config.checkpoint_interval == 0 or done == total_steps
-        if logs or evaluates or checkpoints:
-            loss_value = float(distributed.total(context, loss_sum))
-            grad_value, bad_step = float(grad_norm), int(first_bad)
-            if bad_step >= 0:
-                kept = latest_checkpoint(checkpoint_dir)
-                raise TrainingDiverged(
-                    f"{stage}: loss or gradient norm became non-finite at step {bad_step} "
-                    f"(at step {step}: loss {loss_value}, grad norm {grad_value}); last good checkpoint: "
-                    f"{kept or 'none'}: start a new run with a lower --learning-rate or more "
-                    "--warmup-steps"
+            logs = done % config.log_interval == 0 or done == total_steps
+            evaluates = done % config.eval_interval == 0 or done == total_steps
+            checkpoints = done % config.checkpoint_interval == 0 or done == total_steps
+            if logs or evaluates or checkpoints:
+                loss_value = float(distributed.total(context, loss_sum))
+                grad_value, bad_step = float(grad_norm), int(first_bad)
+                if bad_step >= 0:
+                    kept = latest_checkpoint(checkpoint_dir)
+                    raise TrainingDiverged(
+                        f"{stage}: loss or gradient norm became non-finite at step {bad_step} "
+                        f"(at step {step}: loss {loss_value}, grad norm {grad_value}); last good checkpoint: "
+                        f"{kept or 'none'}: start a new run with a lower --learning-rate or more "
+                        "--warmup-steps"
+                    )
+
+            if logs:
+                now = time.perf_counter()
+                window_seconds += now - segment_started
+                segment_started = now
+                metrics.update(
+                    loss=loss_value,
+                    lr=lr,
+                    grad_norm=grad_value,
+                    tokens_per_second=window_tokens / window_seconds,
                 )
-
-        if logs:
-            now = time.perf_counter()
-            window_seconds += now - segment_started
-            segment_started = now
-            metrics.update(
-                loss=loss_value,
-                lr=lr,
-                grad_norm=grad_value,
-                tokens_per_second=window_tokens / window_seconds,
-            )
-            if scaler.is_enabled():
-                metrics["grad_scale"] = scaler.get_scale()
-            if peak:
-                metrics["mfu"] = model.flops_per_token() * metrics["tokens_per_second"] / peak
-            step_ms = 1000 * window_seconds / window_steps
-            window_tokens, window_steps, window_seconds = 0, 0, 0.0
-            tracker.log_metrics(
-                {f"{stage}/{k}": v for k, v in metrics.items() if not k.startswith("val_")}, step=done
-            )
-            eta = (now - started) / (done - start_step) * (total_steps - done)
-            log.info(
-                "%s step %d/%d | loss %.4f | lr %.2e | grad %.2f | %.0f tok/s | %.0f ms/step%s | %s left",
-                stage,
-                done,
-                total_steps,
-                loss_value,
-                lr,
-                grad_value,
-                metrics["tokens_per_second"],
-                step_ms,
-                f" | MFU {metrics['mfu']:.1%}" if peak else "",
-                _duration(eta),
-            )
-
-        if evaluates or checkpoints:
-            _synchronize(device)
-            window_seconds += time.perf_counter() - segment_started
-
-        if evaluates:
-            val = token_loss(trained, val_batches, device, token_bytes)  # every rank: forward is collective
-            metrics.update({f"val_{k}": v for k, v in val.items() if k in ("loss", "bpb")})
-            tracker.log_metrics(
-                {f"{stage}/val_{k}": v for k, v in val.items() if k in ("loss", "bpb")}, step=done
-            )
-            log.info(
-                "%s step %d/%d | val loss %.4f%s",
-                stage,
-                done,
-                total_steps,
-                val["loss"],
-                f" | val bpb {val['bpb']:.4f}" if "bpb" in val else "",
-            )
-
-        if checkpoints:
-            rng = {
-                "torch": torch.get_rng_state(),
-                "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
-            }
-            position = {"step": done, "batch_index": done * config.grad_accum_steps}  # the data position
-            model_state, optimizer_state = distributed.full_state(trained, optimizer)
-            state = {
-                "model": model_state,
-                "optimizer": optimizer_state,
-                "scaler": scaler.state_dict(),
-                "rng": rng,
-                **position,
-                "metrics": metrics,
-                "identity": identity,
-                "train_config": asdict(config),
-            }
-            if context.is_main:
-                save_checkpoint(
-                    checkpoint_dir,
+                if scaler.is_enabled():
+                    metrics["grad_scale"] = scaler.get_scale()
+                if peak:
+                    metrics["mfu"] = model.flops_per_token() * metrics["tokens_per_second"] / peak
+                step_ms = 1000 * window_seconds / window_steps
+                window_tokens, window_steps, window_seconds = 0, 0, 0.0
+                tracker.log_metrics(
+                    {f"{stage}/{k}": v for k, v in metrics.items() if not k.startswith("val_")}, step=done
+                )
+                eta = (now - started) / (done - start_step) * (total_steps - done)
+                log.info(
+                    "%s step %d/%d | loss %.4f | lr %.2e | grad %.2f | %.0f tok/s | %.0f ms/step%s | %s left",
+                    stage,
                     done,
-                    state,
-                    {"stage": stage, "metrics": metrics, "identity": identity},
-                    keep=config.keep_checkpoints,
+                    total_steps,
+                    loss_value,
+                    lr,
+                    grad_value,
+                    metrics["tokens_per_second"],
+                    step_ms,
+                    f" | MFU {metrics['mfu']:.1%}" if peak else "",
+                    _duration(eta),
                 )
 
-        if evaluates or checkpoints:
-            segment_started = time.perf_counter()
+            if evaluates or checkpoints:
+                _synchronize(device)
+                window_seconds += time.perf_counter() - segment_started
 
-    batches.close()
+            if evaluates:
+                val = token_loss(
+                    trained, val_batches, device, token_bytes
+                )  # every rank: forward is collective
+                metrics.update({f"val_{k}": v for k, v in val.items() if k in ("loss", "bpb")})
+                tracker.log_metrics(
+                    {f"{stage}/val_{k}": v for k, v in val.items() if k in ("loss", "bpb")}, step=done
+                )
+                log.info(
+                    "%s step %d/%d | val loss %.4f%s",
+                    stage,
+                    done,
+                    total_steps,
+                    val["loss"],
+                    f" | val bpb {val['bpb']:.4f}" if "bpb" in val else "",
+                )
+
+            if checkpoints:
+                rng = {
+                    "torch": torch.get_rng_state(),
+                    "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
+                }
+                position = {"step": done, "batch_index": done * config.grad_accum_steps}  # the data position
+                model_state, optimizer_state = distributed.full_state(trained, optimizer)
+                state = {
+                    "model": model_state,
+                    "optimizer": optimizer_state,
+                    "scaler": scaler.state_dict(),
+                    "rng": rng,
+                    **position,
+                    "metrics": metrics,
+                    "identity": identity,
+                    "train_config": asdict(config),
+                }
+                if context.is_main:
+                    save_checkpoint(
+                        checkpoint_dir,
+                        done,
+                        state,
+                        {"stage": stage, "metrics": metrics, "identity": identity},
+                        keep=config.keep_checkpoints,
+                    )
+
+            if evaluates or checkpoints:
+                segment_started = time.perf_counter()
+    finally:
+        batches.close()
     distributed.finish(trained, model)
     metrics.update(steps=total_steps, wall_seconds=time.perf_counter() - started)
     return metrics

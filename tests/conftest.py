@@ -9,6 +9,10 @@ os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW", "ignore")  # llmcore used outside a flow
 os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "llmcore")
 os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")  # slow CI machines
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # one pytest worker per core (`make test`): each trains on one thread, and so do the processes it
+    # starts, instead of every worker spinning a thread per core
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
 @pytest.fixture(scope="session")

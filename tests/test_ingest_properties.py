@@ -82,7 +82,9 @@ def test_ingestion_never_crashes_counts_what_it_skips_and_stays_within_memory(fi
                 continue
             if kind == "nul" and not data.startswith((b"\xff\xfe", b"\xfe\xff")):
                 assert name + suffix in skipped  # NUL bytes: binary
-            text = data.decode("utf-8", "replace").lstrip("\ufeff")  # a byte-order mark alone is empty
+            # a byte-order mark alone is empty, UTF-16's too
+            utf16 = data.startswith((b"\xff\xfe", b"\xfe\xff"))
+            text = data.decode("utf-16" if utf16 else "utf-8", "replace").lstrip("\ufeff")
             if kind in ("huge", "text") and text.strip() and name + suffix not in skipped:
                 assert (
                     any(d["source"].startswith(name + suffix) for d in docs) or counts["duplicates_dropped"]

@@ -341,10 +341,12 @@ def test_evaluate_model_rescores_logged_models_on_a_run_linked_to_the_source(pip
         tokenizer_dir = next((workdir / "runs" / "tokenizer").glob("*/tokenizer.model")).parent
         corpus_dir = next((workdir / "runs" / "corpus").iterdir())
         texts = held_out_text(corpus_dir, config.max_tokens * HELD_OUT_BYTES_PER_TOKEN)
-        direct = score_text(model_file, tokenizer_dir, texts, config)
+        direct = score_text(model_file, tokenizer_dir, texts, config, strided=True)
     finally:
         os.chdir(previous)
-    assert metrics["rescore/bpb"] == pytest.approx(direct["bpb"], rel=1e-6)
+    for key in ("bpb", "bpb_strided", "bpb_stride"):
+        assert metrics[f"rescore/{key}"] == pytest.approx(direct[key], rel=1e-6), key
+    assert direct["bpb_stride"] == 64  # half the context: the strided windows overlap
     # today's cloze task too: four choices per held-out line, scored like the evaluate stage scores them
     assert metrics["rescore/cloze_chance"] == pytest.approx(0.25) and metrics["rescore/cloze_items"] > 0
     assert 0 <= metrics["rescore/cloze_accuracy"] <= 1

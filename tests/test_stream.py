@@ -50,15 +50,18 @@ def _ingested_in_bounded_memory(source: str, out: Path, batch_rows: int, monkeyp
         tracemalloc.stop()
 
 
-def test_parquet_and_hf_rows_stream_in_batches_in_order_and_bounded_memory(tmp_path, monkeypatch) -> None:
+def test_table_files_and_hf_rows_stream_in_batches_in_order_and_bounded_memory(tmp_path, monkeypatch) -> None:
     import datasets
 
     texts = _texts()
     table = pa.table({"text": texts, "n": list(range(ROWS))})
     pq.write_table(table, tmp_path / "rows.parquet", row_group_size=300)  # batches cross row groups
     datasets.Dataset(table).save_to_disk(str(tmp_path / "saved"))
+    table.to_pandas().to_json(tmp_path / "rows.jsonl", orient="records", lines=True)
+    table.to_pandas().to_csv(tmp_path / "rows.csv", index=False)
     total = sum(len(t) for t in texts)  # 15 MB, ASCII
-    for source, name in ((str(tmp_path / "rows.parquet"), "rows.parquet"), (f"hf:{tmp_path}/saved", None)):
+    sources = [(str(tmp_path / f"rows.{kind}"), f"rows.{kind}") for kind in ("parquet", "jsonl", "csv")]
+    for source, name in (*sources, (f"hf:{tmp_path}/saved", None)):
         out = tmp_path / f"out-{len(str(name))}"
         peak = _ingested_in_bounded_memory(source, out, 10, monkeypatch)
         assert peak < total / 4, (source, peak, total)  # a whole table in memory would take > total
@@ -66,6 +69,23 @@ def test_parquet_and_hf_rows_stream_in_batches_in_order_and_bounded_memory(tmp_p
         assert sorted(d["text"] for d in docs) == sorted(texts)
         prefix = name or source
         assert all(d["source"] == f"{prefix}#{texts.index(d['text'])}" for d in docs[:50])
+
+
+def test_a_table_file_broken_after_its_first_rows_is_one_line_and_one_broken_before_them_is_skipped(
+    tmp_path, monkeypatch
+) -> None:
+    monkeypatch.setattr(corpus, "TABLE_BATCH_ROWS", 10)
+    rows = "".join(f'{{"text": "row {i}"}}\n' for i in range(25))
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "late.jsonl").write_text(rows + "{not json\n")
+    with pytest.raises(
+        ConfigError, match=r"corpus file late.jsonl is corrupt after row 20 .*: repair or remove"
+    ):
+        ingest(CorpusConfig(source=str(tmp_path / "bad")), tmp_path / "out")
+    (tmp_path / "bad" / "late.jsonl").write_text("{not json\n" + rows)
+    (tmp_path / "bad" / "notes").write_text("some text that is a document\n")
+    manifest = ingest(CorpusConfig(source=str(tmp_path / "bad")), tmp_path / "out")
+    assert manifest["skipped_by_reason"] == {"invalid_table": 1} and manifest["counts"]["documents"] == 1
 
 
 def test_parquet_without_the_text_column_names_its_columns(tmp_path) -> None:
