@@ -325,7 +325,7 @@ class GPT(nn.Module):
                 x = block(x, cos, sin, kv_cache, mask)
         if kv_cache is not None:
             kv_cache.pos += T
-        if targets is not None and reduction == "sum":
+        if targets is not None and reduction == "sum" and type(self.lm_head) is nn.Linear:
             return None, linear_cross_entropy(self.norm_f(x), self.lm_head.weight, targets)
         if only is not None:
             x = x[torch.arange(B, device=x.device), only].unsqueeze(1)  # (B, 1, C)
@@ -333,10 +333,13 @@ class GPT(nn.Module):
 
         if targets is None:
             return logits, None
+        # an output projection wrapped by an adapter (LoRA) sums here: its forward is not a plain linear
         loss = F.cross_entropy(
             logits.view(B * T, -1), targets.reshape(B * T), ignore_index=-100, reduction=reduction
         )
-        return logits, loss if reduction == "mean" else loss.view(B, T)
+        return (
+            (None, loss) if reduction == "sum" else (logits, loss.view(B, T) if reduction == "none" else loss)
+        )
 
     def num_params(self, exclude_embeddings: bool = False) -> int:
         """Parameters, each shared tensor counted once; optionally without the token-embedding table.

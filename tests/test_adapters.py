@@ -100,6 +100,21 @@ def test_lora_training_through_fit_changes_only_the_adapters(tmp_path):
     assert changed and all("lora_" in k for k in changed)
 
 
+def test_an_adapter_on_the_output_projection_trains_through_the_summed_training_loss():
+    """Training sums its loss without full logits for a plain output projection; a LoRA-wrapped one must
+    still take part (it would get no gradient if the loss read the base weight alone)."""
+    model = apply_lora(fresh(), AdapterConfig(lora_rank=4, lora_targets="lm_head,c_attn"))
+    randomize_adapters(model)
+    x, y = torch.randint(0, 64, (3, 12)), torch.randint(0, 64, (3, 12))
+    logits, summed = model(x, y, reduction="sum")
+    with torch.no_grad():
+        expected = torch.nn.functional.cross_entropy(model(x)[0].flatten(0, 1), y.flatten(), reduction="sum")
+    torch.testing.assert_close(summed, expected)
+    summed.backward()
+    grads = {n: p.grad for n, p in model.named_parameters() if "lm_head.lora_" in n}
+    assert logits is None and grads and all(g is not None and g.abs().sum() > 0 for g in grads.values())
+
+
 @pytest.mark.parametrize("targets", ["c_attn,nope", "blocks", "attn"])
 def test_a_target_matching_no_linear_layer_is_a_one_line_error(targets):
     with pytest.raises(ConfigError) as error:
