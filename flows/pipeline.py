@@ -43,7 +43,7 @@ from flows.stages import (
 )
 from llmcore.adapters import require_targets
 from llmcore.artifacts import MANIFEST, json_digest, read_json
-from llmcore.classify import CORPUS, check_default_task, load_texts
+from llmcore.classify import CORPUS, check_default_task, load_texts, require_one_choice_of_weights
 from llmcore.cli import add_flag
 from llmcore.completions import held_out_prompts
 from llmcore.corpus import CorpusConfig, describe_source, source_bytes
@@ -146,6 +146,15 @@ class PipelineParams(BaseModel):
     classify_hf_split: str | None = Field(None, description="split of an hf: --classify-data")
     class_weights: bool | None = Field(
         None, description="weight the classification loss inversely to class frequency"
+    )
+    freeze_trunk: bool | None = Field(
+        None, description="classification trains its head only (a linear probe on the pretrained model)"
+    )
+    max_classes: int | None = Field(
+        None, description="default classification task: the most frequent source groups kept (rest: other)"
+    )
+    passage_chars: int | None = Field(
+        None, description="default classification task: passages of whole lines up to this many characters"
     )
     device: str | None = Field(None, description="auto, cpu, cuda or cuda:N")
     precision: Literal["auto", "fp32", "bf16", "fp16"] | None = Field(
@@ -263,6 +272,8 @@ class PipelineParams(BaseModel):
                 label_column=self.label_column,
                 classify_hf_config=self.classify_hf_config,
                 classify_hf_split=self.classify_hf_split,
+                max_classes=self.max_classes,
+                passage_chars=self.passage_chars,
             ),
         )
         if self.max_length is not None and not 0 < self.max_length <= model.block_size:
@@ -273,7 +284,10 @@ class PipelineParams(BaseModel):
         for config in (pretrain, finetune):  # each process trains an equal share of every batch
             local_rows(Context(world_size=self.launch().world_size), config.batch_size)
         classify = replace(
-            preset.classify, **_set(class_weights=self.class_weights, max_length=self.max_length)
+            preset.classify,
+            **_set(
+                class_weights=self.class_weights, max_length=self.max_length, freeze_trunk=self.freeze_trunk
+            ),
         )
         return replace(
             preset,
@@ -715,8 +729,10 @@ def check_inputs(preset: Preset, kinds: tuple[str, ...] = ("instruct", "classify
         )
     if preset.evaluation.cloze_data:
         read_items(Path(preset.evaluation.cloze_data))  # every item checked before any training
-    if "classify" in kinds and preset.classify_data.classify_data != CORPUS:
-        load_texts(preset.classify_data)
+    if "classify" in kinds:
+        require_one_choice_of_weights(preset.classify, preset.adapter)
+        if preset.classify_data.classify_data != CORPUS:
+            load_texts(preset.classify_data)
     if preset.adapter.finetune_method == "lora":
         with torch.device("meta"):  # layer names only: no memory, no initialisation
             require_targets(GPT(preset.model), preset.adapter.targets)

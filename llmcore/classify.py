@@ -132,6 +132,15 @@ class ClassifyConfig:
         require_positive("eval_batch_size", self.eval_batch_size)
 
 
+def require_one_choice_of_weights(config: ClassifyConfig, adapter: AdapterConfig) -> None:
+    """ConfigError when both a frozen trunk and LoRA are asked for: each chooses which weights train."""
+    if config.freeze_trunk and adapter.finetune_method == "lora":
+        raise ConfigError(
+            "freeze_trunk and LoRA both choose what trains: pass --finetune-method full with "
+            "--freeze-trunk, or LoRA without it"
+        )
+
+
 @dataclass
 class LabelledTexts:
     """Texts with integer labels, split; `labels[i]` is the name of label id i."""
@@ -481,11 +490,7 @@ def train_classifier(
             f"max_length {config.max_length} is longer than the model's context {block}: "
             f"pass --max-length <= {block}"
         )
-    if config.freeze_trunk and adapter.finetune_method == "lora":
-        raise ConfigError(
-            "freeze_trunk and LoRA both choose what trains: pass --finetune-method full with "
-            "--freeze-trunk, or LoRA without it"
-        )
+    require_one_choice_of_weights(config, adapter)
     max_length = config.max_length or block
     inputs = {
         "base_model": file_digest(Path(base_model)),

@@ -5,6 +5,7 @@ import json
 import random
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -316,7 +317,7 @@ def test_flow_logs_metrics_and_a_pyfunc_classifier_that_predicts_in_a_fresh_proc
 
 
 def test_pipeline_flags_size_both_kinds_of_fine_tuning():
-    from flows.pipeline import PipelineParams
+    from flows.pipeline import PipelineParams, check_inputs
 
     preset = PipelineParams(
         preset="tiny",
@@ -339,6 +340,11 @@ def test_pipeline_flags_size_both_kinds_of_fine_tuning():
         "intent",
     )
     assert preset.classify.class_weights and preset.classify.max_length == 48
+    probe = PipelineParams(preset="tiny", freeze_trunk=True, max_classes=3, passage_chars=200).build()
+    assert probe.classify.freeze_trunk and not preset.classify.freeze_trunk
+    assert (probe.classify_data.max_classes, probe.classify_data.passage_chars) == (3, 200)
+    with pytest.raises(ConfigError, match="freeze_trunk and LoRA both choose what trains"):
+        check_inputs(replace(probe, adapter=preset.adapter), kinds=("classify",))
 
 
 def test_pipeline_skips_classification_of_a_one_group_corpus_with_a_notice_before_pretraining(
