@@ -550,6 +550,7 @@ def train_classifier(
         stage="classify",
         sequence_length=max_length,
         inputs=inputs,
+        pad_id=PAD,
     )
 
     if adapter.finetune_method == "lora":

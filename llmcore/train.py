@@ -212,6 +212,13 @@ def _synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def token_counts(batches: Sequence[tuple[torch.Tensor, torch.Tensor]], pad_id: int | None) -> tuple[int, int]:
+    """The scored targets of (input, target) batches, which weigh the loss, and the tokens tokens/s counts:
+    the same targets, or with `pad_id` (a classifier's rows, one target each) the inputs other than it."""
+    targets = sum(int((y != IGNORE).sum()) for _, y in batches)
+    return targets, targets if pad_id is None else sum(int((x != pad_id).sum()) for x, _ in batches)
+
+
 def fit(
     model: GPT,
     train_batches: Batches,
@@ -224,11 +231,13 @@ def fit(
     stage: str = "pretrain",
     sequence_length: int | None = None,
     inputs: dict[str, Any] | None = None,
+    pad_id: int | None = None,
 ) -> dict[str, Any]:
     """Train `model` in place for config.total_steps, resuming from checkpoint_dir; return final metrics.
 
     sequence_length (default: the model's context) sizes a token budget; `inputs` (digests of the data)
-    joins the model and recipe in the identity a checkpoint must match to be resumed.
+    joins the model and recipe in the identity a checkpoint must match to be resumed. `pad_id`, for
+    batches of one target per row (classification): tokens/s and MFU count the inputs other than it.
     """
     # Under torchrun each rank trains its share of every global micro-batch; rank 0 alone logs and writes.
     context, device = distributed.setup(resolve_device(config.device))
@@ -307,9 +316,10 @@ def fit(
             # Every trained target weighs the same, however the step's targets fall into micro-batches
             # and ranks: 2 x 4 accumulation is one batch of 8 even when padding leaves micro-batches with
             # different token counts. Counted on the host copies: no device sync on one process.
-            tokens = sum(int((y != IGNORE).sum()) for _, y in micro_batches)
+            tokens, seen = token_counts(micro_batches, pad_id)
             if context.world_size > 1:
-                tokens = int(distributed.total(context, torch.tensor(tokens, device=device)))
+                both = distributed.total(context, torch.tensor([tokens, seen], device=device))
+                tokens, seen = both.tolist()
             try:
                 for m, (x, y) in enumerate(micro_batches):
                     x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
@@ -334,7 +344,7 @@ def fit(
             optimizer.zero_grad(set_to_none=True)
             finite = torch.isfinite(loss_sum) & (torch.isfinite(grad_norm) | skip_bad_grad)
             first_bad = torch.where(finite | (first_bad >= 0), first_bad, step)
-            window_tokens, window_steps = window_tokens + tokens, window_steps + 1
+            window_tokens, window_steps = window_tokens + seen, window_steps + 1
             done = step + 1
 
             logs = done % config.log_interval == 0 or done == total_steps

@@ -378,3 +378,12 @@ def test_flat_folder_has_no_default_task_because_held_out_files_are_new_groups(t
     with pytest.raises(ConfigError) as error:
         check_default_task(tmp_path / "corpus")
     assert "all fall in one class (other)" in one_line(error) and "--classify-data" in str(error.value)
+
+
+def test_classification_throughput_counts_the_input_tokens_that_are_not_padding():
+    from llmcore.train import token_counts
+
+    x = torch.tensor([[5, 6, 7, PAD], [8, PAD, PAD, PAD]])
+    assert token_counts([(x, torch.tensor([0, 1]))], pad_id=PAD) == (2, 4)
+    lm = (torch.zeros(2, 3, dtype=torch.long), torch.tensor([[1, 2, -100], [3, -100, -100]]))
+    assert token_counts([lm, lm], pad_id=None) == (6, 6)  # language modelling: the scored targets
