@@ -12,6 +12,8 @@ from collections.abc import Sequence
 
 import torch
 
+from llmcore.device import resolve_precision
+
 LN2 = math.log(2)
 IGNORE = -100  # target of a position that is not scored (llmcore.chat.IGNORE)
 LOGITS_PER_CHUNK = 2**25  # logits (rows x vocab) per chunk: 128 MiB in float32
@@ -87,15 +89,14 @@ def token_loss(
 ) -> dict[str, float]:
     """Mean loss per scored target token (targets of -100 are ignored), and bits per byte when the
     byte length of every token id is given (targets standing for zero bytes, like end-of-text, are left
-    out of both sums, as their loss has no byte to charge it to)."""
+    out of both sums, as their loss has no byte to charge it to). The forward runs in the device's `auto`
+    precision (`llmcore.device.resolve_precision`: fp32 on CPU, bf16 or fp16 autocast on CUDA), whatever
+    a run trained in, so that runs score alike."""
     was_training = model.training
     model.eval()
     loss_sum, tokens, bits_sum, byte_sum = 0.0, 0, 0.0, 0
-    autocast = (
-        torch.autocast("cuda", dtype=torch.bfloat16)
-        if device.type == "cuda"
-        else torch.autocast("cpu", enabled=False)
-    )
+    dtype = resolve_precision("auto", device)
+    autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
     for x, y in batches:
         x, y = x.to(device), y.to(device)
         with autocast:
