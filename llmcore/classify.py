@@ -334,9 +334,7 @@ class SequenceClassifier(nn.Module):
                 f"pass --max-length <= {trunk.config.block_size}"
             )
         # GPT.forward up to its output projection, which a classifier does not need.
-        x = trunk.wte(idx)  # (B, T, C)
-        for block in trunk.blocks:
-            x = block(x, trunk.cos[:T], trunk.sin[:T], None, None)  # no cache, causal mask
+        x = trunk.run_blocks(trunk.wte(idx), trunk.cos[:T], trunk.sin[:T])  # no cache, causal mask
         hidden = trunk.norm_f(x)  # (B, T, C)
         return hidden[torch.arange(B, device=idx.device), lengths - 1]  # (B, C)
 

@@ -316,13 +316,7 @@ class GPT(nn.Module):
             cos, sin = self.cos[positions], self.sin[positions]  # (T, hd) or (B, T, hd)
             if cos.dim() == 3:
                 cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)  # (B, 1, T, hd): per row
-        x = self.wte(idx)  # (B, T, C)
-        recompute = self.activation_checkpointing and self.training and torch.is_grad_enabled()
-        for block in self.blocks:
-            if recompute and kv_cache is None:
-                x = checkpoint(block, x, cos, sin, None, None, use_reentrant=False)
-            else:
-                x = block(x, cos, sin, kv_cache, mask)
+        x = self.run_blocks(self.wte(idx), cos, sin, kv_cache, mask)  # (B, T, C)
         if kv_cache is not None:
             kv_cache.pos += T
         if targets is not None and reduction == "sum" and type(self.lm_head) is nn.Linear:
@@ -340,6 +334,24 @@ class GPT(nn.Module):
         return (
             (None, loss) if reduction == "sum" else (logits, loss.view(B, T) if reduction == "none" else loss)
         )
+
+    def run_blocks(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        kv_cache: KVCache | None = None,
+        mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """The transformer blocks over embeddings x (B, T, C), recomputing each block's activations in
+        backward when `activation_checkpointing` is set (training without a cache)."""
+        recompute = self.activation_checkpointing and self.training and torch.is_grad_enabled()
+        for block in self.blocks:
+            if recompute and kv_cache is None:
+                x = checkpoint(block, x, cos, sin, None, None, use_reentrant=False)
+            else:
+                x = block(x, cos, sin, kv_cache, mask)
+        return x
 
     def num_params(self, exclude_embeddings: bool = False) -> int:
         """Parameters, each shared tensor counted once; optionally without the token-embedding table.

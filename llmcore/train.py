@@ -249,7 +249,9 @@ def fit(
     block = sequence_length or model.config.block_size
     total_steps = config.total_steps(block)
     require_fits(model.config, rows.stop - rows.start, block, device, stage, config.activation_checkpointing)
-    model.activation_checkpointing = config.activation_checkpointing
+    for module in model.modules():  # the GPT itself, or inside a classifier or an adapter wrapper
+        if isinstance(module, GPT):
+            module.activation_checkpointing = config.activation_checkpointing
     trained = distributed.wrap(model, context, device, config.fsdp)  # `model` itself on one process
     optimizer = build_optimizer(
         trained, config.optimizer, config.learning_rate, (config.beta1, config.beta2), config.weight_decay

@@ -156,6 +156,41 @@ def test_activation_checkpointing_trains_like_the_plain_loop(tmp_path):
         assert torch.equal(a, b), name
 
 
+@pytest.mark.parametrize("wrapper", ["classifier", "lora"])
+def test_activation_checkpointing_reaches_a_wrapped_trunk(wrapper, tmp_path, monkeypatch):
+    """The loop's flag reaches the GPT inside a classifier or a LoRA wrapper: its blocks are recomputed."""
+    import llmcore.model
+    from llmcore.adapters import AdapterConfig, apply_lora
+    from llmcore.batches import Batches
+    from llmcore.classify import SequenceClassifier
+
+    recomputed = []
+    original = llmcore.model.checkpoint
+    monkeypatch.setattr(
+        llmcore.model, "checkpoint", lambda *a, **k: recomputed.append(1) or original(*a, **k)
+    )
+    torch.manual_seed(0)
+    data = torch.randint(0, 64, (16, 17))
+    if wrapper == "classifier":
+        model = SequenceClassifier(GPT(MODEL), num_classes=2)
+        batches = Batches(16, lambda i: (data[i, :-1], data[i, 0] % 2), batch_size=4, seed=0)
+    else:
+        model = apply_lora(GPT(MODEL), AdapterConfig(finetune_method="lora", lora_rank=2))
+        batches = Batches(16, lambda i: (data[i, :-1], data[i, 1:]), batch_size=4, seed=0)
+    config = TrainConfig(
+        max_steps=1,
+        batch_size=4,
+        warmup_steps=1,
+        eval_interval=1,
+        eval_batches=1,
+        checkpoint_interval=1,
+        device="cpu",
+        activation_checkpointing=True,
+    )
+    fit(model, batches, batches.in_order(1), config, tmp_path / "ckpt", stage="finetune")
+    assert len(recomputed) == MODEL.n_layer  # one training step: each block once
+
+
 def test_mixed_precision_training_on_cpu_stays_close_to_fp32(tmp_path):
     _, fp32 = train(tmp_path / "fp32", learnable=True, max_steps=20, precision="fp32")
     for precision in ("bf16", "fp16"):
