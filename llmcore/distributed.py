@@ -18,6 +18,7 @@ import contextlib
 import copy
 import logging
 import os
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -153,6 +154,40 @@ def no_sync(trained: nn.Module, sync: bool) -> contextlib.AbstractContextManager
 def unwrap(trained: nn.Module) -> nn.Module:
     """The model inside a DDP wrapper (an FSDP module is its own model)."""
     return trained.module if isinstance(trained, nn.parallel.DistributedDataParallel) else trained
+
+
+def shared_scores(
+    context: Context,
+    trained: nn.Module,
+    batches: Sequence[tuple[torch.Tensor, torch.Tensor]],
+    score: Callable[[nn.Module, Sequence[tuple[torch.Tensor, torch.Tensor]]], dict[str, float]],
+    device: torch.device,
+) -> dict[str, float]:
+    """`score` (llmcore.losses.token_loss over a model and batches) of a validation pass, the work shared.
+
+    Under DDP each rank scores its share of the batches through the unwrapped model (a forward without
+    collectives) and the sums of loss, tokens, bits and bytes are all-reduced. Under FSDP2 every rank
+    scores every batch: each forward gathers the sharded weights, so all ranks must run the same forwards.
+    """
+    if context.world_size == 1 or _is_sharded(trained):
+        return score(trained, batches)
+    mine = score(unwrap(trained), batches[context.rank :: context.world_size])
+    sums = torch.tensor(
+        [
+            mine["loss"] * mine["tokens"],
+            mine["tokens"],
+            mine.get("bpb", 0.0) * mine.get("bytes", 0.0),
+            mine.get("bytes", 0.0),
+        ],
+        dtype=torch.float64,
+        device=device,
+    )
+    dist.all_reduce(sums)
+    loss_sum, tokens, bits, nbytes = sums.tolist()
+    result = {"loss": loss_sum / max(1.0, tokens), "tokens": tokens}
+    if nbytes:
+        result.update(bpb=bits / nbytes, bytes=nbytes)
+    return result
 
 
 def grad_norm(norm: torch.Tensor) -> torch.Tensor:

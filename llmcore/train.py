@@ -403,9 +403,9 @@ def fit(
                 window_seconds += time.perf_counter() - segment_started
 
             if evaluates:
-                val = token_loss(
-                    trained, val_batches, device, token_bytes
-                )  # every rank: forward is collective
+                val = distributed.shared_scores(  # on many processes each rank scores its share
+                    context, trained, val_batches, lambda m, b: token_loss(m, b, device, token_bytes), device
+                )
                 metrics.update({f"val_{k}": v for k, v in val.items() if k in ("loss", "bpb")})
                 tracker.log_metrics(
                     {f"{stage}/val_{k}": v for k, v in val.items() if k in ("loss", "bpb")}, step=done

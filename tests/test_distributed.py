@@ -16,6 +16,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
+import torch
 
 from llmcore.cli import to_flags
 from llmcore.distributed import LaunchConfig, torchrun_command
@@ -34,7 +35,7 @@ TRAIN = TrainConfig(
     grad_accum_steps=2,
     warmup_steps=2,
     eval_interval=100,
-    eval_batches=1,
+    eval_batches=3,  # at the last step: 2 ranks score 2 and 1 of them
     checkpoint_interval=1,
     keep_checkpoints=100,
     log_interval=1,
@@ -85,6 +86,12 @@ def assert_same_training(reference: Path, other: Path) -> None:
     print(f"{other.name}: max abs loss diff per step {[f'{d:.1e}' for d in diffs]}")
     assert max(diffs) < LOSS_TOLERANCE, diffs
     assert max_weight_diff(reference, other) < WEIGHT_TOLERANCE
+    final = [
+        json.loads(max((out / "checkpoints").glob("step_*.json")).read_text())["metrics"]
+        for out in (reference, other)
+    ]
+    for key in ("val_loss", "val_bpb"):  # the ranks' shares of the validation pass add up to one pass
+        assert abs(final[0][key] - final[1][key]) < LOSS_TOLERANCE, key
 
 
 @pytest.mark.distributed
@@ -149,6 +156,46 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def _score_a_share(rank: int, port: int, out: str) -> None:
+    """One of two gloo ranks: a DDP-wrapped tiny GPT scores 3 validation batches with `shared_scores`."""
+    import torch.distributed as dist
+
+    from llmcore import distributed
+    from llmcore.losses import token_loss
+    from llmcore.model import GPT
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    try:
+        torch.manual_seed(0)  # the same weights and batches on both ranks
+        model = GPT(MODEL)
+        batches = [(torch.randint(0, 400, (2, 16)), torch.randint(0, 400, (2, 16))) for _ in range(3)]
+        trained = torch.nn.parallel.DistributedDataParallel(model)
+        scored = []
+
+        def score(module, share):
+            scored.append((module is model, len(share)))
+            return token_loss(module, share, torch.device("cpu"), torch.ones(400, dtype=torch.long))
+
+        context = distributed.Context(rank=rank, local_rank=rank, world_size=2)
+        shared = distributed.shared_scores(context, trained, batches, score, torch.device("cpu"))
+        whole = token_loss(model, batches, torch.device("cpu"), torch.ones(400, dtype=torch.long))
+        Path(out, f"rank{rank}.json").write_text(
+            json.dumps({"scored": scored, "shared": shared, "whole": whole})
+        )
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.distributed
+def test_ranks_share_a_validation_pass_and_its_sums_make_the_whole(tmp_path):
+    torch.multiprocessing.spawn(_score_a_share, args=(_free_port(), str(tmp_path)), nprocs=2)
+    ranks = [json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in (0, 1)]
+    assert [r["scored"] for r in ranks] == [[[True, 2]], [[True, 1]]]  # batches 0, 2 and 1, unwrapped
+    for r in ranks:
+        for key in ("loss", "bpb", "tokens", "bytes"):
+            assert r["shared"][key] == pytest.approx(r["whole"][key], rel=1e-6), key
 
 
 @pytest.mark.distributed
