@@ -15,13 +15,12 @@ from pathlib import Path
 import pandas as pd
 from prefect import task
 from prefect.artifacts import create_table_artifact
-from prefect.concurrency.sync import concurrency
 
 from llmcore import classify
 from llmcore.adapters import AdapterConfig
 from llmcore.artifacts import MANIFEST, file_digest
 from llmcore.train import TrainConfig, result_fields
-from tasks.stages import GPU_SLOT, TRAINING_TIMEOUT_S, _key, _manifest, tracker_for
+from tasks.stages import TRAINING_TIMEOUT_S, _key, _manifest, gpu_slot, tracker_for
 from tasks.tracking import MODEL_DIGEST_TAG, _pinned, model_digest, record_or_link, reuse_logged_model
 
 HEADLINE = (
@@ -64,7 +63,7 @@ def train_classifier(
             result_fields(train),
         )
     )
-    with concurrency(GPU_SLOT, occupy=1):
+    with gpu_slot():
         classify.train_classifier(
             Path(base_model), Path(tokenizer_dir), texts, config, adapter, train, out, tracker_for(run_id)
         )

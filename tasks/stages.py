@@ -12,15 +12,17 @@ first run that logs it (`tasks.tracking.record_or_link`); a later run reusing it
 Params are named `<config>.<field>` as in the presets, metrics `<stage>/<name>` (README, "Metric keys").
 """
 
+import contextlib
 import errno
 from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from prefect import get_run_logger, task
+from prefect import get_client, get_run_logger, task
 from prefect.artifacts import create_table_artifact
 from prefect.concurrency.sync import concurrency
+from prefect.exceptions import ObjectNotFound
 
 from llmcore import completions, contamination, corpus, evaluate, finetune, sft_data, tokenizer, train
 from llmcore.adapters import AdapterConfig
@@ -160,6 +162,19 @@ def _manifest(folder: str | Path, stage: str) -> dict:
 # training fails after TRAINING_TIMEOUT_S instead of holding the slot forever.
 GPU_SLOT = "gpu"
 TRAINING_TIMEOUT_S = 24 * 3600
+
+
+def gpu_slot() -> contextlib.AbstractContextManager:
+    """A slot of the "gpu" limit where the server has one; nothing otherwise (Prefect's own call would
+    log a warning on every training of an ad-hoc run, whose temporary server has no limits)."""
+    with get_client(sync_client=True) as client:
+        try:
+            client.read_global_concurrency_limit_by_name(GPU_SLOT)
+        except ObjectNotFound:
+            return contextlib.nullcontext()
+    return concurrency(GPU_SLOT, occupy=1)
+
+
 DATA_TASK = dict(
     persist_result=True, retries=2, retry_delay_seconds=2, retry_condition_fn=retry_unless_bad_input
 )
@@ -343,7 +358,7 @@ def pretrain(
         "Pretraining: optimizer steps done",
     )
     log_tokens_dataset(run_id, tokens_dir, "training")
-    with concurrency(GPU_SLOT, occupy=1), system_metrics(run_id):
+    with gpu_slot(), system_metrics(run_id):
         if launch.world_size > 1:
             tracker.log_params({"launch": asdict(launch)})
             manifest = distributed.pretrain(
@@ -424,7 +439,7 @@ def finetune_model(
         {f"sft_data/{k}": v for k, v in pairs["counts"].items() if isinstance(v, (int, float))}
     )
     log_sft_dataset(run_id, sft_dir, "training")
-    with concurrency(GPU_SLOT, occupy=1), system_metrics(run_id):
+    with gpu_slot(), system_metrics(run_id):
         if launch.world_size > 1:
             tracker.log_params({"launch": asdict(launch)})
             manifest = distributed.finetune(

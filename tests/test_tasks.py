@@ -50,3 +50,35 @@ def test_hf_fine_tuning_data_is_keyed_on_its_files_split_and_revision(tmp_path):
     shutil.rmtree(saved)
     (tmp_path / "new").rename(saved)
     assert _sft_source_digest(config) != before
+
+
+def test_training_holds_the_gpu_limit_only_where_the_server_has_one(prefect_harness, caplog):
+    """Ad-hoc runs (no "gpu" limit) get no warning per training; served runs hold a slot of the limit."""
+    from prefect import flow, get_client
+    from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
+    from prefect.concurrency.sync import concurrency
+
+    from tasks.stages import GPU_SLOT, gpu_slot
+
+    def warnings() -> int:
+        return sum("do not exist" in record.getMessage() for record in caplog.records)
+
+    @flow
+    def probe() -> tuple[int, int, int]:
+        with concurrency(GPU_SLOT, occupy=1):  # Prefect's own call, for comparison: it warns
+            pass
+        prefect_warns = warnings()
+        with gpu_slot():
+            pass
+        ours_warn = warnings() - prefect_warns
+        with get_client(sync_client=True) as client:
+            client.create_global_concurrency_limit(GlobalConcurrencyLimitCreate(name=GPU_SLOT, limit=1))
+            try:
+                with gpu_slot():
+                    held = client.read_global_concurrency_limit_by_name(GPU_SLOT).active_slots
+            finally:
+                client.delete_global_concurrency_limit_by_name(GPU_SLOT)
+        return prefect_warns, ours_warn, held
+
+    with caplog.at_level("WARNING"):
+        assert probe() == (1, 0, 1)
