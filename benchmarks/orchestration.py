@@ -4,8 +4,9 @@ functions called directly in one script.
 Each repetition runs, in a fresh temporary folder and a fresh process, either
 `python -m flows.pipeline --preset smoke` (its own temporary Prefect server, MLflow store, pyfunc models)
 or `python -m benchmarks.orchestration` (this module's `direct`: ingest, tokenizer, encode, pretrain,
-SFT data, fine-tune, evaluate both models, sample both models), with the same reduced step counts; the
-two alternate. Wall time includes interpreter start and imports: a user pays those too.
+SFT data, fine-tune, classify, evaluate both models with cloze and contamination, sample both models),
+with the same reduced step counts; the two alternate. Wall time includes interpreter start and imports:
+a user pays those too.
 
     python -m benchmarks.orchestration --runs-dir DIR --max-steps 50 --finetune-steps 10   # the direct side
 """
@@ -32,7 +33,17 @@ class OrchestrationBench:
 
 def direct(runs: Path, max_steps: int, finetune_steps: int) -> None:
     """The smoke pipeline's llmcore calls, in order, without Prefect or MLflow."""
-    from llmcore import classify, completions, corpus, evaluate, finetune, sft_data, tokenizer, train
+    from llmcore import (
+        classify,
+        completions,
+        contamination,
+        corpus,
+        evaluate,
+        finetune,
+        sft_data,
+        tokenizer,
+        train,
+    )
     from llmcore.presets import get_preset
 
     preset = get_preset("smoke")
@@ -64,10 +75,14 @@ def direct(runs: Path, max_steps: int, finetune_steps: int) -> None:
         runs / "classify",
     )
     models = {"pretrained": runs / "pretrain" / "model.pt", "finetuned": runs / "finetune" / "model.pt"}
+    # the evaluate stage's work: both models with the cloze task, then the contamination report
+    cloze = evaluate.cloze_set(preset.evaluation, runs / "corpus", preset.model.block_size)
     for model in models.values():
-        evaluate.evaluate_model(
-            model, runs / "tokenizer", runs / "tokens", preset.evaluation, runs / "sft_data"
+        scores = evaluate.evaluate_model(
+            model, runs / "tokenizer", runs / "tokens", preset.evaluation, runs / "sft_data", cloze=cloze
         )
+    sets = evaluate.evaluation_sets(runs / "corpus", int(scores["text_bytes"]), cloze, runs / "sft_data")
+    contamination.contamination(sets, (d["text"] for d in corpus.read_documents(runs / "corpus", "train")))
     device = preset.pretrain.device
     completions.complete(
         models["pretrained"],
