@@ -239,6 +239,16 @@ def read_table(path: Path) -> pd.DataFrame:
     return _parse_table(read_bytes(Path(path)), Path(path).suffix.lower())
 
 
+def _text_table(stream: io.TextIOBase, suffix: str, chunksize: int | None = None):
+    """pandas' reader of a .jsonl or .csv text stream with every text kept verbatim: a DataFrame, or with
+    `chunksize` an iterator of DataFrames of that many rows."""
+    if suffix == ".jsonl":
+        # dtype=False: pandas would otherwise turn a text value like "123" into the float 123.0.
+        return pd.read_json(stream, lines=True, dtype=False, convert_dates=False, chunksize=chunksize)
+    # keep_default_na=False: otherwise cells reading "NA", "null" or "" become NaN.
+    return pd.read_csv(stream, dtype=str, keep_default_na=False, chunksize=chunksize)
+
+
 def _parse_table(data: bytes, suffix: str) -> pd.DataFrame:
     try:
         if suffix == ".parquet":
@@ -246,12 +256,8 @@ def _parse_table(data: bytes, suffix: str) -> pd.DataFrame:
         text = decode_text(data)
         if not text.strip():
             return pd.DataFrame()
-        if suffix == ".jsonl":
-            # dtype=False: pandas would otherwise turn a text value like "123" into the float 123.0.
-            return pd.read_json(io.StringIO(text), lines=True, dtype=False, convert_dates=False)
-        if suffix == ".csv":
-            # keep_default_na=False: otherwise cells reading "NA", "null" or "" become NaN.
-            return pd.read_csv(io.StringIO(text), dtype=str, keep_default_na=False)
+        if suffix in (".jsonl", ".csv"):
+            return _text_table(io.StringIO(text), suffix)
     except ValueError as e:  # pandas' parser errors and pyarrow's ArrowInvalid are ValueErrors
         raise UnreadableFileError("invalid_table", f"not valid {suffix[1:]}: {first_line(e)}") from e
     except ImportError as e:  # parquet needs pyarrow (or fastparquet), which a minimal install lacks
@@ -534,20 +540,14 @@ def _text_table_documents(
         digests.append((rel, _hashed(f)))
         head = f.read(SNIFF_BYTES)
         whole = len(head) < SNIFF_BYTES
-        if not decode_text(head, final=whole).strip() and whole:
+        text = decode_text(head, final=whole)  # the binary check
+        if whole and not text.strip():
             return
         f.seek(0)
         stream = io.TextIOWrapper(f, encoding=text_encoding(head), newline="")
         row = 0
         try:
-            if suffix == ".jsonl":
-                # dtype=False: pandas would otherwise turn a text value like "123" into the float 123.0.
-                reader = pd.read_json(
-                    stream, lines=True, dtype=False, convert_dates=False, chunksize=TABLE_BATCH_ROWS
-                )
-            else:  # keep_default_na=False: otherwise cells reading "NA", "null" or "" become NaN.
-                reader = pd.read_csv(stream, dtype=str, keep_default_na=False, chunksize=TABLE_BATCH_ROWS)
-            for frame in reader:
+            for frame in _text_table(stream, suffix, chunksize=TABLE_BATCH_ROWS):
                 rows = table_columns(frame, {"text_column": text_column}, f"corpus file {rel}")
                 yield from ((f"{rel}#{row + i}", text) for i, (text,) in enumerate(rows))
                 row += len(frame)
