@@ -36,7 +36,6 @@ def direct(runs: Path, max_steps: int, finetune_steps: int) -> None:
     from llmcore import (
         classify,
         completions,
-        contamination,
         corpus,
         evaluate,
         finetune,
@@ -75,14 +74,9 @@ def direct(runs: Path, max_steps: int, finetune_steps: int) -> None:
         runs / "classify",
     )
     models = {"pretrained": runs / "pretrain" / "model.pt", "finetuned": runs / "finetune" / "model.pt"}
-    # the evaluate stage's work: both models with the cloze task, then the contamination report
-    cloze = evaluate.cloze_set(preset.evaluation, runs / "corpus", preset.model.block_size)
-    for model in models.values():
-        scores = evaluate.evaluate_model(
-            model, runs / "tokenizer", runs / "tokens", preset.evaluation, runs / "sft_data", cloze=cloze
-        )
-    sets = evaluate.evaluation_sets(runs / "corpus", int(scores["text_bytes"]), cloze, runs / "sft_data")
-    contamination.contamination(sets, (d["text"] for d in corpus.read_documents(runs / "corpus", "train")))
+    evaluate.evaluate_stage(
+        models, runs / "tokenizer", runs / "tokens", preset.evaluation, runs / "sft_data", runs / "corpus"
+    )
     device = preset.pretrain.device
     completions.complete(
         models["pretrained"],

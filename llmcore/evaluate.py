@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from llmcore import multiple_choice
+from llmcore import contamination, multiple_choice
 from llmcore.baselines import compressor_bits_per_byte
 from llmcore.batches import sft_batches, token_windows
 from llmcore.chat import chat_max_length
@@ -189,6 +189,41 @@ def evaluation_sets(
             p["prompt"] + "\n" + p["response"] for p in read_pairs(sft_dir, "validation")
         ]
     return {name: texts for name, texts in sets.items() if texts}
+
+
+def evaluate_stage(
+    models: dict[str, Path],
+    tokenizer_dir: Path,
+    tokens_dir: Path,
+    config: EvalConfig,
+    sft_dir: Path | None = None,
+    corpus_dir: Path | None = None,
+) -> tuple[dict[str, float], dict | None, int]:
+    """The evaluate stage's figures for named models: `<name>_<metric>` of every model (`evaluate_model`,
+    with the cloze task of the corpus or config), the compressors and cloze chance once, and with the
+    corpus the contamination of every evaluation set by its training split. Returns (metrics, the
+    contamination report or None, the strided windows' stride)."""
+    metrics: dict[str, float] = {}
+    # Every model's response loss on the rows fine-tuning trained on: pairs cut to its max_length.
+    max_length = chat_max_length(models["finetuned"]) if "finetuned" in models else None
+    block_size = min(load_model(f).config.block_size for f in models.values())
+    cloze = cloze_set(config, corpus_dir, block_size)
+    for name, model_file in models.items():
+        result = evaluate_model(
+            model_file, tokenizer_dir, tokens_dir, config, sft_dir, max_length=max_length, cloze=cloze
+        )
+        for key in ("gzip_bpb", "bz2_bpb", "xz_bpb", "text_bytes", "cloze_chance", "cloze_items"):
+            if key in result:
+                metrics[key] = result.pop(key)
+        stride = int(result.pop("bpb_stride"))
+        metrics |= {f"{name}_{k}": v for k, v in result.items()}
+    report = None
+    if corpus_dir:
+        sets = evaluation_sets(corpus_dir, int(metrics["text_bytes"]), cloze, sft_dir)
+        texts = (d["text"] for d in read_documents(corpus_dir, "train"))
+        report = contamination.contamination(sets, texts)
+        metrics |= contamination.contaminated_fractions(report)
+    return metrics, report, stride
 
 
 def held_out_text(corpus_dir: Path, max_bytes: int) -> list[str]:

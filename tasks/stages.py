@@ -24,11 +24,9 @@ from prefect.artifacts import create_table_artifact
 from prefect.concurrency.sync import concurrency
 from prefect.exceptions import ObjectNotFound
 
-from llmcore import completions, contamination, corpus, evaluate, finetune, sft_data, tokenizer, train
+from llmcore import completions, corpus, evaluate, finetune, sft_data, tokenizer, train
 from llmcore.adapters import AdapterConfig
 from llmcore.artifacts import MANIFEST, file_digest, is_finished, json_digest, read_json
-from llmcore.chat import chat_max_length
-from llmcore.checkpoint import load_model
 from llmcore.distributed import LaunchConfig
 from llmcore.errors import ConfigError
 from llmcore.evaluate import EvalConfig
@@ -498,36 +496,16 @@ def evaluate_models(
     pairs (the pretrained one is the baseline). With the corpus (or `config.cloze_data`), also cloze
     accuracy; with the corpus, the contamination of every evaluation set by the training split
     (`contaminated_fraction/<set>`, and the items in `contamination.json`)."""
-    metrics: dict[str, float] = {}
-    # Every model's response loss on the rows fine-tuning trained on: pairs cut to its max_length.
-    max_length = chat_max_length(Path(models["finetuned"])) if "finetuned" in models else None
-    block_size = min(load_model(Path(f)).config.block_size for f in models.values())
-    cloze = evaluate.cloze_set(config, Path(corpus_dir) if corpus_dir else None, block_size)
-    for name, model_file in models.items():
-        result = evaluate.evaluate_model(
-            Path(model_file),
-            Path(tokenizer_dir),
-            Path(tokens_dir),
-            config,
-            Path(sft_dir) if sft_dir else None,
-            max_length=max_length,
-            cloze=cloze,
-        )
-        for key in ("gzip_bpb", "bz2_bpb", "xz_bpb", "text_bytes", "cloze_chance", "cloze_items"):
-            if key in result:
-                metrics[key] = result.pop(key)
-        stride = result.pop("bpb_stride")
-        metrics |= {f"{name}_{k}": v for k, v in result.items()}
-    report = None
-    if corpus_dir:
-        sets = evaluate.evaluation_sets(
-            Path(corpus_dir), int(metrics["text_bytes"]), cloze, Path(sft_dir) if sft_dir else None
-        )
-        texts = (d["text"] for d in corpus.read_documents(Path(corpus_dir), "train"))
-        report = contamination.contamination(sets, texts)
-        metrics |= contamination.contaminated_fractions(report)
+    metrics, report, stride = evaluate.evaluate_stage(
+        {name: Path(f) for name, f in models.items()},
+        Path(tokenizer_dir),
+        Path(tokens_dir),
+        config,
+        Path(sft_dir) if sft_dir else None,
+        Path(corpus_dir) if corpus_dir else None,
+    )
     tracker = tracker_for(run_id)
-    tracker.log_params({"evaluation": asdict(config) | {"bpb_stride": int(stride)}})
+    tracker.log_params({"evaluation": asdict(config) | {"bpb_stride": stride}})
     tracker.log_metrics({f"evaluate/{k}": v for k, v in metrics.items()})
     if run_id and report is not None:
         from mlflow import MlflowClient
