@@ -382,7 +382,9 @@ def _pipeline(**values: Any) -> list[dict[str, Any]]:
         common = {"runs_dir": runs, "experiment": experiment, "parent_run_id": parent, "run_label": label}
         corpus_dir = timed(
             "corpus",
-            lambda: corpus_flow(preset.corpus, **common),
+            lambda: corpus_flow(
+                preset.corpus, **common, task_runner=params.task_runner, ray_address=params.ray_address
+            ),
             lambda d: ("documents", read_json(Path(d) / MANIFEST)["counts"]["documents"]),
         )
         skipped = check_derived_inputs(

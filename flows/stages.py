@@ -22,7 +22,7 @@ from flows.runners import RunnerName, task_runner_for
 from llmcore.adapters import AdapterConfig
 from llmcore.artifacts import is_finished, json_digest
 from llmcore.completions import PromptConfig
-from llmcore.corpus import CorpusConfig, source_digest
+from llmcore.corpus import CorpusConfig, IngestPart, source_digest
 from llmcore.distributed import LaunchConfig
 from llmcore.evaluate import EvalConfig
 from llmcore.model import GPTConfig
@@ -45,6 +45,7 @@ def _fresh(cached_task, *args) -> str:
 
 FLOW_STAGES = {
     "corpus-ingestion": "corpus",
+    "corpus-reading": "read",
     "tokenizer-training": "tokenizer",
     "pretraining": "pretrain",
     "fine-tuning": "finetune",
@@ -75,12 +76,30 @@ def corpus_flow(
     experiment: str = EXPERIMENT,
     parent_run_id: str | None = None,
     run_label: str | None = None,
+    task_runner: RunnerName = "local",
+    ray_address: str | None = None,
 ) -> str:
-    """Stage 1: read, decode, deduplicate and split a corpus; returns the corpus folder."""
+    """Stage 1: read, decode, deduplicate and split a corpus (in parts, on all local cores or, with
+    task_runner "ray", on the Ray cluster at ray_address: a new local one if None); returns the corpus
+    folder."""
+    runner = task_runner_for(task_runner, ray_address)  # a bad choice fails before any work
     with mlflow_run(experiment, stage_run_name(), parent_run_id, _tags()) as run_id:
-        corpus_dir = _fresh(stages.ingest_corpus, config, source_digest(config), runs_dir)
+        digest = source_digest(config)
+        corpus_dir = reading_flow.with_options(task_runner=runner)(config, digest, runs_dir)
         stages.log_corpus(corpus_dir, config, run_id)
         return corpus_dir
+
+
+@flow(name="corpus-reading", flow_run_name=stage_run_name)
+def reading_flow(config: CorpusConfig, source_digest: str, runs_dir: str = RUNS_DIR) -> str:
+    """Ingest the source: one `ingest-part` task per part of it, mapped on this flow's task runner
+    (`flows.runners`) to scan the parts, then again to write them; returns the corpus folder."""
+
+    def map_parts(phase: str, parts: list[IngestPart], folder: Path) -> list[dict]:
+        futures = stages.ingest_part.map(unmapped(config), parts, unmapped(phase), unmapped(str(folder)))
+        return futures.result()
+
+    return stages.ingest_corpus(config, source_digest, runs_dir, map_parts)
 
 
 @flow(name="token-encoding", flow_run_name=stage_run_name)

@@ -34,17 +34,20 @@ import fnmatch
 import glob
 import hashlib
 import io
+import itertools
 import json
 import logging
 import math
 import os
 import platform
+import shutil
 import socket
 import stat
 import sysconfig
 import threading
 import urllib.parse
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from concurrent.futures import ProcessPoolExecutor
 from contextlib import ExitStack
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -601,9 +604,9 @@ def _parquet_documents(
             ) from e
 
 
-def _hf_documents(dataset, source: str, text_column: str) -> Iterator[tuple[str, str]]:
-    """(source#row, text) of every row of a `datasets.Dataset`, TABLE_BATCH_ROWS rows at a time."""
-    row = 0
+def _hf_documents(dataset, source: str, text_column: str, row: int = 0) -> Iterator[tuple[str, str]]:
+    """(source#row, text) of every row of a `datasets.Dataset`, TABLE_BATCH_ROWS rows at a time; rows are
+    numbered from `row` (where a part of the dataset starts)."""
     for batch in dataset.select_columns([text_column]).iter(batch_size=TABLE_BATCH_ROWS):
         texts = [_as_text(v) for v in batch[text_column]]
         yield from ((f"{source}#{row + i}", text) for i, text in enumerate(texts))
@@ -641,11 +644,157 @@ def _tail_cut(text: str, fraction: float, min_bytes: int) -> int:
     return cut
 
 
-def ingest(config: CorpusConfig, out_dir: Path) -> dict:
+@dataclass(frozen=True)
+class IngestPart:
+    """Consecutive documents of a source, the unit of parallel ingestion: files [start, end) of the file
+    list `ingest` writes beside its parts, or rows [start, end) of an hf: dataset."""
+
+    index: int  # position among the parts: their documents are written in this order
+    start: int
+    end: int
+
+
+# Runs one phase of ingestion over the parts, each with `ingest_part`: (phase, parts, parts folder) -> each
+# part's result, in order. Local processes by default; the Prefect flow maps a task over the parts.
+MapParts = Callable[[str, list[IngestPart], Path], list[dict]]
+PHASES = ("scan", "write")
+PARTS_PER_WORKER = 4  # file parts per worker, so that a few large files do not leave a worker idle
+
+
+def _file_size(path: Path) -> int:
+    try:
+        return os.stat(path).st_size
+    except OSError:  # vanished or unreadable: reading it decides how it is counted
+        return 0
+
+
+def plan_ingestion(files: list[tuple[str, Path]], rows: int | None, workers: int) -> list[IngestPart]:
+    """Cut a file list into up to PARTS_PER_WORKER * workers runs of consecutive files of about equal bytes
+    (one part for one worker), or `rows` dataset rows into `workers` equal runs."""
+    require_positive("workers", workers)
+    if rows is not None:
+        n = max(1, min(workers, rows))
+        bounds = [rows * i // n for i in range(n + 1)]
+    else:
+        n = 1 if workers == 1 else max(1, min(len(files), PARTS_PER_WORKER * workers))
+        sizes = [_file_size(path) for _, path in files]
+        total, seen, bounds = sum(sizes), 0, [0]
+        for i, size in enumerate(sizes[:-1]):
+            seen += size
+            if len(bounds) < n and seen * n >= total * len(bounds):
+                bounds.append(i + 1)
+        bounds.append(len(files))
+    return [IngestPart(i, start, end) for i, (start, end) in enumerate(itertools.pairwise(bounds))]
+
+
+def _part_documents(
+    config: CorpusConfig, part: IngestPart, folder: Path, digests: list, skipped: list
+) -> Iterator[tuple[str, str]]:
+    if config.kind == "hf":
+        dataset = load_hf_dataset(config.source[3:], config.hf_config, config.hf_split, config.hf_revision)
+        rows = dataset.select(range(part.start, part.end))
+        return _hf_documents(rows, config.source, config.text_column, part.start)
+    files = [(rel, Path(path)) for rel, path in read_json(folder / "files.json")[part.start : part.end]]
+    return _file_documents(files, config.text_column, digests, skipped)
+
+
+def ingest_part(config: CorpusConfig, part: IngestPart, phase: str, folder: Path) -> dict:
+    """One phase of ingestion over one part's documents, the files in `folder` (which `ingest` made).
+
+    "scan" writes [id, source, UTF-8 bytes] of each non-empty document to scan_<index>.jsonl and returns
+    the files' digests, the files skipped and the documents read and empty. "write" writes the documents
+    that assign_<index>.json gives a split (its first copy only) to <split>_<index>.jsonl and returns the
+    files' digests (to check the source did not change), and the documents and bytes per split.
+    """
+    require_choice("phase", phase, PHASES)
+    folder = Path(folder)
+    digests: list[tuple[str, str]] = []
+    skipped: list[dict] = []
+    documents = _part_documents(config, part, folder, digests, skipped)
+    if phase == "scan":
+        read = empty = 0
+        with open(folder / f"scan_{part.index}.jsonl", "w", encoding="utf-8") as out:
+            for source, text in documents:
+                read += 1
+                if not text.strip():
+                    empty += 1
+                    continue
+                encoded = text.encode("utf-8")
+                out.write(json.dumps([hashlib.sha256(encoded).hexdigest(), source, len(encoded)]) + "\n")
+        return {"digests": digests, "skipped": skipped, "documents_read": read, "empty": empty}
+
+    assign = read_json(folder / f"assign_{part.index}.json")
+    wanted, lone = assign["documents"], assign["lone"]  # id -> [split, source of its first copy]
+    counts, nbytes = dict.fromkeys(SPLITS, 0), dict.fromkeys(SPLITS, 0)
+    lone_ids: dict[str, list[str]] = {split: [] for split in SPLITS}
+    with ExitStack() as stack:
+        out = {
+            split: stack.enter_context(open(folder / f"{split}_{part.index}.jsonl", "w", encoding="utf-8"))
+            for split in SPLITS
+        }
+
+        def write(split: str, doc_id: str, source: str, text: str, size: int) -> None:
+            out[split].write(json.dumps({"id": doc_id, "source": source, "text": text}, ensure_ascii=False))
+            out[split].write("\n")  # not appended to the line: that would copy a long document once more
+            counts[split] += 1
+            nbytes[split] += size
+
+        for source, text in documents:
+            if not text.strip():
+                continue
+            encoded = text.encode("utf-8")
+            doc_id = hashlib.sha256(encoded).hexdigest()
+            split, owner = wanted.get(doc_id, (None, None))
+            if owner != source:
+                continue
+            if not lone:
+                write(split, doc_id, source, text, len(encoded))
+                continue
+            cut = _tail_cut(text, config.validation_fraction, config.min_validation_bytes)
+            if not text[:cut].strip() or not text[cut:].strip():
+                raise ConfigError(
+                    f"corpus {assign['description']} is one document of {len(text)} characters, too little "
+                    "to hold out a validation tail: add text"
+                )
+            for split, piece, name in (
+                ("train", text[:cut], source),
+                ("validation", text[cut:], f"{source}#tail"),
+            ):
+                encoded = piece.encode("utf-8")
+                lone_ids[split].append(hashlib.sha256(encoded).hexdigest())
+                write(split, lone_ids[split][-1], name, piece, len(encoded))
+                del encoded
+    return {"digests": digests, "documents": counts, "bytes": nbytes, "lone_ids": lone_ids}
+
+
+def _in_processes(config: CorpusConfig, workers: int) -> MapParts:
+    """A MapParts that runs `ingest_part` in `workers` local processes (in this one when 1)."""
+
+    def run(phase: str, parts: list[IngestPart], folder: Path) -> list[dict]:
+        args = ([config] * len(parts), parts, [phase] * len(parts), [folder] * len(parts))
+        if workers == 1 or len(parts) == 1:
+            return list(map(ingest_part, *args))
+        with ProcessPoolExecutor(min(workers, len(parts))) as pool:
+            return list(pool.map(ingest_part, *args))
+
+    return run
+
+
+def ingest(config: CorpusConfig, out_dir: Path, workers: int = 1, map_parts: MapParts | None = None) -> dict:
     """Read, deduplicate and split the source into `out_dir`; return the manifest. ConfigError, with nothing
-    written, when the source is missing or holds no readable text or the split would leave train empty."""
+    written, when the source is missing or holds no readable text or the split would leave train empty.
+
+    The source is read in parts (`plan_ingestion`), twice: each part's documents are scanned for their ids
+    and sizes; the parts' scans, in order, choose the documents (the first copy of each) and their splits;
+    each part then writes its chosen documents, and the parts' files are joined in order. The output is
+    the same bytes however many parts there are and wherever they ran: `workers` local processes (0 = all
+    cores), or `map_parts` (Prefect tasks on the flow's task runner).
+    """
+    require_non_negative("workers", workers)
+    workers = workers or len(os.sched_getaffinity(0))
     description, files = _resolve(config)
     versions = {"python": platform.python_version(), "pandas": pd.__version__}
+    rows, digests = None, []
     if config.kind == "hf":
         import datasets
 
@@ -656,115 +805,98 @@ def ingest(config: CorpusConfig, out_dir: Path) -> dict:
                 f"hf dataset {config.source[3:]} has no column {config.text_column!r} "
                 f"(columns: {', '.join(dataset.column_names)}): pass {flag('text_column')} naming one of them"
             )
-        folder_digests = [(rel, _file_digest(path)) for rel, path in files]
+        rows, digests = len(dataset), [(rel, _file_digest(path)) for rel, path in files]
+        del dataset
+    parts = plan_ingestion(files, rows, workers)
+    run_parts = map_parts or _in_processes(config, workers)
 
-        def documents(digests: list, skipped: list) -> Iterator[tuple[str, str]]:
-            digests += folder_digests
-            return _hf_documents(dataset, config.source, config.text_column)
-    else:
+    with atomic_output_dir(out_dir) as tmp:
+        scratch = tmp / ".parts"  # the parts' scans and documents, removed once joined
+        scratch.mkdir()
+        atomic_write_json(scratch / "files.json", [(rel, str(path)) for rel, path in files])
 
-        def documents(digests: list, skipped: list) -> Iterator[tuple[str, str]]:
-            return _file_documents(files, config.text_column, digests, skipped)
+        # Pass 1: ids and sizes only, part by part. The first copy of a document wins.
+        scans = run_parts("scan", parts, scratch)
+        kept: dict[str, tuple[str, int, int]] = {}  # id -> (source, UTF-8 bytes, part)
+        skipped = [skip for scan in scans for skip in scan["skipped"]]
+        documents_read = sum(scan["documents_read"] for scan in scans)
+        empty = sum(scan["empty"] for scan in scans)
+        duplicates = 0
+        for part in parts:
+            for doc_id, source, size in _jsonl(scratch / f"scan_{part.index}.jsonl"):
+                if doc_id in kept:
+                    duplicates += 1
+                else:
+                    kept[doc_id] = (source, size, part.index)
+        reasons: dict[str, int] = {}
+        for skip in skipped:
+            reasons[skip["reason"]] = reasons.get(skip["reason"], 0) + 1
+        if not kept:
+            why = ", ".join(f"{n} {reason}" for reason, n in sorted(reasons.items())) or "none"
+            raise ConfigError(
+                f"corpus {description} has no readable text ({len(skipped)} files skipped: {why}; "
+                f"{empty} empty documents): {SOURCE_HINT}"
+            )
 
-    # Pass 1: ids and sizes only. The first copy of a document wins.
-    kept: dict[str, tuple[str, int]] = {}  # id -> (source, UTF-8 bytes)
-    digests: list[tuple[str, str]] = []
-    skipped: list[dict] = []
-    documents_read = empty = duplicates = 0
-    for source, text in documents(digests, skipped):
-        documents_read += 1
-        if not text.strip():
-            empty += 1
-            continue
-        encoded = text.encode("utf-8")
-        doc_id = hashlib.sha256(encoded).hexdigest()
-        if doc_id in kept:
-            duplicates += 1
+        # The longest prefix in id order that fits: a pseudo-random sample that only grows as max_bytes grows.
+        selected: dict[str, int] = {}
+        total = 0
+        for doc_id in sorted(kept):
+            total += kept[doc_id][1]
+            if config.max_bytes is not None and total > config.max_bytes:
+                break
+            selected[doc_id] = kept[doc_id][1]
+        if not selected:
+            raise ConfigError(
+                f"max_bytes {config.max_bytes} keeps no document (the first in id order has {total} bytes): "
+                "pass a larger --max-bytes"
+            )
+        lone = len(selected) == 1
+        if lone:
+            train_ids, validation_ids, rule = list(selected), [], "tail of the only document"
         else:
-            kept[doc_id] = (source, len(encoded))
-    reasons: dict[str, int] = {}
-    for skip in skipped:
-        reasons[skip["reason"]] = reasons.get(skip["reason"], 0) + 1
-    if not kept:
-        why = ", ".join(f"{n} {reason}" for reason, n in sorted(reasons.items())) or "none"
-        raise ConfigError(
-            f"corpus {description} has no readable text ({len(skipped)} files skipped: {why}; "
-            f"{empty} empty documents): {SOURCE_HINT}"
-        )
+            train_ids, validation_ids = _hold_out(
+                selected, config.validation_fraction, config.min_validation_bytes
+            )
+            moved = sum(not is_validation(i, config.validation_fraction) for i in validation_ids)
+            rule = f"hash, {moved} more held out for min_validation_bytes" if moved else "hash"
+        if not train_ids:
+            raise ConfigError(
+                f"splitting {len(selected)} documents gives 0 train and {len(validation_ids)} "
+                f"validation documents: "
+                f"add documents or lower --validation-fraction (now {config.validation_fraction})"
+            )
 
-    # The longest prefix in id order that fits: a pseudo-random sample that only grows as max_bytes grows.
-    selected: dict[str, int] = {}
-    total = 0
-    for doc_id in sorted(kept):
-        total += kept[doc_id][1]
-        if config.max_bytes is not None and total > config.max_bytes:
-            break
-        selected[doc_id] = kept[doc_id][1]
-    if not selected:
-        raise ConfigError(
-            f"max_bytes {config.max_bytes} keeps no document (the first in id order has {total} bytes): "
-            "pass a larger --max-bytes"
-        )
-    lone = len(selected) == 1
-    if lone:
-        train_ids, validation_ids, rule = list(selected), list(selected), "tail of the only document"
-    else:
-        train_ids, validation_ids = _hold_out(
-            selected, config.validation_fraction, config.min_validation_bytes
-        )
-        moved = sum(not is_validation(i, config.validation_fraction) for i in validation_ids)
-        rule = f"hash, {moved} more held out for min_validation_bytes" if moved else "hash"
-    if not train_ids:
-        raise ConfigError(
-            f"splitting {len(selected)} documents gives 0 train and {len(validation_ids)} "
-            f"validation documents: "
-            f"add documents or lower --validation-fraction (now {config.validation_fraction})"
-        )
-
-    # Pass 2: read again and write each selected document (its first copy) to its split.
-    destination = {i: "train" for i in train_ids} | {i: "validation" for i in validation_ids}
-    nbytes = {split: 0 for split in SPLITS}
-    written: dict[str, list[str]] = {split: [] for split in SPLITS}
-    reread: list[tuple[str, str]] = []
-    with atomic_output_dir(out_dir) as tmp, ExitStack() as stack:
-        out = {
-            split: stack.enter_context(open(tmp / f"{split}.jsonl", "w", encoding="utf-8"))
-            for split in SPLITS
-        }
-
-        def write(split: str, doc_id: str, source: str, text: str, size: int) -> None:
-            out[split].write(json.dumps({"id": doc_id, "source": source, "text": text}, ensure_ascii=False))
-            out[split].write("\n")  # not appended to the line: that would copy a long document once more
-            nbytes[split] += size
-            written[split].append(doc_id)
-
-        for source, text in documents(reread, []):
-            if not text.strip():
-                continue
-            doc_id = hashlib.sha256(text.encode("utf-8")).hexdigest()
-            if doc_id not in destination or kept[doc_id][0] != source:
-                continue
-            if lone:
-                cut = _tail_cut(text, config.validation_fraction, config.min_validation_bytes)
-                if not text[:cut].strip() or not text[cut:].strip():
-                    raise ConfigError(
-                        f"corpus {description} is one document of {len(text)} characters, too little "
-                        "to hold out a validation tail: add text"
-                    )
-                for split, part, name in (
-                    ("train", text[:cut], source),
-                    ("validation", text[cut:], f"{source}#tail"),
-                ):
-                    encoded = part.encode("utf-8")
-                    write(split, hashlib.sha256(encoded).hexdigest(), name, part, len(encoded))
-                    del encoded
-            else:
-                write(destination[doc_id], doc_id, source, text, kept[doc_id][1])
-        stack.close()
-        if sorted(reread) != sorted(digests) or sum(map(len, written.values())) != len(destination) + lone:
+        # Pass 2: each part writes its chosen documents to their splits; the parts are joined in order.
+        assigned: dict[int, dict[str, tuple[str, str]]] = {part.index: {} for part in parts}
+        for ids, split in ((train_ids, "train"), (validation_ids, "validation")):
+            for doc_id in ids:
+                source, _, index = kept[doc_id]
+                assigned[index][doc_id] = (split, source)
+        for part in parts:
+            atomic_write_json(
+                scratch / f"assign_{part.index}.json",
+                {"documents": assigned[part.index], "lone": lone, "description": description},
+            )
+        writes = run_parts("write", parts, scratch)
+        rewritten = sum(sum(w["documents"].values()) for w in writes)
+        if [sorted(map(tuple, w["digests"])) for w in writes] != [
+            sorted(map(tuple, s["digests"])) for s in scans
+        ] or rewritten != len(selected) + lone:
             raise ConfigError(
                 f"corpus {description} changed while it was being ingested: run again when it is still"
             )
+        nbytes = {split: sum(w["bytes"][split] for w in writes) for split in SPLITS}
+        written = {"train": train_ids, "validation": validation_ids}
+        if lone:
+            written = {split: [i for w in writes for i in w["lone_ids"][split]] for split in SPLITS}
+        for split in SPLITS:
+            with open(tmp / f"{split}.jsonl", "wb") as joined:
+                for part in parts:
+                    with open(scratch / f"{split}_{part.index}.jsonl", "rb") as piece:
+                        shutil.copyfileobj(piece, joined, 1 << 20)
+        shutil.rmtree(scratch)
+        digests += [tuple(d) for scan in scans for d in scan["digests"]]
         counts = {
             "files_seen": len(files) if config.kind != "hf" else 0,
             "documents_read": documents_read,
@@ -838,11 +970,12 @@ def main(argv: list[str] | None = None) -> None:
         "--source", "--corpus", default=CorpusConfig.source, help="stdlib, a file, folder, glob or hf:NAME"
     )
     parser.add_argument("--out", type=Path, required=True, help="output folder (replaced atomically)")
+    parser.add_argument("--workers", type=int, default=0, help="local processes (0 = all cores)")
     add_config_flags(parser, CorpusConfig, skip=("source",))
     args = vars(parser.parse_args(argv))
     try:
         fields = {f: args[f] for f in CorpusConfig.__dataclass_fields__ if args.get(f) is not None}
-        manifest = ingest(CorpusConfig(**fields), args["out"])
+        manifest = ingest(CorpusConfig(**fields), args["out"], workers=args["workers"])
     except ConfigError as e:
         parser.exit(2, f"error: {e}\n")
     print(manifest["source"])

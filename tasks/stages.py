@@ -178,17 +178,20 @@ DATA_TASK = dict(
 )
 
 
-@task(
-    name="ingest-corpus",
-    **DATA_TASK,
-    cache_key_fn=_cache_key(
-        "ingest", lambda p: p["source_digest"], lambda p: asdict(p["config"]), lambda p: p["runs_dir"]
-    ),
-)
-def ingest_corpus(config: corpus.CorpusConfig, source_digest: str, runs_dir: str) -> str:
-    """Ingest the source (whose content digest the flow computed once) into runs/corpus/<key>."""
+@task(name="ingest-part", **DATA_TASK)
+def ingest_part(config: corpus.CorpusConfig, part: corpus.IngestPart, phase: str, folder: str) -> dict:
+    """One phase (scan or write) of ingestion over one part of the source; the flow's task runner spreads
+    the parts over threads or a Ray cluster."""
+    return corpus.ingest_part(config, part, phase, Path(folder))
+
+
+def ingest_corpus(
+    config: corpus.CorpusConfig, source_digest: str, runs_dir: str, map_parts: corpus.MapParts | None = None
+) -> str:
+    """The source's corpus in runs/corpus/<key of its content digest and config>: reused when finished, else
+    ingested in parts by `map_parts` (the flow's `ingest-part` tasks; local processes when None)."""
     out = Path(runs_dir) / "corpus" / _key(source_digest, asdict(config))
-    _reuse_or_build(out, lambda: corpus.ingest(config, out))
+    _reuse_or_build(out, lambda: corpus.ingest(config, out, workers=0, map_parts=map_parts))
     return str(out)
 
 

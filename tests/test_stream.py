@@ -1,6 +1,6 @@
-"""Data past one machine's memory and cores: ingestion reads tables in record batches, encoding runs in
-parts whose shards are the same bytes however many parts there are and wherever they ran (one process,
-local processes, Prefect tasks on a process pool, Prefect tasks on a two-CPU Ray)."""
+"""Data past one machine's memory and cores: ingestion reads tables in record batches; ingestion and
+encoding run in parts whose output is the same bytes however many parts there are and wherever they ran
+(one process, local processes, Prefect tasks on threads, Prefect tasks on a two-CPU Ray)."""
 
 import sysconfig
 import tracemalloc
@@ -116,20 +116,65 @@ def test_parts_cover_every_line_once_and_give_the_same_shards(data, tmp_path) ->
     assert not list((tmp_path / "two").glob(".*"))  # the parts folder is gone
 
 
-@pytest.mark.ray
-def test_encoding_tasks_on_ray_give_the_shards_of_the_default_runner(data, tmp_path, prefect_harness) -> None:
-    from flows.runners import task_runner_for
-    from flows.stages import encoding_flow
+def _corpus_bytes(folder: Path) -> dict[str, bytes]:
+    return {split: (Path(folder) / f"{split}.jsonl").read_bytes() for split in ("train", "validation")}
 
-    folders = {}
+
+def test_ingestion_parts_give_the_same_corpus_for_files_and_rows(data, tmp_path) -> None:
+    import datasets
+
+    src = tmp_path / "src"
+    src.mkdir()
+    for path in sorted((data["root"] / "src").iterdir()):
+        (src / path.name).write_bytes(path.read_bytes())
+    (src / "zz_copy.py").write_bytes((src / "abc.py").read_bytes())  # a duplicate in a later part
+    (src / "empty").write_text("  \n")
+    (src / "blob").write_bytes(b"\x00\x01" * 100)
+    files = corpus._resolve(CorpusConfig(source=str(src)))[1]
+    for workers in (1, 2, 5):
+        plan = corpus.plan_ingestion(files, None, workers)
+        assert [(p.start, p.end) for p in plan][0][0] == 0 and plan[-1].end == len(files)
+        assert all(a.end == b.start for a, b in zip(plan, plan[1:], strict=False))
+        assert len(plan) == 1 if workers == 1 else 1 < len(plan) <= 4 * workers
+    assert [(p.start, p.end) for p in corpus.plan_ingestion([], 10, 3)] == [(0, 3), (3, 6), (6, 10)]
+
+    one = ingest(CorpusConfig(source=str(src)), tmp_path / "one")
+    many = ingest(CorpusConfig(source=str(src)), tmp_path / "many", workers=3)  # 12 parts, 3 processes
+    assert one == many and _corpus_bytes(tmp_path / "one") == _corpus_bytes(tmp_path / "many")
+    assert one["counts"]["duplicates_dropped"] == 1 and one["counts"]["empty_dropped"] == 1
+    assert one["skipped_by_reason"] == {"binary": 1}
+    assert not list((tmp_path / "many").glob(".*"))  # the parts folder is gone
+
+    rows = [doc["text"] for doc in read_documents(tmp_path / "one", "train")][:40]
+    datasets.Dataset.from_dict({"text": rows + rows[:3] + [""]}).save_to_disk(str(tmp_path / "saved"))
+    config = CorpusConfig(source=f"hf:{tmp_path / 'saved'}")
+    by_rows = [ingest(config, tmp_path / f"hf{workers}", workers=workers) for workers in (1, 3)]
+    assert by_rows[0] == by_rows[1] and by_rows[0]["counts"]["duplicates_dropped"] == 3
+    assert _corpus_bytes(tmp_path / "hf1") == _corpus_bytes(tmp_path / "hf3")
+
+
+@pytest.mark.ray
+def test_data_tasks_on_ray_give_the_corpus_and_shards_of_the_default_runner(
+    data, tmp_path, prefect_harness
+) -> None:
+    from flows.runners import task_runner_for
+    from flows.stages import encoding_flow, reading_flow
+
+    config = CorpusConfig(source=str(data["root"] / "src"), validation_fraction=0.1)
+    digest = corpus.source_digest(config)
+    corpora, folders = {}, {}
     for name, init in (("local", None), ("ray", {"num_cpus": 2, "include_dashboard": False})):
         runner = task_runner_for(name, ray_init=init)
+        corpora[name] = Path(
+            reading_flow.with_options(task_runner=runner)(config, digest, str(tmp_path / name))
+        )
         folders[name] = Path(
             encoding_flow.with_options(task_runner=runner)(
                 str(data["corpus"]), str(data["tokenizer"]), str(tmp_path / name)
             )
         )
-        assert folders[name].parent.parent == tmp_path / name
+        assert folders[name].parent.parent == corpora[name].parent.parent == tmp_path / name
+    assert _corpus_bytes(corpora["ray"]) == _corpus_bytes(corpora["local"]) == _corpus_bytes(data["corpus"])
     assert len(_shard_bytes(folders["local"])) == 2  # train and validation
     assert _shard_bytes(folders["ray"]) == _shard_bytes(folders["local"])
 
