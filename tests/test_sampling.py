@@ -6,7 +6,7 @@ import torch
 
 from llmcore.errors import ConfigError
 from llmcore.model import GPT, GPTConfig, KVCache
-from llmcore.sampling import SamplingConfig, filter_logits, generate, generate_batch
+from llmcore.sampling import SamplingConfig, decoding_layout, filter_logits, generate, generate_batch
 
 CONFIG = GPTConfig(vocab_size=64, block_size=32, n_layer=2, n_head=4, n_kv_head=2, n_embd=32)
 GREEDY = SamplingConfig(max_new_tokens=6, temperature=0.0)
@@ -229,3 +229,27 @@ def test_batched_prefill_of_padded_prompts_equals_each_prompt_alone(model):
 def test_empty_prompt_in_a_batch_raises(model):
     with pytest.raises(ConfigError, match="a prompt is empty"):
         generate_batch(model, [[1, 2], []], GREEDY)
+
+
+def test_decoding_layout_holds_for_the_call_only_and_changes_no_value(untied):
+    weights = {name: (p.data_ptr(), p.stride()) for name, p in untied.named_parameters()}
+    strides = []
+    hook = untied.lm_head.register_forward_pre_hook(
+        lambda module, args: strides.append(module.weight.stride())
+    )
+    try:
+        new = generate_batch(untied, PROMPTS, GREEDY)
+    finally:
+        hook.remove()
+    assert strides and set(strides) == {(1, CONFIG.vocab_size)}  # the transposed layout, every step
+    assert {name: (p.data_ptr(), p.stride()) for name, p in untied.named_parameters()} == weights
+    ids = torch.tensor([PROMPTS[2]])
+    with decoding_layout(untied):
+        assert not untied.blocks[0].attn.c_attn.weight.is_contiguous()
+        inside = untied(ids)[0]
+    torch.testing.assert_close(inside, untied(ids)[0])
+    assert new == [generate(untied, prompt, GREEDY) for prompt in PROMPTS]
+    # the model still trains afterwards: no weight was left an inference tensor
+    untied(ids, ids, reduction="sum")[1].backward()
+    assert all(p.grad is not None for p in untied.parameters())
+    untied.zero_grad(set_to_none=True)
