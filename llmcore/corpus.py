@@ -974,8 +974,12 @@ def main(argv: list[str] | None = None) -> None:
     add_config_flags(parser, CorpusConfig, skip=("source",))
     args = vars(parser.parse_args(argv))
     try:
-        fields = {f: args[f] for f in CorpusConfig.__dataclass_fields__ if args.get(f) is not None}
-        manifest = ingest(CorpusConfig(**fields), args["out"], workers=args["workers"])
+        # The imported module's names, not __main__'s: worker processes look parts up by module name.
+        from llmcore.corpus import CorpusConfig as Config
+        from llmcore.corpus import ingest as importable
+
+        fields = {f: args[f] for f in Config.__dataclass_fields__ if args.get(f) is not None}
+        manifest = importable(Config(**fields), args["out"], workers=args["workers"])
     except ConfigError as e:
         parser.exit(2, f"error: {e}\n")
     print(manifest["source"])

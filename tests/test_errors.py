@@ -15,6 +15,7 @@ import re
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -368,10 +369,21 @@ def test_training_refuses_a_batch_that_cannot_fit_before_allocating_it(tmp_path)
 
 
 def _attempts(state) -> int:
+    """How many times a finished task run ran, as the server has it. A task run outside a flow reaches the
+    server through events, a moment after the call returns: wait up to 20 s for its final state."""
     from prefect.client.orchestration import get_client
+    from prefect.exceptions import ObjectNotFound
 
     with get_client(sync_client=True) as client:
-        return client.read_task_run(state.state_details.task_run_id).run_count
+        for _ in range(200):
+            try:
+                run = client.read_task_run(state.state_details.task_run_id)
+                if run.state is not None and run.state.is_final():
+                    return run.run_count
+            except ObjectNotFound:
+                pass
+            time.sleep(0.1)
+    raise AssertionError(f"task run {state.state_details.task_run_id} never reached the server")
 
 
 @pytest.mark.flow
