@@ -77,8 +77,8 @@ def run(bench: TrainBench) -> list[Result]:
     wrap = torch.compile if bench.compile else (lambda m: m)
     fwd_ours, fwd_llama, fwd_nano = wrap(ours), wrap(llama), wrap(nano)
 
-    def ours_loss(x, y):  # as in llmcore.train.fit
-        return fwd_ours(x, y, reduction="none")[1].float().sum() / y.numel()
+    def ours_loss(x, y):  # as in llmcore.train.fit: the summed loss, never the full logits
+        return fwd_ours(x, y, reduction="sum")[1] / y.numel()
 
     def llama_loss(x, y):  # transformers' own loss: shifts labels internally, upcasts the logits
         return fwd_llama(input_ids=x, labels=x).loss

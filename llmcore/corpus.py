@@ -20,7 +20,9 @@ Small corpora still get a validation split: when the hash split holds out less t
 order; a corpus of one document holds out the tail of that document, cut at a line boundary.
 
 Ingestion streams: it reads the source twice (once to choose, once to write), a document at a time,
-so memory stays a small multiple of the largest document, not of the corpus. Table files and `hf:`
+so memory stays a small multiple of the largest document, not of the corpus. Both reads run in parts
+(runs of files, or of dataset rows) that local processes or Prefect tasks take; the output does not
+depend on how it was split. Table files and `hf:`
 datasets are read TABLE_BATCH_ROWS rows at a time (the dataset memory-mapped by `datasets`); in a .jsonl
 or .csv file the binary check reads only the first SNIFF_BYTES. The output folder (`train.jsonl`,
 `validation.jsonl`, `manifest.json`) is written atomically, one document at a time. It does not clean,
