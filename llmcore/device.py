@@ -72,6 +72,13 @@ def resolve_precision(name: str, device: torch.device) -> torch.dtype:
     return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[name]
 
 
+def cpu_has_bf16() -> bool:
+    """Does this CPU multiply bf16 in hardware (AVX512-BF16 or AMX)? Elsewhere bf16 is emulated, slower
+    than fp32. torch exposes the check only privately, so a torch without it answers no."""
+    checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    return any(getattr(torch.cpu, name, lambda: False)() for name in checks)
+
+
 # Dense (no sparsity) 16-bit tensor-core peaks in FLOP/s from NVIDIA's datasheets: bf16, or fp16 on GPUs
 # without bf16 (V100, T4), where `auto` trains in fp16. Keys are matched as whole words in the device
 # name, longest first, so "H100 PCIe" wins over "H100", and "L4" matches neither "L40S" nor "L40".

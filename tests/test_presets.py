@@ -145,3 +145,12 @@ def test_a_stage_error_inside_the_flow_ends_with_one_clear_line(tmp_path):
     ]  # after Prefect's own log
     assert "fewer than vocab_size 8000" in error and "--vocab-size" in error, done.stderr[-2000:]
     assert not list((tmp_path / "runs").glob("tokenizer/*"))  # nothing a later stage could take for finished
+
+
+def test_cpu_preset_pretrains_in_bf16_only_where_the_cpu_has_bf16_arithmetic(monkeypatch):
+    from llmcore import presets
+
+    for has_bf16, precision, steps in ((True, "bf16", 2480), (False, "auto", 2000)):
+        monkeypatch.setattr(presets, "cpu_has_bf16", lambda has_bf16=has_bf16: has_bf16)
+        pretrain = presets.get_preset("cpu").pretrain
+        assert (pretrain.precision, pretrain.max_steps) == (precision, steps)
