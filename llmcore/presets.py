@@ -157,7 +157,7 @@ def cpu() -> Preset:
         checkpoint_interval=100,
         log_interval=25,
     )
-    # bf16 autocast where the CPU has bf16 arithmetic: a step takes 0.81x the time of fp32's at this size,
+    # bf16 autocast where the CPU has bf16 arithmetic: a step takes 0.78x the time of fp32's at this size,
     # so 2480 steps take the wall time of 2000 (README, "Recipe options and ablations"). Elsewhere bf16
     # would be emulated, slower than fp32: fp32 and 2000 steps.
     bf16 = cpu_has_bf16()
