@@ -79,7 +79,7 @@ def corpus_flow(
     task_runner: RunnerName = "local",
     ray_address: str | None = None,
 ) -> str:
-    """Stage 1: read, decode, deduplicate and split a corpus (in parts, on all local cores or, with
+    """Stage 1: read, decode, deduplicate and split a corpus (in parts, on a thread per local core or, with
     task_runner "ray", on the Ray cluster at ray_address: a new local one if None); returns the corpus
     folder."""
     runner = task_runner_for(task_runner, ray_address)  # a bad choice fails before any work
@@ -97,6 +97,7 @@ def reading_flow(config: CorpusConfig, source_digest: str, runs_dir: str = RUNS_
 
     def map_parts(phase: str, parts: list[IngestPart], folder: Path) -> list[dict]:
         futures = stages.ingest_part.map(unmapped(config), parts, unmapped(phase), unmapped(str(folder)))
+        futures.wait()  # every part done before a failure removes the folder they write in
         return futures.result()
 
     return stages.ingest_corpus(config, source_digest, runs_dir, map_parts)
@@ -111,6 +112,7 @@ def encoding_flow(corpus_dir: str, tokenizer_dir: str, runs_dir: str = RUNS_DIR)
         futures = stages.encode_part.map(
             unmapped(corpus_dir), unmapped(tokenizer_dir), parts, [str(f) for f in files]
         )
+        futures.wait()  # every part done before a failure removes the folder they write in
         return futures.result()
 
     return stages.encode_corpus(corpus_dir, tokenizer_dir, runs_dir, map_parts)

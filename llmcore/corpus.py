@@ -692,16 +692,22 @@ def plan_ingestion(files: list[tuple[str, Path]], rows: int | None, workers: int
 def _part_documents(
     config: CorpusConfig, part: IngestPart, folder: Path, digests: list, skipped: list
 ) -> Iterator[tuple[str, str]]:
+    source = read_json(folder / "source.json")
     if config.kind == "hf":
         dataset = load_hf_dataset(config.source[3:], config.hf_config, config.hf_split, config.hf_revision)
+        if len(dataset) != source["rows"]:
+            raise ConfigError(
+                f"hf dataset {config.source[3:]} changed while it was being ingested ({source['rows']} rows, "
+                f"now {len(dataset)}): run again when it is still, or pass --hf-revision to pin one"
+            )
         rows = dataset.select(range(part.start, part.end))
         return _hf_documents(rows, config.source, config.text_column, part.start)
-    files = [(rel, Path(path)) for rel, path in read_json(folder / "files.json")[part.start : part.end]]
+    files = [(rel, Path(path)) for rel, path in source["files"][part.start : part.end]]
     return _file_documents(files, config.text_column, digests, skipped)
 
 
 def ingest_part(config: CorpusConfig, part: IngestPart, phase: str, folder: Path) -> dict:
-    """One phase of ingestion over one part's documents, the files in `folder` (which `ingest` made).
+    """One phase of ingestion over one part's documents, with the files in `folder` that `ingest` made.
 
     "scan" writes [id, source, UTF-8 bytes] of each non-empty document to scan_<index>.jsonl and returns
     the files' digests, the files skipped and the documents read and empty. "write" writes the documents
@@ -813,9 +819,11 @@ def ingest(config: CorpusConfig, out_dir: Path, workers: int = 1, map_parts: Map
     run_parts = map_parts or _in_processes(config, workers)
 
     with atomic_output_dir(out_dir) as tmp:
-        scratch = tmp / ".parts"  # the parts' scans and documents, removed once joined
+        scratch = Path(tmp / ".parts").absolute()  # the parts' scans and documents, removed once joined
         scratch.mkdir()
-        atomic_write_json(scratch / "files.json", [(rel, str(path)) for rel, path in files])
+        # absolute paths: a part may run in another process, or on another machine that sees them there
+        listed = [(rel, os.path.abspath(path)) for rel, path in files]
+        atomic_write_json(scratch / "source.json", {"files": listed, "rows": rows})
 
         # Pass 1: ids and sizes only, part by part. The first copy of a document wins.
         scans = run_parts("scan", parts, scratch)

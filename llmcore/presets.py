@@ -14,6 +14,8 @@ two kinds, instruction tuning (`finetune`) and classification (`classify_train`)
 
 from dataclasses import dataclass, replace
 
+import torch
+
 from llmcore.adapters import AdapterConfig
 from llmcore.classify import ClassifyConfig, ClassifyDataConfig
 from llmcore.completions import PromptConfig
@@ -159,8 +161,8 @@ def cpu() -> Preset:
     )
     # bf16 autocast where the CPU has bf16 arithmetic: a step takes 0.78x the time of fp32's at this size,
     # so 2480 steps take the wall time of 2000 (README, "Recipe options and ablations"). Elsewhere bf16
-    # would be emulated, slower than fp32: fp32 and 2000 steps.
-    bf16 = cpu_has_bf16()
+    # would be emulated, slower than fp32: fp32 and 2000 steps. With a GPU, training runs there (`auto`).
+    bf16 = cpu_has_bf16() and not torch.cuda.is_available()
     return Preset(
         name="cpu",
         description="a real ~30 minute CPU run on the standard library; should beat xz on bits per byte",

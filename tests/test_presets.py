@@ -147,10 +147,15 @@ def test_a_stage_error_inside_the_flow_ends_with_one_clear_line(tmp_path):
     assert not list((tmp_path / "runs").glob("tokenizer/*"))  # nothing a later stage could take for finished
 
 
-def test_cpu_preset_pretrains_in_bf16_only_where_the_cpu_has_bf16_arithmetic(monkeypatch):
+def test_cpu_preset_pretrains_in_bf16_only_on_a_cpu_with_bf16_arithmetic(monkeypatch):
     from llmcore import presets
 
-    for has_bf16, precision, steps in ((True, "bf16", 2480), (False, "auto", 2000)):
+    for has_bf16, gpu, precision, steps in (
+        (True, False, "bf16", 2480),
+        (False, False, "auto", 2000),
+        (True, True, "auto", 2000),  # training runs on the GPU
+    ):
         monkeypatch.setattr(presets, "cpu_has_bf16", lambda has_bf16=has_bf16: has_bf16)
+        monkeypatch.setattr(presets.torch.cuda, "is_available", lambda gpu=gpu: gpu)
         pretrain = presets.get_preset("cpu").pretrain
         assert (pretrain.precision, pretrain.max_steps) == (precision, steps)

@@ -232,7 +232,7 @@ def test_empty_prompt_in_a_batch_raises(model):
 
 
 def test_decoding_layout_holds_for_the_call_only_and_changes_no_value(untied):
-    weights = {name: (p.data_ptr(), p.stride()) for name, p in untied.named_parameters()}
+    before = {name: p.detach().clone() for name, p in untied.named_parameters()}
     strides = []
     hook = untied.lm_head.register_forward_pre_hook(
         lambda module, args: strides.append(module.weight.stride())
@@ -242,14 +242,33 @@ def test_decoding_layout_holds_for_the_call_only_and_changes_no_value(untied):
     finally:
         hook.remove()
     assert strides and set(strides) == {(1, CONFIG.vocab_size)}  # the transposed layout, every step
-    assert {name: (p.data_ptr(), p.stride()) for name, p in untied.named_parameters()} == weights
+    for name, p in untied.named_parameters():
+        assert p.is_contiguous() and torch.equal(p, before[name]), name
     ids = torch.tensor([PROMPTS[2]])
     with decoding_layout(untied):
+        generate_batch(untied, PROMPTS[:1], GREEDY)  # a nested call leaves the layout to the outer one
         assert not untied.blocks[0].attn.c_attn.weight.is_contiguous()
         inside = untied(ids)[0]
+    assert untied.blocks[0].attn.c_attn.weight.is_contiguous()
     torch.testing.assert_close(inside, untied(ids)[0])
     assert new == [generate(untied, prompt, GREEDY) for prompt in PROMPTS]
     # the model still trains afterwards: no weight was left an inference tensor
     untied(ids, ids, reduction="sum")[1].backward()
     assert all(p.grad is not None for p in untied.parameters())
     untied.zero_grad(set_to_none=True)
+
+
+def test_concurrent_generation_on_one_model_gives_each_call_its_own_result(untied):
+    from concurrent.futures import ThreadPoolExecutor
+
+    alone = [generate(untied, prompt, GREEDY) for prompt in PROMPTS]
+    with ThreadPoolExecutor(4) as pool:
+        together = list(pool.map(lambda prompt: generate(untied, prompt, GREEDY), PROMPTS * 3))
+    assert together == alone * 3
+    assert all(p.is_contiguous() for p in untied.parameters())
+
+
+def test_a_model_built_under_inference_mode_still_generates():
+    with torch.inference_mode():
+        model = GPT(CONFIG)
+    assert len(generate(model, [1, 2, 3], GREEDY)) == GREEDY.max_new_tokens
