@@ -39,6 +39,16 @@ VARIANTS: dict[str, tuple[dict, dict]] = {
         {},
         {"optimizer": "muon", "lr_schedule": "wsd", "precision": "bf16", "steps_scale": 1.24},
     ),
+    "muon+wsd bf16 x1.24 steps lr x2": (
+        {},
+        {
+            "optimizer": "muon",
+            "lr_schedule": "wsd",
+            "precision": "bf16",
+            "steps_scale": 1.24,
+            "learning_rate_scale": 2.0,
+        },
+    ),
 }
 
 
