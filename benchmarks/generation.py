@@ -3,7 +3,8 @@
 Both sides decode the same weights (our GPT loaded into a LlamaForCausalLM), greedily, exactly
 `max_new_tokens` per row (no stop token), from the same prompts: one prompt at batch 1; at batch 8,
 prompts of different lengths (right-padded for us, left-padded with an attention mask for `generate`).
-Tokens/s counts generated tokens, the prefill included in the time.
+Tokens/s counts generated tokens, the prefill included in the time. Our model keeps the decoding layout
+(`keep_decoding_layout`), as the served pyfunc model and the sampling stage do.
 """
 
 from dataclasses import dataclass
@@ -13,7 +14,7 @@ import torch
 from benchmarks import Result, interleaved
 from benchmarks.reference import llama_from_gpt
 from llmcore.model import GPT, GPTConfig
-from llmcore.sampling import SamplingConfig, generate_batch
+from llmcore.sampling import SamplingConfig, generate_batch, keep_decoding_layout
 
 
 @dataclass(frozen=True)
@@ -44,7 +45,8 @@ def run(bench: GenerationBench) -> list[Result]:
         tie_embeddings=False,
     )
     ours = GPT(config).to(device=device, dtype=dtype).eval()
-    llama = llama_from_gpt(ours)
+    llama = llama_from_gpt(ours)  # a copy of the weights, in their own layout
+    keep_decoding_layout(ours)
     sampling = SamplingConfig(max_new_tokens=bench.max_new_tokens, temperature=0.0)
     settings = GenerationConfig(
         max_new_tokens=bench.max_new_tokens,

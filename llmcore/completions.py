@@ -23,7 +23,7 @@ from llmcore.checkpoint import load_model
 from llmcore.corpus import read_documents
 from llmcore.device import resolve_device
 from llmcore.errors import ConfigError, require_positive
-from llmcore.sampling import SamplingConfig, generate_batch
+from llmcore.sampling import SamplingConfig, generate_batch, keep_decoding_layout
 from llmcore.sft_data import read_pairs
 from llmcore.tokenizer import Tokenizer
 
@@ -105,6 +105,7 @@ def complete(
 ) -> list[dict[str, str]]:
     """One row per (strategy, prompt): the completion text. `chat` wraps prompts as a user turn."""
     model = load_model(model_path, resolve_device(device))
+    keep_decoding_layout(model)  # it only generates here
     tokenizer = Tokenizer.load(tokenizer_dir)
     stop = tokenizer.end_id if chat else tokenizer.eot_id
     max_length = chat_max_length(model_path)

@@ -29,7 +29,7 @@ from llmcore.checkpoint import load_model
 from llmcore.device import resolve_device
 from llmcore.errors import ConfigError, require_positive
 from llmcore.model import GPT
-from llmcore.sampling import SamplingConfig, generate_batch
+from llmcore.sampling import SamplingConfig, generate_batch, keep_decoding_layout
 from llmcore.tokenizer import Tokenizer
 
 MISSING = "lm_eval is not installed: pip install -e '.[eval]' (or pip install lm_eval)"
@@ -63,10 +63,11 @@ class LlmcoreLM(TemplateLM):
     def load(
         cls, model_file: Path, tokenizer: Path, device: str = "auto", batch_size: int = 8
     ) -> "LlmcoreLM":
-        """From a model.pt (verified, weights only) and a tokenizer folder or .model file."""
-        return cls(
-            load_model(Path(model_file), resolve_device(device)), Tokenizer.load(tokenizer), batch_size
-        )
+        """From a model.pt (verified, weights only) and a tokenizer folder or .model file; the model is
+        only run forward, so it keeps the decoding layout."""
+        model = load_model(Path(model_file), resolve_device(device))
+        keep_decoding_layout(model)
+        return cls(model, Tokenizer.load(tokenizer), batch_size)
 
     @property
     def eot_token_id(self) -> int:

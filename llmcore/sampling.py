@@ -7,7 +7,8 @@ Each row stops on its own (stop token, max_new_tokens, full context) and holds s
 row is done. Every row samples from its own generator seeded with `seed`, so a prompt's completion does
 not depend on which prompts share its batch, and `generate` (one prompt) is a batch of one.
 On CPU, each linear layer's weight is held in the layout BLAS multiplies a few rows by fastest for the
-call (`decoding_layout`). It knows nothing about tokenization, checkpoints or chat formats: callers
+call (`decoding_layout`), or for good in a model that only generates and scores (`keep_decoding_layout`:
+a served model, the sampling stage). It knows nothing about tokenization, checkpoints or chat formats: callers
 encode and decode, and load the model.
 
 Usage: a library module without a CLI; a sampling command needs a checkpoint and a tokenizer, which other
@@ -155,6 +156,18 @@ def decoding_layout(model: torch.nn.Module) -> Iterator[None]:
                 with torch.no_grad(), torch.inference_mode(False):
                     for weight in weights:
                         weight.data = weight.data.contiguous()  # what was written meanwhile stays
+
+
+def keep_decoding_layout(model: torch.nn.Module) -> None:
+    """On CPU, lay out `model`'s linear weights as `decoding_layout` does, for good: for a model that is
+    only run forward (served, sampled, scored), whose `generate_batch` calls then skip the two copies of
+    every weight a call otherwise makes (19 ms a call for the generation benchmark's 5M-parameter model,
+    0.3 ms of its 2.5 ms per token at batch 1). Forward passes over many positions run as fast from this
+    layout; a model that trains afterwards still trains, and `.contiguous()` gives a weight back as it was.
+    Elsewhere it does nothing. Call it before the model is shared between threads.
+    """
+    if next(model.parameters()).device.type == "cpu":
+        _lay_out(model)
 
 
 def _lay_out(model: torch.nn.Module) -> list[torch.nn.Parameter]:

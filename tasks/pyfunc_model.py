@@ -17,9 +17,11 @@ class GPTGenerator(mlflow.pyfunc.PythonModel):
     def load_context(self, context):
         from llmcore.chat import chat_max_length
         from llmcore.checkpoint import load_model
+        from llmcore.sampling import keep_decoding_layout
         from llmcore.tokenizer import Tokenizer
 
         self.model = load_model(context.artifacts["model"])
+        keep_decoding_layout(self.model)  # a served model only generates: no layout copies per call
         self.max_length = chat_max_length(context.artifacts["model"])  # prompts are cut as in fine-tuning
         self.tokenizer = Tokenizer.load(context.artifacts["tokenizer"])
         with open(context.artifacts["config"]) as f:

@@ -6,7 +6,14 @@ import torch
 
 from llmcore.errors import ConfigError
 from llmcore.model import GPT, GPTConfig, KVCache
-from llmcore.sampling import SamplingConfig, decoding_layout, filter_logits, generate, generate_batch
+from llmcore.sampling import (
+    SamplingConfig,
+    decoding_layout,
+    filter_logits,
+    generate,
+    generate_batch,
+    keep_decoding_layout,
+)
 
 CONFIG = GPTConfig(vocab_size=64, block_size=32, n_layer=2, n_head=4, n_kv_head=2, n_embd=32)
 GREEDY = SamplingConfig(max_new_tokens=6, temperature=0.0)
@@ -256,6 +263,22 @@ def test_decoding_layout_holds_for_the_call_only_and_changes_no_value(untied):
     untied(ids, ids, reduction="sum")[1].backward()
     assert all(p.grad is not None for p in untied.parameters())
     untied.zero_grad(set_to_none=True)
+
+
+def test_a_kept_decoding_layout_spares_the_copies_and_changes_no_output():
+    torch.manual_seed(0)
+    model = GPT(replace(CONFIG, tie_embeddings=False))
+    ids = torch.tensor([PROMPTS[2]])
+    expected, logits = generate_batch(model, PROMPTS, GREEDY), model(ids)[0]
+    keep_decoding_layout(model)
+    weights = [m.weight for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    assert all(w.t().is_contiguous() and not w.is_contiguous() for w in weights)
+    storage = [w.data_ptr() for w in weights]
+    assert generate_batch(model, PROMPTS, GREEDY) == expected
+    assert [w.data_ptr() for w in weights] == storage  # the call laid nothing out, put nothing back
+    torch.testing.assert_close(model(ids)[0], logits)  # a forward pass over many positions too
+    model(ids, ids, reduction="sum")[1].backward()  # and it still trains
+    assert all(p.grad is not None and p.grad.shape == p.shape for p in model.parameters())
 
 
 def test_concurrent_generation_on_one_model_gives_each_call_its_own_result(untied):
