@@ -8,6 +8,7 @@ from llmcore.errors import ConfigError
 from llmcore.model import GPT, GPTConfig, KVCache
 from llmcore.sampling import (
     SamplingConfig,
+    _PackedLinear,
     decoding_layout,
     filter_logits,
     generate,
@@ -279,6 +280,27 @@ def test_a_kept_decoding_layout_spares_the_copies_and_changes_no_output():
     torch.testing.assert_close(model(ids)[0], logits)  # a forward pass over many positions too
     model(ids, ids, reduction="sum")[1].backward()  # and it still trains
     assert all(p.grad is not None and p.grad.shape == p.shape for p in model.parameters())
+
+
+@pytest.mark.parametrize("onednn", [True, False])
+def test_a_kept_model_that_trains_on_generates_from_its_new_weights(onednn, monkeypatch):
+    monkeypatch.setattr(torch.backends.mkldnn, "is_available", lambda: onednn)
+    torch.manual_seed(0)
+    config = replace(CONFIG, tie_embeddings=False)
+    model = GPT(config)
+    keep_decoding_layout(model)
+    packed = [m for m in model.modules() if isinstance(m.__dict__.get("forward"), _PackedLinear)]
+    assert len(packed) == (2 * config.n_layer * 2 + 1 if onednn else 0)  # every linear layer, or none
+    ids = torch.tensor([PROMPTS[2]])
+    before = generate_batch(model, PROMPTS, GREEDY)
+    model(ids, ids, reduction="sum")[1].backward()
+    torch.optim.SGD(model.parameters(), lr=1.0).step()
+    fresh = GPT(config)
+    fresh.load_state_dict(model.state_dict())
+    with torch.no_grad():  # no packed copy of the old weights is used
+        torch.testing.assert_close(model(ids)[0], fresh(ids)[0])
+    after = generate_batch(model, PROMPTS, GREEDY)
+    assert after == generate_batch(fresh, PROMPTS, GREEDY) and after != before
 
 
 def test_concurrent_generation_on_one_model_gives_each_call_its_own_result(untied):
