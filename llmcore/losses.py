@@ -36,11 +36,16 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 logits = (h @ w.t()).float()  # (rows, V): the only logits that exist at any time
                 scored = y != IGNORE
                 safe = torch.where(scored, y, 0)
-                log_z = torch.logsumexp(logits, dim=-1)
-                total += ((log_z - logits.gather(1, safe[:, None]).squeeze(1)) * scored).sum()
+                target = logits.gather(1, safe[:, None]).squeeze(1)
+                # log Z = log sum exp(logits), with exp taken once, in place, on the logits less their
+                # maximum (torch.logsumexp would take it into a new tensor, and the gradient again)
+                peak = logits.amax(dim=-1, keepdim=True)
+                exps = logits.sub_(peak).exp_()
+                norm = exps.sum(dim=-1)
+                total += ((norm.log() + peak.squeeze(1) - target) * scored).sum()
                 if need_hidden or need_weight:
                     # d(loss)/d(logits) = softmax - one_hot(target), zero on unscored rows
-                    grad = logits.sub_(log_z[:, None]).exp_()
+                    grad = exps.div_(norm[:, None])
                     grad[torch.arange(len(y), device=y.device), safe] -= 1
                     grad = grad.mul_(scored[:, None]).to(dtype)
                     if need_hidden:
