@@ -648,8 +648,9 @@ def _tail_cut(text: str, fraction: float, min_bytes: int) -> int:
 
 @dataclass(frozen=True)
 class IngestPart:
-    """Consecutive documents of a source, the unit of parallel ingestion: files [start, end) of the file
-    list `ingest` writes beside its parts, or rows [start, end) of an hf: dataset."""
+    """Consecutive documents of a source, the unit of parallel ingestion: files [start, end) of the source's
+    file list (`ingest` writes each part's own slice of it beside the parts), or rows [start, end) of an
+    hf: dataset."""
 
     index: int  # position among the parts: their documents are written in this order
     start: int
@@ -692,7 +693,7 @@ def plan_ingestion(files: list[tuple[str, Path]], rows: int | None, workers: int
 def _part_documents(
     config: CorpusConfig, part: IngestPart, folder: Path, digests: list, skipped: list
 ) -> Iterator[tuple[str, str]]:
-    source = read_json(folder / "source.json")
+    source = read_json(folder / f"source_{part.index}.json")  # its own files only: O(files) over all parts
     if config.kind == "hf":
         dataset = load_hf_dataset(config.source[3:], config.hf_config, config.hf_split, config.hf_revision)
         if len(dataset) != source["rows"]:
@@ -702,7 +703,7 @@ def _part_documents(
             )
         rows = dataset.select(range(part.start, part.end))
         return _hf_documents(rows, config.source, config.text_column, part.start)
-    files = [(rel, Path(path)) for rel, path in source["files"][part.start : part.end]]
+    files = [(rel, Path(path)) for rel, path in source["files"]]
     return _file_documents(files, config.text_column, digests, skipped)
 
 
@@ -823,7 +824,9 @@ def ingest(config: CorpusConfig, out_dir: Path, workers: int = 1, map_parts: Map
         scratch.mkdir()
         # absolute paths: a part may run in another process, or on another machine that sees them there
         listed = [(rel, os.path.abspath(path)) for rel, path in files]
-        atomic_write_json(scratch / "source.json", {"files": listed, "rows": rows})
+        for part in parts:
+            source = {"files": listed[part.start : part.end] if rows is None else [], "rows": rows}
+            atomic_write_json(scratch / f"source_{part.index}.json", source)
 
         # Pass 1: ids and sizes only, part by part. The first copy of a document wins.
         scans = run_parts("scan", parts, scratch)

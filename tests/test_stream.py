@@ -193,7 +193,7 @@ def test_an_hf_dataset_that_changes_between_the_plan_and_a_part_stops_in_one_lin
 
     datasets.Dataset.from_dict({"text": ["a b c"] * 5}).save_to_disk(str(tmp_path / "saved"))
     (tmp_path / "parts").mkdir()
-    (tmp_path / "parts" / "source.json").write_text('{"files": [], "rows": 7}')  # planned on 7 rows
+    (tmp_path / "parts" / "source_0.json").write_text('{"files": [], "rows": 7}')  # planned on 7 rows
     config = CorpusConfig(source=f"hf:{tmp_path / 'saved'}")
     with pytest.raises(ConfigError, match="changed while it was being ingested .7 rows, now 5."):
         corpus.ingest_part(config, corpus.IngestPart(0, 0, 7), "scan", tmp_path / "parts")
