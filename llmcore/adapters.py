@@ -17,6 +17,7 @@ import torch.nn as nn
 
 from llmcore.artifacts import atomic_output_dir
 from llmcore.errors import ConfigError, require_choice, require_non_negative, require_positive
+from llmcore.sampling import release_decoding_layout
 
 METHODS = ("full", "lora")
 
@@ -71,6 +72,7 @@ def apply_lora(model: nn.Module, config: AdapterConfig, modules_to_save: tuple[s
     from peft import LoraConfig, get_peft_model
 
     require_targets(model, config.targets)
+    release_decoding_layout(model)  # peft merges through `weight.data`, which a kept layer would not see
     lora = LoraConfig(
         r=config.lora_rank,
         lora_alpha=config.lora_alpha,
@@ -108,6 +110,7 @@ def load_adapter(base: nn.Module, folder: Path) -> nn.Module:
         raise ConfigError(
             f"{folder} holds no adapter (no adapter_config.json): pass a folder written by save_adapter"
         )
+    release_decoding_layout(base)  # as in apply_lora
     return PeftModel.from_pretrained(base, str(folder)).eval()
 
 

@@ -7,9 +7,9 @@ Each row stops on its own (stop token, max_new_tokens, full context) and holds s
 row is done. Every row samples from its own generator seeded with `seed`, so a prompt's completion does
 not depend on which prompts share its batch, and `generate` (one prompt) is a batch of one.
 On CPU, each linear layer's weight is held in the layout BLAS multiplies a few rows by fastest for the
-call (`decoding_layout`), or for good in a model that only generates and scores (`keep_decoding_layout`:
-a served model, the sampling stage). It knows nothing about tokenization, checkpoints or chat formats: callers
-encode and decode, and load the model.
+call (`decoding_layout`); a model that only generates and scores (a served model, the sampling stage)
+keeps that layout for good and multiplies through oneDNN (`keep_decoding_layout`). It knows nothing about
+tokenization, checkpoints or chat formats: callers encode and decode, and load the model.
 
 Usage: a library module without a CLI; a sampling command needs a checkpoint and a tokenizer, which other
 modules load, then call `generate_batch(model, [prompt_ids, ...], SamplingConfig(...), stop_id=...)`.
@@ -160,17 +160,16 @@ def decoding_layout(model: torch.nn.Module) -> Iterator[None]:
 
 def keep_decoding_layout(model: torch.nn.Module) -> None:
     """On CPU, for good, for a model that is only run forward (served, sampled, scored): lay out its
-    linear weights as `decoding_layout` does, and where torch has oneDNN, run each fp32 linear layer from a
-    copy of its weight packed in oneDNN's blocked layout (`_PackedLinear`; one row through a small weight
-    still goes through BLAS).
+    linear weights as `decoding_layout` does and, where torch has oneDNN, make each plain `nn.Linear` a
+    `_KeptLinear`, which multiplies by a copy of its weight packed for oneDNN in inference.
 
-    Its `generate_batch` calls then skip the two copies of every weight a call otherwise makes, and oneDNN
-    multiplies a few rows faster than BLAS on the dev machine (AMD EPYC): 0.20 ms against 0.55 ms for the
-    benchmark's (8, 256) x (256, 8192) output projection, 58 ms against 69 ms at 2048 rows. The packed
-    copy costs the linear weights' memory once more. A layer falls back to the weight itself whenever
-    gradients are recorded, under autocast, or once the weight has changed, so a model that trains
-    afterwards still trains (`.contiguous()` gives a weight its first layout back). Elsewhere it does
-    nothing. Call it before the model is shared between threads.
+    Its `generate_batch` calls then skip the two copies of every weight a call otherwise makes, and on the
+    dev machine (AMD EPYC) oneDNN multiplies a few rows faster than BLAS: the benchmark's output
+    projection, (8, 256) x (256, 8192), in 0.20 ms against BLAS's 0.55 ms; 58 ms against 69 ms at 2048
+    rows. The packed copies cost the linear weights' memory once more. Training still works (a layer takes
+    the plain path when gradients are recorded), and a weight changed in place or replaced is packed again;
+    a write through `weight.data` is not seen: call `release_decoding_layout` before one (`adapters` does).
+    Elsewhere it does nothing.
     """
     if next(model.parameters()).device.type != "cpu":
         return
@@ -178,47 +177,68 @@ def keep_decoding_layout(model: torch.nn.Module) -> None:
     if not torch.backends.mkldnn.is_available():
         return
     for module in model.modules():
-        weight = getattr(module, "weight", None)
-        if (
-            isinstance(module, torch.nn.Linear)
-            and weight.dtype == torch.float32
-            and not weight.is_inference()
-        ):
-            module.forward = _PackedLinear(module)
+        if type(module) is torch.nn.Linear and not module.weight.is_inference():
+            module.__class__ = _KeptLinear
 
 
-class _PackedLinear:
-    """A linear layer's forward in inference from a copy of its weight in oneDNN's blocked layout; the
-    layer's own forward when gradients are recorded, under autocast, or once the weight has changed."""
+def release_decoding_layout(model: torch.nn.Module) -> None:
+    """Make the `_KeptLinear`s of `model` plain `nn.Linear`s again, without their packed copies; their
+    weights keep their layout (`weight.data = weight.data.contiguous()` gives one its first layout back)."""
+    for module in model.modules():
+        if type(module) is _KeptLinear:
+            module.__dict__.pop("_packed", None)
+            module.__class__ = torch.nn.Linear
+
+
+class _KeptLinear(torch.nn.Linear):
+    """An `nn.Linear` of a kept model (`keep_decoding_layout`). In inference, an fp32 input on CPU is
+    multiplied by a copy of the weight packed for oneDNN, made at the first such call and again once the
+    weight was changed in place or replaced. Under recorded gradients (of the input, weight or bias),
+    autocast, other dtypes or devices, and for one row through a small weight, it is an `nn.Linear`.
+    The packed copy is neither saved, pickled nor deep-copied: a copy packs its own."""
 
     # The batch size oneDNN packs for: at 8 it stays ahead of BLAS from 2 to 2048 rows on the dev machine,
-    # where packing for 1 row is 2.5x slower at 8, and packing for no size in particular 40x slower at 1.
+    # where packing for 1 row is 2.5x slower at 8 rows, and packing for no size in particular 40x slower at 1.
     ROWS = 8
-    # One row through a weight smaller than this goes faster from the decoding layout through BLAS: oneDNN
-    # takes ~20 us a call more (dev machine: 7 us against 21 us for 256 x 256, 164 us against 82 us for
-    # 8192 x 256; even at 1408 x 256).
+    # One row through a smaller weight goes faster from the decoding layout through BLAS, as oneDNN takes
+    # ~15 us a call more (dev machine, one row: 256 x 256 in 7 us through BLAS, 21 us through oneDNN;
+    # 1408 x 256 in 30 and 32 us; 8192 x 256 in 164 and 82 us).
     ONE_ROW_MIN = 1 << 19
+    _packed: tuple | None = None  # (the weight's tensor, its version, its address, the packed copy)
 
-    def __init__(self, linear: torch.nn.Linear) -> None:
-        self.linear = weakref.ref(linear)  # the module holds this object: no reference cycle
-        self.weight, self.version, self.data = linear.weight, linear.weight._version, linear.weight.data_ptr()
-        with torch.no_grad():
-            self.packed = torch.ops.mkldnn._reorder_linear_weight(linear.weight.detach(), self.ROWS)
-
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        linear = self.linear()
-        weight = linear.weight
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # called for every layer at every decoding step: the cheapest tests first, no module attribute lookup
+        weight, bias = self._parameters["weight"], self._parameters["bias"]
         if (
             (x.numel() == x.size(-1) and weight.numel() < self.ONE_ROW_MIN)
-            or weight is not self.weight
-            or weight._version != self.version
-            or weight.data_ptr() != self.data
             or x.dtype != torch.float32
+            or (
+                torch.is_grad_enabled()
+                and (x.requires_grad or weight.requires_grad or bias is not None and bias.requires_grad)
+            )
             or torch.is_autocast_enabled("cpu")
-            or (torch.is_grad_enabled() and (weight.requires_grad or x.requires_grad))
         ):
-            return torch.nn.functional.linear(x, weight, linear.bias)
-        return torch.ops.mkldnn._linear_pointwise(x, self.packed, linear.bias, "none", [], "")
+            return F.linear(x, weight, bias)
+        if weight.dtype != torch.float32 or weight.device.type != "cpu":
+            self.__dict__.pop("_packed", None)  # moved: the copy is of no more use
+            return F.linear(x, weight, bias)
+        packed = self._packed  # one read: another thread may pack again meanwhile, to the same values
+        if packed is None or packed[1] != weight._version or packed[2] != weight.data_ptr():
+            # holding the packed-from tensor keeps its storage, so a new one cannot take its address
+            with torch.no_grad():
+                packed = (
+                    weight.detach(),
+                    weight._version,
+                    weight.data_ptr(),
+                    torch.ops.mkldnn._reorder_linear_weight(weight.detach(), self.ROWS),
+                )
+            self.__dict__["_packed"] = packed
+        return torch.ops.mkldnn._linear_pointwise(x, packed[3], bias, "none", [], "")
+
+    def __getstate__(self) -> dict:
+        state = dict(self.__dict__)
+        state.pop("_packed", None)
+        return state
 
 
 def _lay_out(model: torch.nn.Module) -> list[torch.nn.Parameter]:

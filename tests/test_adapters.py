@@ -7,6 +7,7 @@ from llmcore.adapters import AdapterConfig, apply_lora, load_adapter, merge, par
 from llmcore.classify import SequenceClassifier
 from llmcore.errors import ConfigError
 from llmcore.model import GPT, GPTConfig
+from llmcore.sampling import keep_decoding_layout
 
 TINY = GPTConfig(vocab_size=64, block_size=16, n_layer=2, n_head=2, n_embd=16)
 
@@ -24,16 +25,24 @@ def fresh(seed: int = 0) -> GPT:
     return GPT(TINY).eval()
 
 
-def test_merged_model_gives_the_logits_of_base_plus_adapter(tmp_path):
+def kept(model: GPT) -> GPT:
+    keep_decoding_layout(model)
+    return model
+
+
+# A kept model (llmcore.sampling.keep_decoding_layout) too: peft merges through `weight.data`, which a layer
+# running from a packed copy of its weight would not see.
+@pytest.mark.parametrize("base", [fresh, lambda: kept(fresh())], ids=["plain", "kept"])
+def test_merged_model_gives_the_logits_of_base_plus_adapter(base, tmp_path):
     x = torch.randint(0, 64, (3, 12))
     base_logits = fresh()(x)[0]
-    adapted = apply_lora(fresh(), AdapterConfig(finetune_method="lora", lora_rank=4)).eval()
+    adapted = apply_lora(base(), AdapterConfig(finetune_method="lora", lora_rank=4)).eval()
     randomize_adapters(adapted)
     with torch.no_grad():
         expected = adapted(x)[0]
         save_adapter(adapted, tmp_path / "adapter")
         merged = merge(adapted)
-        reloaded = load_adapter(fresh(), tmp_path / "adapter")  # the same base weights, adapter from disk
+        reloaded = load_adapter(base(), tmp_path / "adapter")  # the same base weights, adapter from disk
         assert type(merged) is GPT
         torch.testing.assert_close(merged(x)[0], expected, atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(reloaded(x)[0], expected, atol=1e-5, rtol=1e-5)

@@ -1,4 +1,6 @@
+import copy
 import math
+import pickle
 from dataclasses import replace
 
 import pytest
@@ -8,7 +10,7 @@ from llmcore.errors import ConfigError
 from llmcore.model import GPT, GPTConfig, KVCache
 from llmcore.sampling import (
     SamplingConfig,
-    _PackedLinear,
+    _KeptLinear,
     decoding_layout,
     filter_logits,
     generate,
@@ -289,7 +291,7 @@ def test_a_kept_model_that_trains_on_generates_from_its_new_weights(onednn, monk
     config = replace(CONFIG, tie_embeddings=False)
     model = GPT(config)
     keep_decoding_layout(model)
-    packed = [m for m in model.modules() if isinstance(m.__dict__.get("forward"), _PackedLinear)]
+    packed = [m for m in model.modules() if type(m) is _KeptLinear]
     assert len(packed) == (2 * config.n_layer * 2 + 1 if onednn else 0)  # every linear layer, or none
     ids = torch.tensor([PROMPTS[2]])
     before = generate_batch(model, PROMPTS, GREEDY)
@@ -301,6 +303,24 @@ def test_a_kept_model_that_trains_on_generates_from_its_new_weights(onednn, monk
         torch.testing.assert_close(model(ids)[0], fresh(ids)[0])
     after = generate_batch(model, PROMPTS, GREEDY)
     assert after == generate_batch(fresh, PROMPTS, GREEDY) and after != before
+
+
+def test_a_kept_model_copies_pickles_and_trains_a_bias_alone():
+    torch.manual_seed(0)
+    model = GPT(replace(CONFIG, tie_embeddings=False))
+    keep_decoding_layout(model)
+    ids = torch.tensor([PROMPTS[2], PROMPTS[2][::-1]])
+    with torch.no_grad():
+        logits = model(ids)[0]  # packs every layer's copy
+    for other in (copy.deepcopy(model), pickle.loads(pickle.dumps(model))):
+        assert type(other.lm_head) is _KeptLinear and "_packed" not in vars(other.lm_head)
+        with torch.no_grad():
+            torch.testing.assert_close(other(ids)[0], logits)
+    head = torch.nn.Linear(CONFIG.n_embd, 3)  # a classifier head whose bias alone trains (BitFit)
+    keep_decoding_layout(head)
+    head.weight.requires_grad_(False)
+    head(torch.randn(4, CONFIG.n_embd)).sum().backward()
+    assert torch.equal(head.bias.grad, torch.full((3,), 4.0))
 
 
 def test_concurrent_generation_on_one_model_gives_each_call_its_own_result(untied):
