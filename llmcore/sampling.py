@@ -294,8 +294,8 @@ def _generate_rows(
             return new
         logits, _ = model(tokens.unsqueeze(1), kv_cache=cache)  # (B, 1, vocab): one step for every row
         logits = logits[:, -1]
-        if any(done):  # a finished row holds still: its position stays put, so the batch never runs past
-            cache.pos -= torch.tensor(done, dtype=torch.long, device=device)  # the context
+        if any(done):  # a finished row holds still, so that the batch never runs past the context
+            cache.pos -= torch.tensor(done, dtype=torch.long, device=device)
 
 
 def generate(
