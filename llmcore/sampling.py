@@ -209,6 +209,9 @@ class _KeptLinear(torch.nn.Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # called for every layer at every decoding step: the cheapest tests first, no module attribute lookup
         weight, bias = self._parameters["weight"], self._parameters["bias"]
+        if weight.dtype != torch.float32 or weight.device.type != "cpu":
+            self.__dict__.pop("_packed", None)  # moved: the copy is of no more use
+            return F.linear(x, weight, bias)
         if (
             (x.numel() == x.size(-1) and weight.numel() < self.ONE_ROW_MIN)
             or x.dtype != torch.float32
@@ -218,9 +221,6 @@ class _KeptLinear(torch.nn.Linear):
             )
             or torch.is_autocast_enabled("cpu")
         ):
-            return F.linear(x, weight, bias)
-        if weight.dtype != torch.float32 or weight.device.type != "cpu":
-            self.__dict__.pop("_packed", None)  # moved: the copy is of no more use
             return F.linear(x, weight, bias)
         packed = self._packed  # one read: another thread may pack again meanwhile, to the same values
         if packed is None or packed[1] != weight._version or packed[2] != weight.data_ptr():

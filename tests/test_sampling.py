@@ -321,6 +321,24 @@ def test_a_kept_model_copies_pickles_and_trains_a_bias_alone():
     head.weight.requires_grad_(False)
     head(torch.randn(4, CONFIG.n_embd)).sum().backward()
     assert torch.equal(head.bias.grad, torch.full((3,), 4.0))
+    # a model moved to another dtype computes in it and drops its packed copies at the next call
+    model.double()
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids)[0], logits, atol=1e-4, rtol=0)  # logits come as float32
+    assert not any("_packed" in vars(m) for m in model.modules())
+
+
+def test_keeping_leaves_a_subclass_of_linear_its_own_forward():
+    class Doubled(torch.nn.Linear):
+        def forward(self, x):
+            return 2 * super().forward(x)
+
+    layer, x = Doubled(8, 4), torch.randn(3, 8)
+    with torch.no_grad():
+        expected = layer(x)
+        keep_decoding_layout(layer)
+        assert type(layer) is Doubled
+        torch.testing.assert_close(layer(x), expected)
 
 
 def test_concurrent_generation_on_one_model_gives_each_call_its_own_result(untied):
