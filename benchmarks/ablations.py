@@ -39,7 +39,7 @@ VARIANTS: dict[str, tuple[dict, dict]] = {
         {},
         {"optimizer": "muon", "lr_schedule": "wsd", "precision": "bf16", "steps_scale": 1.24},
     ),
-    # the same recipes in fp32 (`auto` on a CPU), whatever precision the preset picks on this machine
+    # the recipe at twice the learning rate in fp32, whatever precision the preset picks on this machine
     "muon+wsd fp32 lr x2": (
         {},
         {"optimizer": "muon", "lr_schedule": "wsd", "precision": "fp32", "learning_rate_scale": 2.0},

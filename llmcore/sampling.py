@@ -225,13 +225,9 @@ class _KeptLinear(torch.nn.Linear):
         packed = self._packed  # one read: another thread may pack again meanwhile, to the same values
         if packed is None or packed[1] != weight._version or packed[2] != weight.data_ptr():
             # holding the packed-from tensor keeps its storage, so a new one cannot take its address
+            source, reorder = weight.detach(), torch.ops.mkldnn._reorder_linear_weight
             with torch.no_grad():
-                packed = (
-                    weight.detach(),
-                    weight._version,
-                    weight.data_ptr(),
-                    torch.ops.mkldnn._reorder_linear_weight(weight.detach(), self.ROWS),
-                )
+                packed = (source, source._version, source.data_ptr(), reorder(source, self.ROWS))
             self.__dict__["_packed"] = packed
         return torch.ops.mkldnn._linear_pointwise(x, packed[3], bias, "none", [], "")
 
