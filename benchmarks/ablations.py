@@ -54,6 +54,11 @@ VARIANTS: dict[str, tuple[dict, dict]] = {
             "learning_rate_scale": 2.0,
         },
     ),
+    # changes on top of the preset's own recipe, whatever it is on this machine
+    "preset": ({}, {}),
+    "preset dropout 0.1": ({"dropout": 0.1}, {}),
+    "preset dropout 0.2": ({"dropout": 0.2}, {}),
+    "preset shift": ({}, {"shift_windows": True}),
 }
 
 

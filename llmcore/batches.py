@@ -10,6 +10,7 @@ move data to a device.
 """
 
 import bisect
+import functools
 import math
 import queue
 import threading
@@ -43,17 +44,22 @@ class Batches:
         self.info = info or {}  # facts about the rows, for logs and metrics
         self._epoch, self._order = -1, None
 
-    def _index(self, sample: int) -> int:
+    def _index(self, sample: int) -> tuple[int, int]:
+        """The row that sample `sample` reads, and its epoch."""
         epoch, position = divmod(sample, self.num_rows)
         if epoch != self._epoch:
             generator = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
             self._epoch, self._order = epoch, torch.randperm(self.num_rows, generator=generator)
-        return int(self._order[position])
+        return int(self._order[position]), epoch
+
+    def row_in_epoch(self, index: int, epoch: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Row `index` as read in `epoch`: the same row in every epoch (token windows may shift)."""
+        return self.row(index)
 
     def get(self, batch_index: int, part: slice = slice(None)) -> tuple[torch.Tensor, torch.Tensor]:
         """Batch `batch_index`, or only its rows in `part` (one process's share of a global batch)."""
         first = batch_index * self.batch_size
-        rows = [self.row(self._index(s)) for s in range(first, first + self.batch_size)[part]]
+        rows = [self.row_in_epoch(*self._index(s)) for s in range(first, first + self.batch_size)[part]]
         return torch.stack([x for x, _ in rows]), torch.stack([y for _, y in rows])
 
     def in_order(self, num_batches: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -132,8 +138,27 @@ def _prefetch(
         index += 1
 
 
-def token_windows(split: TokenSplit, block_size: int, batch_size: int, seed: int, name: str) -> Batches:
-    """Non-overlapping windows of block_size + 1 tokens (input and shifted target) across the shards."""
+class _TokenWindows(Batches):
+    """Token windows, read at epoch 0's positions in every epoch or, with `shift`, shifted per epoch."""
+
+    def __init__(self, num_rows: int, row: Callable, batch_size: int, seed: int, shift: bool) -> None:
+        super().__init__(num_rows, lambda i: row(i, 0), batch_size, seed)
+        self._row, self._shift = row, shift
+
+    def row_in_epoch(self, index: int, epoch: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self._row(index, epoch if self._shift else 0)
+
+
+def token_windows(
+    split: TokenSplit, block_size: int, batch_size: int, seed: int, name: str, shift: bool = False
+) -> Batches:
+    """Non-overlapping windows of block_size + 1 tokens (input and shifted target) across the shards.
+
+    With `shift`, each epoch after the first starts every shard's windows a seeded number of tokens later,
+    up to the tokens they leave over at the shard's end (fewer than block_size), so that text read again
+    is read at other positions in its window, after other context. The number of windows stays put;
+    epoch 0 and `in_order` read the unshifted windows.
+    """
     counts = [max(0, (len(shard) - 1) // block_size) for shard in split.shards]
     if sum(counts) == 0:
         raise ConfigError(
@@ -141,14 +166,22 @@ def token_windows(split: TokenSplit, block_size: int, batch_size: int, seed: int
             "pass a larger corpus or a smaller --block-size"
         )
     ends = np.cumsum(counts).tolist()
+    spare = [len(shard) - 1 - count * block_size for shard, count in zip(split.shards, counts, strict=True)]
 
-    def row(i: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def row(i: int, epoch: int) -> tuple[torch.Tensor, torch.Tensor]:
         shard = bisect.bisect_right(ends, i)
-        start = (i - (ends[shard - 1] if shard else 0)) * block_size
+        offset = _shift(seed, epoch, shard, spare[shard])
+        start = (i - (ends[shard - 1] if shard else 0)) * block_size + offset
         window = torch.from_numpy(split.shards[shard][start : start + block_size + 1].astype(np.int64))
         return window[:-1], window[1:]
 
-    return Batches(ends[-1], row, batch_size, seed)
+    return _TokenWindows(ends[-1], row, batch_size, seed, shift)
+
+
+@functools.lru_cache(maxsize=1024)
+def _shift(seed: int, epoch: int, shard: int, spare: int) -> int:
+    """Tokens by which `shard`'s windows start later in `epoch`: 0 in the first, else seeded in [0, spare]."""
+    return int(np.random.default_rng((seed, epoch, shard)).integers(spare + 1)) if epoch and spare else 0
 
 
 def sft_batches(

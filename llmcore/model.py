@@ -7,6 +7,8 @@ A decoder-only transformer in the style of Llama / nanochat:
 - causal self-attention through `F.scaled_dot_product_attention` (flash kernels on CUDA come free),
   with optional grouped-query attention (`n_kv_head` < `n_head`);
 - optional QK-norm: queries and keys RMS-normalized per head after the rotation (`qk_norm`);
+- optional dropout in training (`dropout`) on the token embeddings and on each block's two additions to the
+  residual stream (GPT-2's places, less attention's weights), for data seen many times over;
 - SwiGLU MLP; no biases anywhere; optionally tied input/output embeddings;
 - init: normal(0, 0.02), residual projections scaled by 1/sqrt(2 * n_layer) (GPT-2);
 - optional activation checkpointing (`GPT.activation_checkpointing`, set by the training loop): in
@@ -45,6 +47,7 @@ class GPTConfig:
     rope_theta: float = 10000.0  # RoPE base: larger values stretch the wavelengths of the rotations
     tie_embeddings: bool = True  # output projection shares its weight with the token embedding
     qk_norm: bool = False  # RMS-normalize each head's queries and keys (no weights), as in nanochat
+    dropout: float = 0.0  # training only: share of embedding and residual-branch activations zeroed
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd"):
@@ -53,6 +56,12 @@ class GPTConfig:
                 raise ConfigError(f"{name} must be an integer, got {value!r}: pass {flag(name)} N")
             require_positive(name, value)
         require_positive("rope_theta", self.rope_theta)
+        if (
+            isinstance(self.dropout, bool)
+            or not isinstance(self.dropout, (int, float))
+            or not 0 <= self.dropout < 1
+        ):
+            raise ConfigError(f"dropout must be in [0, 1), got {self.dropout!r}: pass --dropout in [0, 1)")
         if self.n_kv_head is not None:
             if isinstance(self.n_kv_head, bool) or not isinstance(self.n_kv_head, int):
                 raise ConfigError(f"n_kv_head must be an integer, got {self.n_kv_head!r}: pass --n-kv-head N")
@@ -225,6 +234,7 @@ class Block(nn.Module):
         self.attn = CausalSelfAttention(config, layer)
         self.norm_2 = nn.RMSNorm(config.n_embd)
         self.mlp = MLP(config)
+        self.dropout = config.dropout
 
     def forward(
         self,
@@ -234,8 +244,13 @@ class Block(nn.Module):
         kv_cache: KVCache | None,
         mask: torch.Tensor | None,
     ) -> torch.Tensor:
-        x = x + self.attn(self.norm_1(x), cos, sin, kv_cache, mask)
-        return x + self.mlp(self.norm_2(x))
+        x = x + _drop(self.attn(self.norm_1(x), cos, sin, kv_cache, mask), self.dropout, self.training)
+        return x + _drop(self.mlp(self.norm_2(x)), self.dropout, self.training)
+
+
+def _drop(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
+    """Dropout in training; no op at all (not even a copy) when p is 0 or in evaluation."""
+    return F.dropout(x, p, training=True) if p and training else x
 
 
 class GPT(nn.Module):
@@ -316,7 +331,9 @@ class GPT(nn.Module):
             cos, sin = self.cos[positions], self.sin[positions]  # (T, hd) or (B, T, hd)
             if cos.dim() == 3:
                 cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)  # (B, 1, T, hd): per row
-        x = self.run_blocks(self.wte(idx), cos, sin, kv_cache, mask)  # (B, T, C)
+        x = self.run_blocks(
+            _drop(self.wte(idx), self.config.dropout, self.training), cos, sin, kv_cache, mask
+        )
         if kv_cache is not None:
             kv_cache.pos += T
         if targets is not None and reduction == "sum" and type(self.lm_head) is nn.Linear:
@@ -389,6 +406,7 @@ def main() -> None:
         "--tie-embeddings", action=argparse.BooleanOptionalAction, default=GPTConfig.tie_embeddings
     )
     p.add_argument("--qk-norm", action=argparse.BooleanOptionalAction, default=GPTConfig.qk_norm)
+    p.add_argument("--dropout", type=float, default=GPTConfig.dropout)
     args = p.parse_args()
     try:
         config = GPTConfig(**vars(args))

@@ -84,6 +84,9 @@ class TrainConfig:
     )
     lr_schedule: str = "cosine"  # cosine | wsd (warmup, stable at the peak, linear cooldown at the end)
     cooldown_fraction: float = 0.2  # wsd: share of the steps spent decaying to learning_rate * min_lr_ratio
+    # pretraining: each epoch after the first reads its windows a seeded number of tokens later
+    # (llmcore.batches.token_windows), so that text seen again comes after other context
+    shift_windows: bool = False
 
     def __post_init__(self):
         for name in (
@@ -520,7 +523,7 @@ def pretrain(
             "pass --vocab-size equal to the tokenizer's"
         )
     train_batches = token_windows(
-        open_split(tokens_dir, "train"), block, config.batch_size, config.seed, "train"
+        open_split(tokens_dir, "train"), block, config.batch_size, config.seed, "train", config.shift_windows
     )
     val_batches = token_windows(
         open_split(tokens_dir, "validation"), block, config.batch_size, config.seed, "validation"

@@ -144,11 +144,30 @@ def test_input_that_does_not_fit_the_cache_raises():
         (dict(n_kv_head=0), r"n_kv_head .*: pass --n-kv-head"),
         (dict(rope_theta=float("nan")), r"rope_theta .*: pass --rope-theta"),
         (dict(block_size=2.5), r"block_size must be an integer"),
+        (dict(dropout=1.0), r"dropout must be in \[0, 1\), got 1.0: pass --dropout"),
+        (dict(dropout=-0.1), r"dropout must be in \[0, 1\)"),
     ],
 )
 def test_bad_config_raises(changes, match):
     with pytest.raises(ConfigError, match=match):
         GPTConfig(**{**TINY, **changes})
+
+
+def test_dropout_acts_in_training_only():
+    plain, dropped = make_model(GPTConfig(**TINY)), make_model(GPTConfig(**TINY, dropout=0.3))
+    idx = random_ids(plain.config, B=2, T=16)
+    torch.testing.assert_close(dropped(idx)[0], plain(idx)[0], rtol=0, atol=0)  # evaluation: no dropout
+    plain.train(), dropped.train()
+    torch.manual_seed(0)
+    first = dropped(idx, idx, reduction="sum")[1]
+    torch.manual_seed(1)
+    second = dropped(idx, idx, reduction="sum")[1]
+    assert first != second  # another draw of the dropped activations
+    torch.manual_seed(0)
+    assert dropped(idx, idx, reduction="sum")[1] == first  # the same draw under the same seed
+    assert abs(float(first) - float(plain(idx, idx, reduction="sum")[1])) > 1e-3
+    first.backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in dropped.parameters())
 
 
 def test_reductions_are_per_token_mean_and_sum_of_cross_entropy_ignoring_minus_100():

@@ -34,10 +34,16 @@ def config(**overrides) -> TrainConfig:
     return TrainConfig(**{**base, **overrides})
 
 
+def windows(cfg: TrainConfig, tokens: int = 4000):
+    return token_windows(
+        split(tokens), MODEL.block_size, cfg.batch_size, cfg.seed, "train", cfg.shift_windows
+    )
+
+
 def run(tmp, cfg, batches=None):
     torch.manual_seed(cfg.seed)
     model = GPT(MODEL)
-    batches = batches or token_windows(split(4000), MODEL.block_size, cfg.batch_size, cfg.seed, "train")
+    batches = batches or windows(cfg)
     val = token_windows(split(1000, seed=1), MODEL.block_size, cfg.batch_size, 0, "validation").in_order(2)
     metrics = fit(model, batches, val, cfg, tmp, token_bytes=torch.ones(64, dtype=torch.long))
     return model, metrics
@@ -61,8 +67,31 @@ def test_windows_are_deterministic_and_cover_every_window_once_per_epoch():
     assert torch.equal(windows.get(5)[0], again.get(5)[0])
     x, y = windows.get(0)
     assert torch.equal(x[:, 1:], y[:, :-1])  # targets are inputs shifted by one
-    seen = sorted(windows._index(s) for s in range(windows.num_rows))
+    seen = sorted(windows._index(s)[0] for s in range(windows.num_rows))
     assert seen == list(range(windows.num_rows))
+
+
+def test_shifted_windows_move_each_epoch_after_the_first_and_stay_slices_of_their_shard():
+    shard = split(4000).shards[0]  # 2000 tokens: 124 windows of 16, 15 tokens left over
+    shifted = token_windows(split(4000), 16, 4, seed=3, name="train", shift=True)
+    plain = token_windows(split(4000), 16, 4, seed=3, name="train")
+    per_epoch = shifted.num_rows // 4
+    for batch in range(per_epoch):  # epoch 0 reads the unshifted windows
+        assert torch.equal(shifted.get(batch)[0], plain.get(batch)[0])
+    offsets = set()
+    again = token_windows(split(4000), 16, 4, seed=3, name="train", shift=True)
+    for batch in range(per_epoch, 4 * per_epoch):  # epochs 1-3
+        (x, y), (x_again, _) = shifted.get(batch), again.get(batch)
+        assert torch.equal(x, x_again) and torch.equal(x[:, 1:], y[:, :-1])
+        for row in range(4):
+            index, epoch = shifted._index(batch * 4 + row)
+            if index < 124:  # a window of shard 0: where in the shard does it start?
+                starts = [o for o in range(16) if np.array_equal(shard[index * 16 + o :][:16], x[row])]
+                assert len(starts) == 1
+                offsets.add((epoch, starts[0]))
+    assert {epoch for epoch, _ in offsets} == {1, 2, 3}
+    assert len({offset for _, offset in offsets}) > 1  # one shift per epoch, not the same in all
+    assert len(offsets) == 3
 
 
 def test_too_few_tokens_for_one_context_is_a_config_error():
@@ -86,11 +115,12 @@ def test_training_lowers_the_loss_and_reports_metrics(tmp_path):
     assert metrics["val_bpb"] == pytest.approx(metrics["val_loss"] / np.log(2))  # one byte per token here
 
 
-def test_resume_is_bit_identical_to_an_uninterrupted_run(tmp_path):
-    cfg = config()
-    straight, _ = run(tmp_path / "straight", cfg)
+@pytest.mark.parametrize("shift", [False, True])
+def test_resume_is_bit_identical_to_an_uninterrupted_run(tmp_path, shift):
+    cfg = config(shift_windows=shift)
+    straight, _ = run(tmp_path / "straight", cfg, windows(cfg, 400) if shift else None)  # 6 batches an epoch
 
-    batches = token_windows(split(4000), MODEL.block_size, cfg.batch_size, cfg.seed, "train")
+    batches = windows(cfg, 400 if shift else 4000)
     real_get = batches.get
 
     def killed_during_step_5(index, *part):  # after the step-3 checkpoint, with step 4 done and lost
@@ -104,7 +134,8 @@ def test_resume_is_bit_identical_to_an_uninterrupted_run(tmp_path):
     assert latest_checkpoint(tmp_path / "resumed").name == "step_000003.pt"
     assert load_checkpoint(tmp_path / "resumed")["batch_index"] == 3 * cfg.grad_accum_steps
 
-    resumed, _ = run(tmp_path / "resumed", cfg)  # a fresh model: everything comes from the checkpoint
+    # a fresh model: everything comes from the checkpoint
+    resumed, _ = run(tmp_path / "resumed", cfg, windows(cfg, 400) if shift else None)
     for (name, a), (_, b) in zip(straight.state_dict().items(), resumed.state_dict().items(), strict=True):
         assert torch.equal(a, b), name
     straight_opt = load_checkpoint(tmp_path / "straight")["optimizer"]["state"]
