@@ -20,7 +20,7 @@ import logging
 import math
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, replace
+from dataclasses import MISSING, asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -159,17 +159,24 @@ def run_identity(model: GPTConfig, config: TrainConfig, inputs: dict[str, Any]) 
 def require_same_run(where: Path, stored: dict[str, Any], expected: dict[str, Any]) -> None:
     """ConfigError if the checkpoint or finished run in `where` was made with another model, recipe or
     data."""
+    # a field added to a config after the run was stored counts as its default, so that runs stored by
+    # an earlier version of this code still resume
+    defaults = {"model": _defaults(GPTConfig), "train": _defaults(TrainConfig)}
     changed = [
         f"{part}.{key}"
         for part in expected
         for key in sorted(set(expected[part]) | set(stored.get(part, {})))
-        if stored.get(part, {}).get(key) != expected[part].get(key)
+        if stored.get(part, {}).get(key, defaults.get(part, {}).get(key)) != expected[part].get(key)
     ]
     if changed:
         raise ConfigError(
             f"{where} holds a run with different {', '.join(changed)}: pass another --out "
             "(or delete it) to start a new run, or the same settings and data to resume it"
         )
+
+
+def _defaults(config_class: type) -> dict[str, Any]:
+    return {f.name: f.default for f in fields(config_class) if f.default is not MISSING}
 
 
 class TrainingDiverged(RuntimeError):

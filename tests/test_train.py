@@ -1,10 +1,18 @@
 """The training loop: schedule, deterministic batches, bit-exact resume, divergence handling."""
 
+import json
+
 import numpy as np
 import pytest
 import torch
 
-from llmcore.checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint
+from llmcore.checkpoint import (
+    checkpoint_path,
+    latest_checkpoint,
+    list_checkpoints,
+    load_checkpoint,
+    save_checkpoint,
+)
 from llmcore.errors import ConfigError
 from llmcore.model import GPT, GPTConfig
 from llmcore.shards import TokenSplit
@@ -150,6 +158,33 @@ def test_resuming_with_another_recipe_is_refused(tmp_path):
     with pytest.raises(ConfigError, match="learning_rate"):
         run(tmp_path, config(max_steps=3, checkpoint_interval=3, learning_rate=5e-3))
     run(tmp_path, config(max_steps=3, checkpoint_interval=3, log_interval=2))  # reporting settings may change
+
+
+def test_a_run_stored_before_a_config_field_existed_resumes_with_that_field_at_its_default(tmp_path):
+    cfg = config(max_steps=6, checkpoint_interval=3)
+    straight, _ = run(tmp_path / "straight", cfg)
+    run(tmp_path / "old", cfg)
+
+    def store_step_3_as(change) -> None:  # and drop the steps after it
+        for path in (tmp_path / "old").glob("step_000006.*"):
+            path.unlink()
+        path = checkpoint_path(tmp_path / "old", 3)
+        state, meta = load_checkpoint(path), json.loads(path.with_suffix(".json").read_text())
+        for identity in (state["identity"], meta["identity"]):
+            change(identity)
+        save_checkpoint(tmp_path / "old", 3, state, meta)
+
+    def as_before_the_fields(identity):
+        del identity["model"]["dropout"], identity["train"]["shift_windows"]
+
+    store_step_3_as(as_before_the_fields)
+    resumed, _ = run(tmp_path / "old", cfg)
+    assert load_checkpoint(tmp_path / "old")["batch_index"] == 6 * cfg.grad_accum_steps
+    assert all(torch.equal(a, b) for a, b in zip(straight.parameters(), resumed.parameters(), strict=True))
+
+    store_step_3_as(lambda identity: identity["model"].update(dropout=0.1))  # not the default: differs
+    with pytest.raises(ConfigError, match=r"different model\.dropout:"):
+        run(tmp_path / "old", cfg)
 
 
 def test_checkpoints_are_pruned_to_the_newest(tmp_path):
