@@ -56,9 +56,11 @@ VARIANTS: dict[str, tuple[dict, dict]] = {
     ),
     # changes on top of the preset's own recipe, whatever it is on this machine
     "preset": ({}, {}),
-    "preset dropout 0.1": ({"dropout": 0.1}, {}),
-    "preset dropout 0.2": ({"dropout": 0.2}, {}),
+    # the steps of the changes that make a step slower are scaled by the measured slow-down (README)
+    "preset dropout 0.1 x0.9 steps": ({"dropout": 0.1}, {"steps_scale": 0.9}),
     "preset shift": ({}, {"shift_windows": True}),
+    # twice the context at half the rows: the same tokens a step, each scored after more context
+    "preset context 512 x0.87 steps": ({"block_size": 512}, {"batch_size_scale": 0.5, "steps_scale": 0.87}),
 }
 
 
@@ -71,7 +73,7 @@ def run(
         model_changes, train_changes = VARIANTS[name]
         train_changes = dict(train_changes)
         lr = preset.pretrain.learning_rate * train_changes.pop("learning_rate_scale", 1.0)
-        batch = preset.pretrain.batch_size * train_changes.pop("batch_size_scale", 1)
+        batch = round(preset.pretrain.batch_size * train_changes.pop("batch_size_scale", 1))
         steps = round(max_steps * train_changes.pop("steps_scale", 1.0))
         config = replace(
             preset.pretrain,
