@@ -61,6 +61,10 @@ VARIANTS: dict[str, tuple[dict, dict]] = {
     "preset shift": ({}, {"shift_windows": True}),
     # twice the context at half the rows: the same tokens a step, each scored after more context
     "preset context 512 x0.87 steps": ({"block_size": 512}, {"batch_size_scale": 0.5, "steps_scale": 0.87}),
+    "preset context 512 shift x0.87 steps": (
+        {"block_size": 512},
+        {"batch_size_scale": 0.5, "steps_scale": 0.87, "shift_windows": True},
+    ),
 }
 
 
