@@ -59,8 +59,9 @@ class Batches:
     def get(self, batch_index: int, part: slice = slice(None)) -> tuple[torch.Tensor, torch.Tensor]:
         """Batch `batch_index`, or only its rows in `part` (one process's share of a global batch)."""
         first = batch_index * self.batch_size
-        rows = [self.row_in_epoch(*self._index(s)) for s in range(first, first + self.batch_size)[part]]
-        return torch.stack([x for x, _ in rows]), torch.stack([y for _, y in rows])
+        return self.stack(
+            [self.row_in_epoch(*self._index(s)) for s in range(first, first + self.batch_size)[part]]
+        )
 
     def in_order(self, num_batches: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """The first rows in storage order, unshuffled: a fixed validation set."""
@@ -69,8 +70,12 @@ class Batches:
             rows = [
                 self.row(i) for i in range(b * self.batch_size, min(self.num_rows, (b + 1) * self.batch_size))
             ]
-            out.append((torch.stack([x for x, _ in rows]), torch.stack([y for _, y in rows])))
+            out.append(self.stack(rows))
         return out
+
+    def stack(self, rows: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
+        """One batch (inputs, targets) from its rows."""
+        return torch.stack([x for x, _ in rows]), torch.stack([y for _, y in rows])
 
 
 class Prefetcher:
@@ -188,8 +193,9 @@ def sft_batches(
     sft_dir: Path, split: str, tokenizer: Tokenizer, max_length: int, batch_size: int, seed: int
 ) -> Batches:
     """Padded (input, target) rows of every pair in a split; padding targets are ignored by the loss.
-    Rows are held as int32 (half the memory) and widened per row when a batch is read. `info` counts the
-    pairs cut to fit (`rows_cut`) and the share of positions that train (`trained_fraction`)."""
+    Rows are held as int32 (half the memory) and widened per row when a batch is read; a batch is cut after
+    its last trained target (`_ChatTurns`). `info` counts the pairs cut to fit (`rows_cut`) and the share
+    of positions that train (`trained_fraction`)."""
     pairs = read_pairs(sft_dir, split)
     inputs = torch.full((len(pairs), max_length), tokenizer.eot_id, dtype=torch.int32)
     targets = torch.full((len(pairs), max_length), IGNORE, dtype=torch.int32)
@@ -203,4 +209,20 @@ def sft_batches(
         "rows_cut": cut,
         "trained_fraction": float((targets != IGNORE).float().mean()) if len(pairs) else 0.0,
     }
-    return Batches(len(pairs), lambda i: (inputs[i].long(), targets[i].long()), batch_size, seed, info)
+    return _ChatTurns(len(pairs), lambda i: (inputs[i].long(), targets[i].long()), batch_size, seed, info)
+
+
+class _ChatTurns(Batches):
+    """Padded chat turns, each batch cut after its last trained target, rounded up to a multiple of
+    `WIDTH_STEP` columns. The loss is the same: positions after a row's last target are never attended to
+    from an earlier one (causal attention) and score nothing. The rounding bounds the shapes a compiled
+    model sees to max_length / WIDTH_STEP."""
+
+    WIDTH_STEP = 64
+
+    def stack(self, rows: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
+        x, y = super().stack(rows)
+        trained = (y != IGNORE).any(dim=0).nonzero()
+        last = int(trained[-1]) + 1 if len(trained) else 1
+        width = min(y.shape[1], -(-last // self.WIDTH_STEP) * self.WIDTH_STEP)
+        return x[:, :width].contiguous(), y[:, :width].contiguous()

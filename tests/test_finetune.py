@@ -66,3 +66,33 @@ def test_batches_shift_targets_and_ignore_padding(tmp_path):
         y[0, 3].item() == ids[4]
     )  # the first learned target is the first response token, after <|assistant|>
     assert (y[0, len(ids) - 1 :] == IGNORE).all() and (x[0, len(ids) - 1 :] == FakeTokenizer.eot_id).all()
+
+
+def test_a_batch_is_cut_after_its_last_target_and_scores_the_same_loss(tmp_path):
+    import json
+
+    import torch
+
+    from llmcore.batches import sft_batches
+    from llmcore.model import GPT, GPTConfig
+
+    pairs = [{"prompt": "q" * n, "response": "r" * (3 * n)} for n in (2, 5, 9, 30, 70)]
+    for split in ("train", "validation"):
+        (tmp_path / f"{split}.jsonl").write_text("".join(json.dumps(p) + "\n" for p in pairs))
+    (tmp_path / "manifest.json").write_text("{}")
+    batches = sft_batches(tmp_path, "train", FakeTokenizer(), max_length=300, batch_size=2, seed=0)
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=300, block_size=300, n_layer=2, n_head=2, n_embd=32)).eval()
+    widths = set()
+    for index in range(6):
+        x, y = batches.get(index)
+        rows = [batches.row_in_epoch(*batches._index(2 * index + r)) for r in range(2)]
+        full_x, full_y = torch.stack([r[0] for r in rows]), torch.stack([r[1] for r in rows])
+        last = int((full_y != IGNORE).any(dim=0).nonzero()[-1])
+        assert x.shape == y.shape and (x.shape[1] % 64 == 0 or x.shape[1] == 300) and x.shape[1] > last
+        assert torch.equal(x, full_x[:, : x.shape[1]]) and torch.equal(y, full_y[:, : y.shape[1]])
+        with torch.no_grad():
+            trimmed, full = model(x, y, reduction="sum")[1], model(full_x, full_y, reduction="sum")[1]
+        assert trimmed.item() == pytest.approx(full.item(), rel=1e-5)
+        widths.add(x.shape[1])
+    assert len(widths) > 1 and min(widths) < 300  # short batches run fewer positions than the longest
