@@ -65,6 +65,20 @@ VARIANTS: dict[str, tuple[dict, dict]] = {
         {"block_size": 512},
         {"batch_size_scale": 0.5, "steps_scale": 0.87, "shift_windows": True},
     ),
+    # on the preset at context 512: longer contexts at fewer rows, and a higher learning rate with one
+    "preset context 1024 x0.93 steps": ({"block_size": 1024}, {"batch_size_scale": 0.5, "steps_scale": 0.93}),
+    "preset context 1024 lr x1.5 x0.93 steps": (
+        {"block_size": 1024},
+        {"batch_size_scale": 0.5, "steps_scale": 0.93, "learning_rate_scale": 1.5},
+    ),
+    "preset context 2048 x0.77 steps": (
+        {"block_size": 2048},
+        {"batch_size_scale": 0.25, "steps_scale": 0.77},
+    ),
+    "preset context 1024 qk_norm x0.89 steps": (
+        {"block_size": 1024, "qk_norm": True},
+        {"batch_size_scale": 0.5, "steps_scale": 0.89},
+    ),
 }
 
 

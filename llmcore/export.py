@@ -1,9 +1,11 @@
-"""Export a trained GPT and its tokenizer as a Hugging Face folder that `transformers` loads as Llama.
+"""Export a trained GPT and its tokenizer as a Hugging Face folder that `transformers` loads as Llama
+(Qwen3 for a model with QK-norm: Llama's config cannot express it).
 
 `export_hf(model_file, tokenizer_dir, out_dir)` writes, atomically:
 - `config.json` and `generation_config.json`: a `LlamaForCausalLM` config mapped from `GPTConfig` (RoPE
   theta, RMSNorm eps, SwiGLU size, query and key/value heads, tied embeddings, no biases, context length),
-  with `<|endoftext|>` as BOS/pad and `<|endoftext|>` or `<|end|>` as end of generation;
+  or with `qk_norm` a `Qwen3ForCausalLM` one (the same, plus a query and key RMSNorm per head), with
+  `<|endoftext|>` as BOS/pad and `<|endoftext|>` or `<|end|>` as end of generation;
 - `model.safetensors`: the weights under Llama's names, fused projections split apart;
 - `tokenizer.json` and `tokenizer_config.json`: the sentencepiece model rewritten for the `tokenizers`
   library, so that `AutoTokenizer` gives the ids of `llmcore.tokenizer.Tokenizer` (see `tokenizer_json`);
@@ -36,8 +38,10 @@ from llmcore.tokenizer import EOT, MODEL_FILE, Tokenizer
 _SPACE = "\u2581"  # sentencepiece's stand-in for a space
 
 
-def llama_config(config: GPTConfig, tokenizer: Tokenizer, dtype: torch.dtype) -> dict[str, Any]:
-    """`config.json` of the `LlamaForCausalLM` that computes what `GPT(config)` computes."""
+def hf_config(config: GPTConfig, tokenizer: Tokenizer, dtype: torch.dtype) -> dict[str, Any]:
+    """`config.json` of the `LlamaForCausalLM` (with `qk_norm`: `Qwen3ForCausalLM`, Llama plus a query and
+    key RMSNorm per head) that computes what `GPT(config)` computes."""
+    qwen3 = {"architectures": ["Qwen3ForCausalLM"], "model_type": "qwen3", "use_sliding_window": False}
     return {
         "architectures": ["LlamaForCausalLM"],
         "model_type": "llama",
@@ -66,14 +70,16 @@ def llama_config(config: GPTConfig, tokenizer: Tokenizer, dtype: torch.dtype) ->
         "eos_token_id": [tokenizer.eot_id, tokenizer.end_id],
         "pad_token_id": tokenizer.eot_id,
         "dtype": str(dtype).removeprefix("torch."),
-    }
+    } | (qwen3 if config.qk_norm else {})
 
 
-def llama_state_dict(state: dict[str, torch.Tensor], config: GPTConfig) -> dict[str, torch.Tensor]:
-    """Our parameter names and fused matrices -> Llama's names, one tensor per projection.
+def hf_state_dict(state: dict[str, torch.Tensor], config: GPTConfig) -> dict[str, torch.Tensor]:
+    """Our parameter names and fused matrices -> Llama's (and Qwen3's) names, one tensor per projection.
 
     No permutation of query/key rows is needed: `llmcore.model.apply_rotary` rotates the pairs
-    (x[i], x[i + hd/2]) of each head, which is exactly Llama's `rotate_half` convention.
+    (x[i], x[i + hd/2]) of each head, which is exactly Llama's `rotate_half` convention. Our QK-norm has
+    no weights and follows the rotation, Qwen3's precedes it: a rotation keeps each head's RMS, so norm
+    weights of ones compute the same.
     """
     expected = _expected_keys(config)
     if set(state) != expected:
@@ -101,6 +107,9 @@ def llama_state_dict(state: dict[str, torch.Tensor], config: GPTConfig) -> dict[
             theirs + "mlp.up_proj.weight": up_proj,
             theirs + "mlp.down_proj.weight": state[ours + "mlp.c_proj.weight"],
         }
+        if config.qk_norm:
+            ones = torch.ones(config.head_dim, dtype=state["wte.weight"].dtype)
+            out |= {theirs + "self_attn.q_norm.weight": ones, theirs + "self_attn.k_norm.weight": ones}
     # safetensors refuses tensors that share memory (the splits are views of one matrix).
     return {name: tensor.detach().clone().contiguous() for name, tensor in out.items()}
 
@@ -230,13 +239,7 @@ def _load_model_file(model_file: Path) -> tuple[GPTConfig, dict[str, torch.Tenso
             f"model file {model_file} has config fields {unknown} that a Llama config cannot "
             "express: export it with the llmcore version that trained it"
         )
-    config = GPTConfig(**saved["model_config"])
-    if config.qk_norm:
-        raise ConfigError(
-            f"model file {model_file} normalizes queries and keys (qk_norm), which a Llama config cannot "
-            "express: export a model trained without --qk-norm"
-        )
-    return config, saved["model"]
+    return GPTConfig(**saved["model_config"]), saved["model"]
 
 
 def _require_bpe_tokenizer(tokenizer_dir: Path) -> None:
@@ -281,12 +284,12 @@ def export_hf(model_file: Path, tokenizer_dir: Path, out_dir: Path) -> dict[str,
             f"{tokenizer_dir}: pass the tokenizer the model was trained with"
         )
     sp = spm.SentencePieceProcessor(model_file=str(tokenizer_dir / MODEL_FILE))
-    weights = llama_state_dict(state, config)
+    weights = hf_state_dict(state, config)
     dtype = state["wte.weight"].dtype
 
     with atomic_output_dir(out_dir) as tmp:
         save_file(weights, str(tmp / "model.safetensors"), metadata={"format": "pt"})
-        atomic_write_json(tmp / "config.json", llama_config(config, tokenizer, dtype))
+        atomic_write_json(tmp / "config.json", hf_config(config, tokenizer, dtype))
         atomic_write_json(
             tmp / "generation_config.json",
             {

@@ -67,7 +67,7 @@ def tokenizer_dir(tmp_path_factory):
     return root / "tokenizer"
 
 
-def tiny_model(vocab_size: int, tie_embeddings: bool) -> GPT:
+def tiny_model(vocab_size: int, tie_embeddings: bool, qk_norm: bool = False) -> GPT:
     torch.manual_seed(0)
     config = GPTConfig(
         vocab_size=vocab_size,
@@ -78,6 +78,7 @@ def tiny_model(vocab_size: int, tie_embeddings: bool) -> GPT:
         n_embd=64,
         rope_theta=5000.0,
         tie_embeddings=tie_embeddings,
+        qk_norm=qk_norm,
     )
     model = GPT(config)
     with torch.no_grad():
@@ -89,10 +90,13 @@ def tiny_model(vocab_size: int, tie_embeddings: bool) -> GPT:
     return model.eval()
 
 
-@pytest.fixture(scope="module", params=[True, False], ids=["tied", "untied"])
+@pytest.fixture(
+    scope="module", params=[(True, False), (False, False), (True, True)], ids=["tied", "untied", "qk_norm"]
+)
 def exported(request, tokenizer_dir, tmp_path_factory):
     root = tmp_path_factory.mktemp("export")
-    model = tiny_model(Tokenizer.load(tokenizer_dir).vocab_size, tie_embeddings=request.param)
+    tied, qk_norm = request.param
+    model = tiny_model(Tokenizer.load(tokenizer_dir).vocab_size, tie_embeddings=tied, qk_norm=qk_norm)
     save_model(root / "model.pt", model)
     manifest = export_hf(root / "model.pt", tokenizer_dir, root / "hf")
     return model, root, manifest
@@ -116,7 +120,8 @@ def hf_tokenizer(tied_export):
 def test_logits_equal_ours(exported):
     model, root, _ = exported
     hf = AutoModelForCausalLM.from_pretrained(root / "hf").eval()
-    assert type(hf).__name__ == "LlamaForCausalLM" and hf.dtype == torch.float32
+    architecture = "Qwen3ForCausalLM" if model.config.qk_norm else "LlamaForCausalLM"
+    assert type(hf).__name__ == architecture and hf.dtype == torch.float32
     assert hf.config.num_key_value_heads == 2 and hf.config.tie_word_embeddings == model.config.tie_embeddings
     generator = torch.Generator().manual_seed(1)
     idx = torch.randint(0, model.config.vocab_size, (3, model.config.block_size), generator=generator)
@@ -195,7 +200,8 @@ def test_folder_files_and_manifest(exported, tokenizer_dir):
     assert read_json(hf / "manifest.json") == json.loads(json.dumps(manifest))
     assert manifest["source_model_digest"] == file_digest(root / "model.pt")
     assert manifest["tokenizer_digest"] == file_digest(tokenizer_dir / "tokenizer.model")
-    assert manifest["parameters"] == model.num_params()
+    norms = 2 * model.config.n_layer * model.config.head_dim if model.config.qk_norm else 0  # Qwen3's, ones
+    assert manifest["parameters"] == model.num_params() + norms
     assert set(manifest["versions"]) == {"torch", "sentencepiece", "safetensors"}
     assert not [p for p in root.iterdir() if p.name.startswith(".")]  # no temporary folder left
 
@@ -302,13 +308,3 @@ def test_flow_command_line_fails_in_one_line(tokenizer_dir, tmp_path):
     )
     assert failed.returncode == 2
     assert failed.stderr.count("\n") == 1 and "missing.pt does not exist" in failed.stderr, failed.stderr
-
-
-def test_a_qk_norm_model_is_refused(tokenizer_dir, tmp_path):
-    vocab = Tokenizer.load(tokenizer_dir).vocab_size
-    save_model(
-        tmp_path / "model.pt", GPT(GPTConfig(vocab_size=vocab, block_size=16, n_layer=1, qk_norm=True))
-    )
-    with pytest.raises(ConfigError, match="qk_norm"):
-        export_hf(tmp_path / "model.pt", tokenizer_dir, tmp_path / "hf")
-    assert not (tmp_path / "hf").exists()

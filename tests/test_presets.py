@@ -151,9 +151,9 @@ def test_cpu_preset_pretrains_in_bf16_only_on_a_cpu_with_bf16_arithmetic(monkeyp
     from llmcore import presets
 
     for has_bf16, gpu, precision, steps in (
-        (True, False, "bf16", 2158),
-        (False, False, "auto", 1740),
-        (True, True, "auto", 1740),  # training runs on the GPU
+        (True, False, "bf16", 1921),
+        (False, False, "auto", 1549),
+        (True, True, "auto", 1549),  # training runs on the GPU
     ):
         monkeypatch.setattr(presets, "cpu_has_bf16", lambda has_bf16=has_bf16: has_bf16)
         monkeypatch.setattr(presets.torch.cuda, "is_available", lambda gpu=gpu: gpu)
