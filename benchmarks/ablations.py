@@ -59,25 +59,25 @@ VARIANTS: dict[str, tuple[dict, dict]] = {
     # the steps of the changes that make a step slower are scaled by the measured slow-down (README)
     "preset dropout 0.1 x0.9 steps": ({"dropout": 0.1}, {"steps_scale": 0.9}),
     "preset shift": ({}, {"shift_windows": True}),
-    # twice the context at half the rows: the same tokens a step, each scored after more context
-    "preset context 512 x0.87 steps": ({"block_size": 512}, {"batch_size_scale": 0.5, "steps_scale": 0.87}),
+    # A context variant names its rows (block_size x batch_size = 4,096 tokens a step, the preset's), so it
+    # means the same whatever context the preset has moved to since it was measured (README).
+    "preset context 512 x0.87 steps": ({"block_size": 512}, {"batch_size": 8, "steps_scale": 0.87}),
     "preset context 512 shift x0.87 steps": (
         {"block_size": 512},
-        {"batch_size_scale": 0.5, "steps_scale": 0.87, "shift_windows": True},
+        {"batch_size": 8, "steps_scale": 0.87, "shift_windows": True},
     ),
-    # on the preset at context 512: longer contexts at fewer rows, and a higher learning rate with one
-    "preset context 1024 x0.93 steps": ({"block_size": 1024}, {"batch_size_scale": 0.5, "steps_scale": 0.93}),
+    "preset context 1024 x0.93 steps": ({"block_size": 1024}, {"batch_size": 4, "steps_scale": 0.93}),
     "preset context 1024 lr x1.5 x0.93 steps": (
         {"block_size": 1024},
-        {"batch_size_scale": 0.5, "steps_scale": 0.93, "learning_rate_scale": 1.5},
+        {"batch_size": 4, "steps_scale": 0.93, "learning_rate_scale": 1.5},
     ),
     "preset context 2048 x0.77 steps": (
         {"block_size": 2048},
-        {"batch_size_scale": 0.25, "steps_scale": 0.77},
+        {"batch_size": 2, "steps_scale": 0.77},
     ),
     "preset context 1024 qk_norm x0.89 steps": (
         {"block_size": 1024, "qk_norm": True},
-        {"batch_size_scale": 0.5, "steps_scale": 0.89},
+        {"batch_size": 4, "steps_scale": 0.89},
     ),
 }
 
@@ -91,7 +91,8 @@ def run(
         model_changes, train_changes = VARIANTS[name]
         train_changes = dict(train_changes)
         lr = preset.pretrain.learning_rate * train_changes.pop("learning_rate_scale", 1.0)
-        batch = round(preset.pretrain.batch_size * train_changes.pop("batch_size_scale", 1))
+        scale = train_changes.pop("batch_size_scale", 1)
+        batch = train_changes.pop("batch_size", round(preset.pretrain.batch_size * scale))
         steps = round(max_steps * train_changes.pop("steps_scale", 1.0))
         config = replace(
             preset.pretrain,
