@@ -187,13 +187,40 @@ class MlflowTracker:
 
         kind = batch[0][0]
         if kind == "metric":
-            self.client.log_batch(self.run_id, metrics=[Metric(*op[1:]) for op in batch])
+            self._log_batch(metrics=[Metric(*op[1:]) for op in batch])
         elif kind == "param":
-            self.client.log_batch(self.run_id, params=[Param(*op[1:]) for op in batch])
+            self._log_batch(params=[Param(*op[1:]) for op in batch])
         elif Path(batch[0][1]).is_dir():
             self.client.log_artifacts(self.run_id, batch[0][1], batch[0][2])
         else:
             self.client.log_artifact(self.run_id, batch[0][1], batch[0][2])
+
+    def _log_batch(self, metrics: list = (), params: list = ()) -> None:
+        """One attempt at MLflow's log-batch call. Against a server, it is tried once: the sender retries
+        on its own schedule, which close() cuts short, whereas the client's HTTP retries (7, minutes of
+        backoff) can hold a request past close()'s deadline after the server has come back."""
+        from mlflow.protos.service_pb2 import LogBatch
+        from mlflow.store.tracking.rest_store import RestStore
+        from mlflow.utils.proto_json_utils import message_to_json
+        from mlflow.utils.rest_utils import http_request, verify_rest_response
+
+        store = self.client._tracking_client.store  # the server and its credentials
+        if not isinstance(store, RestStore):  # a database: no HTTP retries to bypass
+            self.client.log_batch(self.run_id, metrics=metrics, params=params)
+            return
+        body = LogBatch(
+            run_id=self.run_id, metrics=[m.to_proto() for m in metrics], params=[p.to_proto() for p in params]
+        )
+        endpoint = "/api/2.0/mlflow/runs/log-batch"
+        response = http_request(
+            store.get_host_creds(),
+            endpoint,
+            "POST",
+            max_retries=0,
+            timeout=60,
+            json=json.loads(message_to_json(body)),
+        )
+        verify_rest_response(response, endpoint)
 
     def _send_each(self, batch: list[tuple]) -> None:
         """Send a refused batch record by record, so that one bad record does not take the others along."""
@@ -233,7 +260,9 @@ class MlflowTracker:
                 log.warning(
                     "MLflow unreachable, retrying in %.0f s: %s", delay, str(error).splitlines()[0][:200]
                 )
-                if self._give_up.wait(delay):
+                with self._cond:  # close() cuts the wait short: until its deadline, a retry every second
+                    self._cond.wait_for(lambda: self._closing or self._give_up.is_set(), timeout=delay)
+                if self._give_up.wait(1.0 if self._closing else 0.0):
                     return
                 delay = min(delay * 2, 30.0)
                 continue
