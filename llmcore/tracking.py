@@ -19,7 +19,7 @@ import os
 import re
 import threading
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -195,7 +195,7 @@ class MlflowTracker:
         else:
             self.client.log_artifact(self.run_id, batch[0][1], batch[0][2])
 
-    def _log_batch(self, metrics: list = (), params: list = ()) -> None:
+    def _log_batch(self, metrics: Sequence[Any] = (), params: Sequence[Any] = ()) -> None:
         """One attempt at MLflow's log-batch call. Against a server, it is tried once: the sender retries
         on its own schedule, which close() cuts short, whereas the client's HTTP retries (7, minutes of
         backoff) can hold a request past close()'s deadline after the server has come back."""
@@ -206,7 +206,7 @@ class MlflowTracker:
 
         store = self.client._tracking_client.store  # the server and its credentials
         if not isinstance(store, RestStore):  # a database: no HTTP retries to bypass
-            self.client.log_batch(self.run_id, metrics=metrics, params=params)
+            self.client.log_batch(self.run_id, metrics=list(metrics), params=list(params))
             return
         body = LogBatch(
             run_id=self.run_id, metrics=[m.to_proto() for m in metrics], params=[p.to_proto() for p in params]
