@@ -18,7 +18,9 @@ class GPTClassifier(mlflow.pyfunc.PythonModel):
         self.model, self.labels, self.max_length = load_classifier(context.artifacts["model"])
         self.tokenizer = Tokenizer.load(context.artifacts["tokenizer"])
 
-    def predict(self, context, model_input, params=None):
+    # A DataFrame is what pyfunc hands over under the logged signature (a list only in direct calls);
+    # MLflow infers no schema from that hint, so the logged signature stays the one that counts.
+    def predict(self, context, model_input: pd.DataFrame, params: dict | None = None):
         from llmcore.classify import encode_texts, predict_proba
 
         texts = model_input["text"] if isinstance(model_input, pd.DataFrame) else model_input

@@ -27,7 +27,9 @@ class GPTGenerator(mlflow.pyfunc.PythonModel):
         with open(context.artifacts["config"]) as f:
             self.chat = json.load(f)["chat"]
 
-    def predict(self, context, model_input, params=None):
+    # A DataFrame is what pyfunc hands over under the logged signature (a list only in direct calls);
+    # MLflow infers no schema from that hint, so the logged signature stays the one that counts.
+    def predict(self, context, model_input: pd.DataFrame, params: dict | None = None):
         from llmcore.chat import chat_prompt
         from llmcore.sampling import SamplingConfig, generate_batch
 
