@@ -217,7 +217,7 @@ class MlflowTracker:
             endpoint,
             "POST",
             max_retries=0,
-            timeout=60,
+            timeout=(5, 60),  # connect, read: a server that does not answer is tried again soon
             json=json.loads(message_to_json(body)),
         )
         verify_rest_response(response, endpoint)
