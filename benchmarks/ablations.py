@@ -80,6 +80,7 @@ VARIANTS: dict[str, tuple[dict, dict]] = {
         {"batch_size": 4, "steps_scale": 0.89},
     ),
     "preset lr x1.5": ({}, {"learning_rate_scale": 1.5}),
+    "preset lr x2": ({}, {"learning_rate_scale": 2.0}),
     "preset cooldown 0.4 to 0": ({}, {"cooldown_fraction": 0.4, "min_lr_ratio": 0.0}),
     "preset context 2048 x0.85 steps": ({"block_size": 2048}, {"batch_size": 2, "steps_scale": 0.85}),
 }

@@ -152,8 +152,8 @@ def test_cpu_preset_pretrains_in_bf16_only_on_a_cpu_with_bf16_arithmetic(monkeyp
 
     for has_bf16, gpu, precision, steps in (
         (True, False, "bf16", 1921),
-        (False, False, "auto", 1549),
-        (True, True, "auto", 1549),  # training runs on the GPU
+        (False, False, "auto", 1634),
+        (True, True, "auto", 1634),  # training runs on the GPU
     ):
         monkeypatch.setattr(presets, "cpu_has_bf16", lambda has_bf16=has_bf16: has_bf16)
         monkeypatch.setattr(presets.torch.cuda, "is_available", lambda gpu=gpu: gpu)
