@@ -83,6 +83,8 @@ VARIANTS: dict[str, tuple[dict, dict]] = {
     "preset lr x2": ({}, {"learning_rate_scale": 2.0}),
     "preset cooldown 0.4 to 0": ({}, {"cooldown_fraction": 0.4, "min_lr_ratio": 0.0}),
     "preset context 2048 x0.85 steps": ({"block_size": 2048}, {"batch_size": 2, "steps_scale": 0.85}),
+    # the preset as a CPU without bf16 arithmetic runs it (pass that run's steps as --max-steps)
+    "preset fp32": ({}, {"precision": "fp32"}),
 }
 
 

@@ -48,9 +48,13 @@ class Batches:
         """The row that sample `sample` reads, and its epoch."""
         epoch, position = divmod(sample, self.num_rows)
         if epoch != self._epoch:
-            generator = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
-            self._epoch, self._order = epoch, torch.randperm(self.num_rows, generator=generator)
+            self._epoch, self._order = epoch, self.epoch_order(epoch)
         return int(self._order[position]), epoch
+
+    def epoch_order(self, epoch: int) -> torch.Tensor:
+        """The rows in the order `epoch` reads them: a permutation seeded by (seed, epoch)."""
+        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+        return torch.randperm(self.num_rows, generator=generator)
 
     def row_in_epoch(self, index: int, epoch: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Row `index` as read in `epoch`: the same row in every epoch (token windows may shift)."""
@@ -190,12 +194,19 @@ def _shift(seed: int, epoch: int, shard: int, spare: int) -> int:
 
 
 def sft_batches(
-    sft_dir: Path, split: str, tokenizer: Tokenizer, max_length: int, batch_size: int, seed: int
+    sft_dir: Path,
+    split: str,
+    tokenizer: Tokenizer,
+    max_length: int,
+    batch_size: int,
+    seed: int,
+    group_by_length: bool = False,
 ) -> Batches:
     """Padded (input, target) rows of every pair in a split; padding targets are ignored by the loss.
     Rows are held as int32 (half the memory) and widened per row when a batch is read; a batch is cut after
-    its last trained target (`_ChatTurns`). `info` counts the pairs cut to fit (`rows_cut`) and the share
-    of positions that train (`trained_fraction`)."""
+    its last trained target (`_ChatTurns`), and with `group_by_length` its rows are of like length, so
+    that it holds less padding. `info` counts the pairs cut to fit (`rows_cut`) and the share of positions
+    that train (`trained_fraction`)."""
     pairs = read_pairs(sft_dir, split)
     inputs = torch.full((len(pairs), max_length), tokenizer.eot_id, dtype=torch.int32)
     targets = torch.full((len(pairs), max_length), IGNORE, dtype=torch.int32)
@@ -209,16 +220,59 @@ def sft_batches(
         "rows_cut": cut,
         "trained_fraction": float((targets != IGNORE).float().mean()) if len(pairs) else 0.0,
     }
-    return _ChatTurns(len(pairs), lambda i: (inputs[i].long(), targets[i].long()), batch_size, seed, info)
+    lengths = _trained_lengths(targets) if group_by_length else None
+    return _ChatTurns(
+        len(pairs), lambda i: (inputs[i].long(), targets[i].long()), batch_size, seed, info, lengths
+    )
+
+
+def _trained_lengths(targets: torch.Tensor) -> torch.Tensor:
+    """Each row's width up to and including its last trained target (0 for a row that trains nothing)."""
+    positions = torch.arange(1, targets.shape[1] + 1)
+    return ((targets != IGNORE) * positions).amax(dim=1) if len(targets) else torch.zeros(0, dtype=torch.long)
 
 
 class _ChatTurns(Batches):
     """Padded chat turns, each batch cut after its last trained target, rounded up to a multiple of
     `WIDTH_STEP` columns. The loss is the same: positions after a row's last target are never attended to
     from an earlier one (causal attention) and score nothing. The rounding bounds the shapes a compiled
-    model sees to max_length / WIDTH_STEP."""
+    model sees to max_length / WIDTH_STEP.
+
+    Given each row's length, an epoch groups rows of like length into batches, as `transformers`'
+    `group_by_length` does: its seeded permutation is cut into spans of `GROUP_BATCHES` batches, each
+    span sorted by length and cut into batches, and the epoch's batches are then shuffled (seeded), so
+    that batch lengths do not follow a pattern. Batch i is still a pure function of (seed, i)."""
 
     WIDTH_STEP = 64
+    GROUP_BATCHES = 64
+
+    def __init__(
+        self,
+        num_rows: int,
+        row: Callable,
+        batch_size: int,
+        seed: int,
+        info: dict[str, float],
+        lengths: torch.Tensor | None,
+    ) -> None:
+        super().__init__(num_rows, row, batch_size, seed, info)
+        self.lengths = lengths
+
+    def epoch_order(self, epoch: int) -> torch.Tensor:
+        order = super().epoch_order(epoch)
+        if self.lengths is None:
+            return order
+        # when the rows do not fill a whole number of batches, this epoch's first rows end a batch that
+        # the last epoch began: they stay as drawn, and the batches are grouped from the row after them
+        first = -epoch * self.num_rows % self.batch_size
+        spans = order[first:].split(self.batch_size * self.GROUP_BATCHES)
+        grouped = torch.cat([span[torch.sort(self.lengths[span], stable=True).indices] for span in spans])
+        whole = len(grouped) // self.batch_size * self.batch_size
+        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch + 500_009)
+        shuffled = grouped[:whole].view(-1, self.batch_size)[
+            torch.randperm(whole // self.batch_size, generator=generator)
+        ]
+        return torch.cat([order[:first], shuffled.flatten(), grouped[whole:]])
 
     def stack(self, rows: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
         x, y = super().stack(rows)

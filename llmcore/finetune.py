@@ -74,7 +74,9 @@ def finetune(
         log.info("finetune: %s is finished, reusing it", out_dir)
         return manifest
     tokenizer = Tokenizer.load(tokenizer_dir)
-    train_batches = sft_batches(sft_dir, "train", tokenizer, max_length, config.batch_size, config.seed)
+    train_batches = sft_batches(
+        sft_dir, "train", tokenizer, max_length, config.batch_size, config.seed, config.group_by_length
+    )
     val_batches = sft_batches(sft_dir, "validation", tokenizer, max_length, config.batch_size, config.seed)
     log.info(
         "finetune: %d train / %d validation pairs, %d steps; %d train pairs cut to %d tokens (end kept), "

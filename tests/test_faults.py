@@ -34,7 +34,7 @@ from tests.tiny_run import (
 pytestmark = pytest.mark.faults
 
 PRETRAIN = ["--max-steps", "12", "--checkpoint-interval", "4"]
-FINETUNE = ["--max-steps", "6", "--checkpoint-interval", "2"]
+FINETUNE = ["--max-steps", "6", "--checkpoint-interval", "2", "--group-by-length"]  # as the cpu preset
 ATTEMPTS = 8  # kills that miss their point (the child got past it first) are retried up to this many times
 
 

@@ -96,3 +96,40 @@ def test_a_batch_is_cut_after_its_last_target_and_scores_the_same_loss(tmp_path)
         assert trimmed.item() == pytest.approx(full.item(), rel=1e-5)
         widths.add(x.shape[1])
     assert len(widths) > 1 and min(widths) < 300  # short batches run fewer positions than the longest
+
+
+def test_grouped_batches_hold_rows_of_like_length_and_every_row_once_an_epoch(tmp_path):
+    import json
+
+    import torch
+
+    from llmcore.batches import sft_batches
+
+    lengths = torch.randperm(37, generator=torch.Generator().manual_seed(0)) + 1
+    pairs = [{"prompt": "q", "response": "r" * int(4 * n)} for n in lengths]  # 37 distinct lengths
+    for split in ("train", "validation"):
+        (tmp_path / f"{split}.jsonl").write_text("".join(json.dumps(p) + "\n" for p in pairs))
+    (tmp_path / "manifest.json").write_text("{}")
+
+    def batches(group: bool):
+        return sft_batches(
+            tmp_path, "train", FakeTokenizer(), max_length=256, batch_size=4, seed=3, group_by_length=group
+        )
+
+    grouped, plain = batches(True), batches(False)
+    rows, size = grouped.num_rows, grouped.batch_size
+    for epoch in range(4):  # 37 rows in batches of 4: epochs after the first begin mid-batch
+        read = [grouped._index(s)[0] for s in range(epoch * rows, (epoch + 1) * rows)]
+        assert sorted(read) == list(range(rows))
+        first = -epoch * rows % size  # rows that end the previous epoch's last batch
+        grouped_rows = read[first:]
+        for b in range(-(-epoch * rows // size), (epoch + 1) * rows // size):
+            batch = [grouped._index(s)[0] for s in range(b * size, (b + 1) * size)]
+            low, high = min(lengths[batch]), max(lengths[batch])
+            # a batch is a run of neighbours in length: no other row of the epoch lies between its extremes
+            assert not any(low < lengths[r] < high for r in grouped_rows if r not in batch)
+    fresh = batches(True)  # batch i is a pure function of (seed, i), read in any order
+    for b in reversed(range(30)):
+        assert all(torch.equal(u, v) for u, v in zip(fresh.get(b), grouped.get(b), strict=True))
+    width = sum(grouped.get(b)[0].numel() for b in range(30))
+    assert width < sum(plain.get(b)[0].numel() for b in range(30))
