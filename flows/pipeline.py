@@ -120,6 +120,10 @@ class PipelineParams(BaseModel):
         None, description="pretraining learning-rate schedule: cosine, or wsd (warmup-stable-decay)"
     )
     finetune_steps: int | None = Field(None, description="fine-tuning optimizer steps (each kind)")
+    group_by_length: bool | None = Field(
+        None,
+        description="instruction tuning batches pairs of like length: less padding (on in the cpu preset)",
+    )
     max_length: int | None = Field(
         None, description="longest fine-tuning sequence or classified text, in tokens (<= block size)"
     )
@@ -252,7 +256,11 @@ class PipelineParams(BaseModel):
                 lr_schedule=self.lr_schedule,
             ),
         )
-        finetune = replace(preset.finetune, **shared, **_set(max_steps=self.finetune_steps))
+        finetune = replace(
+            preset.finetune,
+            **shared,
+            **_set(max_steps=self.finetune_steps, group_by_length=self.group_by_length),
+        )
         classify_train = replace(preset.classify_train, **shared, **_set(max_steps=self.finetune_steps))
         adapter = replace(
             preset.adapter,

@@ -228,8 +228,7 @@ def sft_batches(
 
 def _trained_lengths(targets: torch.Tensor) -> torch.Tensor:
     """Each row's width up to and including its last trained target (0 for a row that trains nothing)."""
-    positions = torch.arange(1, targets.shape[1] + 1)
-    return ((targets != IGNORE) * positions).amax(dim=1) if len(targets) else torch.zeros(0, dtype=torch.long)
+    return ((targets != IGNORE) * torch.arange(1, targets.shape[1] + 1)).amax(dim=1)
 
 
 class _ChatTurns(Batches):
@@ -265,8 +264,9 @@ class _ChatTurns(Batches):
         # when the rows do not fill a whole number of batches, this epoch's first rows end a batch that
         # the last epoch began: they stay as drawn, and the batches are grouped from the row after them
         first = -epoch * self.num_rows % self.batch_size
-        spans = order[first:].split(self.batch_size * self.GROUP_BATCHES)
-        grouped = torch.cat([span[torch.sort(self.lengths[span], stable=True).indices] for span in spans])
+        rest = order[first:]
+        span = torch.arange(len(rest)) // (self.batch_size * self.GROUP_BATCHES)
+        grouped = rest[torch.sort((span << 32) + self.lengths[rest], stable=True).indices]  # by span, length
         whole = len(grouped) // self.batch_size * self.batch_size
         generator = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch + 500_009)
         shuffled = grouped[:whole].view(-1, self.batch_size)[

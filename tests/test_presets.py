@@ -35,6 +35,7 @@ def test_overrides_reach_the_right_configs():
         batch_size=5,
         learning_rate=0.01,
         finetune_steps=4,
+        group_by_length=True,
         device="cpu",
         seed=3,
         corpus="docs",
@@ -43,6 +44,7 @@ def test_overrides_reach_the_right_configs():
     assert preset.tokenizer.vocab_size == preset.model.vocab_size == 3000
     assert preset.model.n_layer == 3 and preset.pretrain.max_steps == 9 and preset.finetune.max_steps == 4
     assert preset.pretrain.batch_size == preset.finetune.batch_size == 5
+    assert preset.finetune.group_by_length and not preset.classify_train.group_by_length  # instruction only
     assert preset.pretrain.seed == preset.sampling.seed == 3 and preset.evaluation.device == "cpu"
     assert preset.corpus.source == "docs" and preset.corpus.max_bytes == 1000
     assert replace(preset, name="x").pretrain.learning_rate == 0.01
