@@ -80,13 +80,14 @@ def finetune(
     val_batches = sft_batches(sft_dir, "validation", tokenizer, max_length, config.batch_size, config.seed)
     log.info(
         "finetune: %d train / %d validation pairs, %d steps; %d train pairs cut to %d tokens (end kept), "
-        "%.0f%% of positions train",
+        "%.0f%% of positions train%s",
         train_batches.num_rows,
         val_batches.num_rows,
         config.total_steps(max_length),
         train_batches.info["rows_cut"],
         max_length,
         100 * train_batches.info["trained_fraction"],
+        "; batches of pairs of like length" if config.group_by_length else "",
     )
     tracker.log_metrics(
         {

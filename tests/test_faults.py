@@ -155,6 +155,7 @@ def test_kill_during_fine_tuning(reference, tmp_path):
     )
     rerun = run(cmd)
     assert "finetune: resuming from step_0000" in rerun.stderr
+    assert "; batches of pairs of like length" in rerun.stderr  # grouped, and it says so
     assert_same_weights(out / "model.pt", root / "ft" / "model.pt")
 
 
