@@ -87,7 +87,7 @@ class TrainConfig:
     # pretraining: each epoch after the first reads its windows a seeded number of tokens later
     # (llmcore.batches.token_windows), so that text seen again comes after other context
     shift_windows: bool = False
-    # fine-tuning: batches of pairs of like length, so that they hold less padding (llmcore.batches)
+    # instruction tuning: batches of pairs of like length, so that they hold less padding (llmcore.batches)
     group_by_length: bool = False
 
     def __post_init__(self):
