@@ -170,7 +170,7 @@ def cpu() -> Preset:
     # in bf16, 1.124 against 1.141 in fp32. A context of 512 at half the rows (the same tokens a step, a
     # step 1.11-1.15x slower, so 0.87x the steps) and windows shifted each epoch lowered it to 1.086 (bf16);
     # a context of 1024 at 4 rows with QK-norm (a step 1.12x slower again, 0.89x the steps) to 1.070, and
-    # with QK-norm a learning rate of 6e-3 to 1.059, of 8e-3 to 1.049 (bf16; fp32 at 8e-3 was not run).
+    # with QK-norm a learning rate of 6e-3 to 1.059, of 8e-3 to 1.049 (bf16; 1.072 in fp32's 1634 steps).
     # Without QK-norm a context of 1024 trained worse (1.113), of 2048 far worse (1.388); with it, 2048
     # still did (1.339). In fp32 the context-1024 QK-norm step costs 1.22x the context-256 step of the 2000
     # fp32 steps, so 1634 steps take their wall time.
