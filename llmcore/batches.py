@@ -268,6 +268,7 @@ class _ChatTurns(Batches):
         span = torch.arange(len(rest)) // (self.batch_size * self.GROUP_BATCHES)
         grouped = rest[torch.sort((span << 32) + self.lengths[rest], stable=True).indices]  # by span, length
         whole = len(grouped) // self.batch_size * self.batch_size
+        # the batches' shuffle: a stream apart from the rows' permutation of the same epoch
         generator = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch + 500_009)
         shuffled = grouped[:whole].view(-1, self.batch_size)[
             torch.randperm(whole // self.batch_size, generator=generator)

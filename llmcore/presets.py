@@ -2,7 +2,8 @@
 
 - `tiny`: seconds per stage, for the tests that run real servers and deployments.
 - `smoke`: all six stages in minutes on a 2-core CPU; what `make run` and CI exercise.
-- `cpu`: a real CPU run of about half an hour on the standard library, meant to beat xz on bits per byte.
+- `cpu`: a real CPU run on the standard library (~30 minutes of pretraining, ~41 all stages on 2 cores),
+  meant to beat xz on bits per byte.
 - `gpu`: a GPT-2-small-sized model (~124M parameters) for one GPU and a real corpus.
 
 A preset only groups configs; each stage receives its own config and nothing else. The one derived
@@ -177,7 +178,7 @@ def cpu() -> Preset:
     bf16 = cpu_has_bf16() and not torch.cuda.is_available()
     return Preset(
         name="cpu",
-        description="a real ~30 minute CPU run on the standard library; should beat xz on bits per byte",
+        description="a real CPU run on the stdlib (~41 minutes on 2 cores); should beat xz on bits per byte",
         corpus=CorpusConfig(source="stdlib"),
         tokenizer=tokenizer,
         model=GPTConfig(
