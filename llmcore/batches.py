@@ -220,9 +220,14 @@ def sft_batches(
         "rows_cut": cut,
         "trained_fraction": float((targets != IGNORE).float().mean()) if len(pairs) else 0.0,
     }
-    lengths = _trained_lengths(targets) if group_by_length else None
     return _ChatTurns(
-        len(pairs), lambda i: (inputs[i].long(), targets[i].long()), batch_size, seed, info, lengths
+        len(pairs),
+        lambda i: (inputs[i].long(), targets[i].long()),
+        batch_size,
+        seed,
+        info,
+        _trained_lengths(targets),
+        group_by_length,
     )
 
 
@@ -240,7 +245,8 @@ class _ChatTurns(Batches):
     Given each row's length, an epoch groups rows of like length into batches, as `transformers`'
     `group_by_length` does: its seeded permutation is cut into spans of `GROUP_BATCHES` batches, each
     span sorted by length and cut into batches, and the epoch's batches are then shuffled (seeded), so
-    that batch lengths do not follow a pattern. Batch i is still a pure function of (seed, i)."""
+    that batch lengths do not follow a pattern. Batch i is still a pure function of (seed, i). `in_order`
+    batches its rows shortest first, grouped or not."""
 
     WIDTH_STEP = 64
     GROUP_BATCHES = 64
@@ -252,14 +258,15 @@ class _ChatTurns(Batches):
         batch_size: int,
         seed: int,
         info: dict[str, float],
-        lengths: torch.Tensor | None,
+        lengths: torch.Tensor,
+        group_by_length: bool,
     ) -> None:
         super().__init__(num_rows, row, batch_size, seed, info)
-        self.lengths = lengths
+        self.lengths, self.group_by_length = lengths, group_by_length
 
     def epoch_order(self, epoch: int) -> torch.Tensor:
         order = super().epoch_order(epoch)
-        if self.lengths is None:
+        if not self.group_by_length:
             return order
         # when the rows do not fill a whole number of batches, this epoch's first rows end a batch that
         # the last epoch began: they stay as drawn, and the batches are grouped from the row after them
@@ -274,6 +281,16 @@ class _ChatTurns(Batches):
             torch.randperm(whole // self.batch_size, generator=generator)
         ]
         return torch.cat([order[:first], shuffled.flatten(), grouped[whole:]])
+
+    def in_order(self, num_batches: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """The first rows in storage order, batched shortest first: the rows, and so the loss over them, of
+        `Batches.in_order` (a row's loss does not depend on the rows beside it), in narrower batches."""
+        first = self.lengths[: min(self.num_rows, num_batches * self.batch_size)]
+        order = torch.sort(first, stable=True).indices.tolist()
+        return [
+            self.stack([self.row(i) for i in order[b : b + self.batch_size]])
+            for b in range(0, len(order), self.batch_size)
+        ]
 
     def stack(self, rows: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
         x, y = super().stack(rows)

@@ -35,7 +35,7 @@ from llmcore.cli import add_config_flags, given
 from llmcore.corpus import read_documents
 from llmcore.device import require_device, resolve_device
 from llmcore.errors import ConfigError, require_positive
-from llmcore.losses import token_loss
+from llmcore.losses import LossSums, position_losses, token_loss
 from llmcore.sft_data import read_pairs
 from llmcore.shards import open_split
 from llmcore.tokenizer import Tokenizer
@@ -74,29 +74,66 @@ def held_out_batches(tokens_dir: Path, block_size: int, config: EvalConfig):
     return windows.in_order(num_batches)
 
 
-def strided_batches(
+def window_batches(
     ids: torch.Tensor, block_size: int, stride: int, batch_size: int
-) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """Sliding windows of up to `block_size` inputs over `ids`, starting every `stride` tokens; each
-    target ids[1:] is scored once, in the first window that reaches it (earlier ones are -100), so all
-    but the first window's targets have at least block_size - stride tokens of context."""
-    windows, start, scored = [], 0, 0  # targets ids[1 : scored + 1] are taken
-    while scored < len(ids) - 1:
-        end = min(start + block_size, len(ids) - 1)
-        x, y = ids[start:end], ids[start + 1 : end + 1].clone()
-        y[: max(0, scored - start)] = -100
-        windows.append((x, y))
-        start, scored = start + stride, end
+) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """Windows of up to `block_size` inputs over `ids` that score its targets ids[1:] two ways in one pass,
+    as batches (inputs, non-overlapping targets, strided targets), -100 where a way does not score.
+
+    Non-overlapping: the windows that start at multiples of `block_size` score every target in them.
+    Strided: a window starts every `stride` tokens and scores the targets no earlier one reached, so all
+    but the first window's targets have at least block_size - stride tokens of context. Each way scores
+    every target once. When `stride` divides `block_size`, the non-overlapping windows are strided ones;
+    otherwise they are added, scoring one way only."""
+    num_targets = len(ids) - 1
+    fresh, start, scored = {}, 0, 0  # strided window start -> targets before it already scored
+    while scored < num_targets:
+        fresh[start] = scored
+        start, scored = start + stride, min(start + block_size, num_targets)
+    windows = []
+    for start in sorted(fresh.keys() | set(range(0, num_targets, block_size))):
+        end = min(start + block_size, num_targets)
+        y = ids[start + 1 : end + 1]
+        plain, strided = y.clone(), y.clone()
+        if start % block_size:
+            plain[:] = -100
+        if start in fresh:
+            strided[: max(0, fresh[start] - start)] = -100
+        else:
+            strided[:] = -100
+        windows.append((ids[start:end], plain, strided))
     batches = []
     for first in range(0, len(windows), batch_size):
         chunk = windows[first : first + batch_size]
-        width = max(len(x) for x, _ in chunk)
+        width = max(len(x) for x, _, _ in chunk)
         x = torch.zeros(len(chunk), width, dtype=torch.long)
-        y = torch.full((len(chunk), width), -100, dtype=torch.long)  # a short last window: tail ignored
-        for row, (wx, wy) in enumerate(chunk):
-            x[row, : len(wx)], y[row, : len(wy)] = wx, wy
-        batches.append((x, y))
+        ys = torch.full((2, len(chunk), width), -100, dtype=torch.long)  # a short last window: tail ignored
+        for row, (wx, *wy) in enumerate(chunk):
+            x[row, : len(wx)] = wx
+            for view, targets in enumerate(wy):
+                ys[view, row, : len(targets)] = targets
+        batches.append((x, ys[0], ys[1]))
     return batches
+
+
+def stream_loss(
+    model: torch.nn.Module,
+    ids: torch.Tensor,
+    stride: int,
+    batch_size: int,
+    device: torch.device,
+    token_bytes: torch.Tensor,
+) -> tuple[dict[str, float], dict[str, float]]:
+    """`token_loss` of the targets ids[1:] in non-overlapping windows of the model's context and in windows
+    every `stride` tokens (`window_batches`), from one forward pass over the windows."""
+    batches = window_batches(ids, model.config.block_size, stride, batch_size)
+    # a window's every target is scored in the forward pass; each way then sums the ones it scores
+    everything = ((x, torch.maximum(plain, strided)) for x, plain, strided in batches)
+    sums = LossSums(token_bytes), LossSums(token_bytes)
+    for (losses, _), (_, *views) in zip(position_losses(model, everything, device), batches, strict=True):
+        for way, targets in zip(sums, views, strict=True):
+            way.add(losses, targets.to(device))
+    return sums[0].result(), sums[1].result()
 
 
 def held_out_stream(tokens_dir: Path, num_tokens: int) -> torch.Tensor:
@@ -130,16 +167,15 @@ def evaluate_model(
     tokenizer = Tokenizer.load(tokenizer_dir)
     token_bytes = torch.from_numpy(tokenizer.token_byte_lengths())
     block = model.config.block_size
-    batches = held_out_batches(tokens_dir, block, config)
-    result = token_loss(model, batches, device, token_bytes)
+    # The first max_tokens validation tokens in whole windows, as one stream: the shards are consecutive
+    # pieces of it, and max_tokens is far below a shard's 2**27 tokens.
+    num_tokens = sum(y.numel() for _, y in held_out_batches(tokens_dir, block, config))
+    stream = held_out_stream(tokens_dir, num_tokens + 1)
+    stride = config.stride(block)
+    result, strided = stream_loss(model, stream, stride, config.batch_size, device, token_bytes)
     result["perplexity"] = math.exp(min(result["loss"], 50.0))
-    # The same target tokens when the windows are consecutive in one shard (max_tokens is far below a
-    # shard's 2**27 tokens), each scored once with more context.
-    stream = held_out_stream(tokens_dir, int(result["tokens"]) + 1)
-    strided = strided_batches(stream, block, config.stride(block), config.batch_size)
-    result["bpb_strided"] = token_loss(model, strided, device, token_bytes)["bpb"]
-    result["bpb_stride"] = float(config.stride(block))
-    text = tokenizer.decode(torch.cat([y.flatten() for _, y in batches]).tolist()).encode("utf-8")
+    result["bpb_strided"], result["bpb_stride"] = strided["bpb"], float(stride)
+    text = tokenizer.decode(stream[1:].tolist()).encode("utf-8")
     result.update(compressor_bits_per_byte(text), text_bytes=float(len(text)))
     if sft_dir is not None:
         max_length = max_length or chat_max_length(model_path)
@@ -258,14 +294,11 @@ def score_text(
         raise ConfigError("no held-out text to score: the corpus has an empty validation split")
     block = model.config.block_size
     token_bytes = torch.from_numpy(tokenizer.token_byte_lengths())
-    # a stride of the whole context: non-overlapping windows
-    result = token_loss(model, strided_batches(ids, block, block, config.batch_size), device, token_bytes)
+    stride = config.stride(block) if strided else block  # a stride of the whole context: one way
+    result, by_stride = stream_loss(model, ids, stride, config.batch_size, device, token_bytes)
     result["perplexity"] = math.exp(min(result["loss"], 50.0))
     if strided:
-        stride = config.stride(block)
-        windows = strided_batches(ids, block, stride, config.batch_size)
-        result["bpb_strided"] = token_loss(model, windows, device, token_bytes)["bpb"]
-        result["bpb_stride"] = float(stride)
+        result["bpb_strided"], result["bpb_stride"] = by_stride["bpb"], float(stride)
     return result
 
 

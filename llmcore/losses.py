@@ -8,7 +8,7 @@ way. This module does not load models or data.
 """
 
 import math
-from collections.abc import Sequence
+from collections.abc import Iterable, Iterator
 
 import torch
 
@@ -85,36 +85,63 @@ def linear_cross_entropy(
     )
 
 
+class LossSums:
+    """Running sums of a per-position loss over batches: the loss and count of scored targets (not IGNORE)
+    and, given the byte length of every token id, the bits and bytes of those standing for bytes (targets
+    like end-of-text stand for none, so their loss has no byte to charge it to and is left out of both)."""
+
+    def __init__(self, token_bytes: torch.Tensor | None = None) -> None:
+        self.token_bytes = token_bytes
+        self.loss, self.tokens, self.bits, self.bytes = 0.0, 0, 0.0, 0
+
+    def add(self, losses: torch.Tensor, y: torch.Tensor) -> None:
+        """Add a batch's losses (B, T) at its scored targets y (B, T); losses elsewhere are not read."""
+        valid = y != IGNORE
+        self.loss += float(losses[valid].float().sum())
+        self.tokens += int(valid.sum())
+        if self.token_bytes is not None:
+            nbytes = self.token_bytes.to(y.device)[y.clamp(min=0)] * valid
+            self.bits += float((losses.float() * (nbytes > 0)).sum()) / LN2
+            self.bytes += int(nbytes.sum())
+
+    def result(self) -> dict[str, float]:
+        """`loss` (mean per scored target) and `tokens`, and `bpb` and `bytes` when bytes were counted."""
+        result = {"loss": self.loss / max(1, self.tokens), "tokens": float(self.tokens)}
+        if self.bytes:
+            result.update(bpb=self.bits / self.bytes, bytes=float(self.bytes))
+        return result
+
+
 @torch.no_grad()
+def position_losses(
+    model: torch.nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]], device: torch.device
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Each batch's (losses, targets) on `device`, losses per position and 0 where the target is IGNORE.
+    The model runs in eval mode, in the device's `auto` precision (`llmcore.device.resolve_precision`:
+    fp32 on CPU, bf16 or fp16 autocast on CUDA), whatever a run trained in, so that runs score alike."""
+    was_training = model.training
+    model.eval()
+    dtype = resolve_precision("auto", device)
+    autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
+    try:
+        for x, y in batches:
+            x, y = x.to(device), y.to(device)
+            with autocast:
+                _, losses = model(x, y, reduction="none")  # (B, T)
+            yield losses, y
+    finally:
+        model.train(was_training)
+
+
 def token_loss(
     model: torch.nn.Module,
-    batches: Sequence[tuple[torch.Tensor, torch.Tensor]],
+    batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
     device: torch.device,
     token_bytes: torch.Tensor | None = None,
 ) -> dict[str, float]:
-    """Mean loss per scored target token (targets of -100 are ignored), and bits per byte when the
-    byte length of every token id is given (targets standing for zero bytes, like end-of-text, are left
-    out of both sums, as their loss has no byte to charge it to). The forward runs in the device's `auto`
-    precision (`llmcore.device.resolve_precision`: fp32 on CPU, bf16 or fp16 autocast on CUDA), whatever
-    a run trained in, so that runs score alike."""
-    was_training = model.training
-    model.eval()
-    loss_sum, tokens, bits_sum, byte_sum = 0.0, 0, 0.0, 0
-    dtype = resolve_precision("auto", device)
-    autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
-    for x, y in batches:
-        x, y = x.to(device), y.to(device)
-        with autocast:
-            _, losses = model(x, y, reduction="none")  # (B, T), 0 where ignored
-        valid = y != -100
-        loss_sum += float(losses[valid].float().sum())
-        tokens += int(valid.sum())
-        if token_bytes is not None:
-            nbytes = token_bytes.to(device)[y.clamp(min=0)] * valid
-            bits_sum += float((losses.float() * (nbytes > 0)).sum()) / LN2
-            byte_sum += int(nbytes.sum())
-    model.train(was_training)
-    result = {"loss": loss_sum / max(1, tokens), "tokens": float(tokens)}
-    if token_bytes is not None and byte_sum:
-        result.update(bpb=bits_sum / byte_sum, bytes=float(byte_sum))
-    return result
+    """Mean loss per scored target token (`LossSums`), and bits per byte when the byte length of every
+    token id is given, with the forward pass of `position_losses`."""
+    sums = LossSums(token_bytes)
+    for losses, y in position_losses(model, batches, device):
+        sums.add(losses, y)
+    return sums.result()

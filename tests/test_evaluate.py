@@ -6,8 +6,9 @@ import pytest
 import torch
 
 from llmcore.baselines import compressor_bits_per_byte
-from llmcore.evaluate import strided_batches
+from llmcore.evaluate import stream_loss, window_batches
 from llmcore.losses import token_loss
+from llmcore.model import GPTConfig
 
 
 class UniformModel(torch.nn.Module):
@@ -50,10 +51,10 @@ def test_compressors_rank_as_expected_on_repetitive_and_random_text():
 
 def test_model_and_compressors_are_scored_on_the_same_bytes(tmp_path):
     """The compressors get exactly the text whose bytes the model's bits per byte divide by."""
-    from llmcore.checkpoint import save_model
-    from llmcore.evaluate import EvalConfig, evaluate_model
-    from llmcore.model import GPT, GPTConfig
-    from llmcore.tokenizer import TokenizerConfig, encode_corpus, train_tokenizer
+    from llmcore.checkpoint import load_model, save_model
+    from llmcore.evaluate import EvalConfig, evaluate_model, held_out_batches
+    from llmcore.model import GPT
+    from llmcore.tokenizer import Tokenizer, TokenizerConfig, encode_corpus, train_tokenizer
     from tests.test_tokenizer import source_documents, write_corpus
 
     docs = source_documents()
@@ -74,6 +75,11 @@ def test_model_and_compressors_are_scored_on_the_same_bytes(tmp_path):
     assert result["bpb"] > result["xz_bpb"]  # an untrained model loses to xz
     assert result["perplexity"] == pytest.approx(math.exp(result["loss"]))
     assert result["bpb_stride"] == 32 and result["bpb_strided"] != result["bpb"]
+    # the first way, read off the strided pass, is the score of the held-out windows on their own
+    batches = held_out_batches(tmp_path / "tokens", 64, EvalConfig(max_tokens=4096, batch_size=4))
+    token_bytes = torch.from_numpy(Tokenizer.load(tmp_path / "tok").token_byte_lengths())
+    alone = token_loss(load_model(tmp_path / "model.pt"), batches, torch.device("cpu"), token_bytes)
+    assert alone["tokens"] == result["tokens"] and alone["bpb"] == pytest.approx(result["bpb"], rel=1e-6)
     # with the stride equal to the context, the sliding window scores the same tokens the same way
     whole = EvalConfig(max_tokens=4096, batch_size=4, device="cpu", bpb_stride=64)
     same = evaluate_model(tmp_path / "model.pt", tmp_path / "tok", tmp_path / "tokens", whole)
@@ -83,24 +89,31 @@ def test_model_and_compressors_are_scored_on_the_same_bytes(tmp_path):
 class PositionModel(torch.nn.Module):
     """A model whose loss at window position t is 1 / (t + 1) nats: more context, lower loss."""
 
+    def __init__(self, block_size):
+        super().__init__()
+        self.config = GPTConfig(vocab_size=64, block_size=block_size, n_layer=1, n_head=1, n_embd=8)
+
     def forward(self, x, y, reduction="none"):
         losses = (1 / torch.arange(1, x.size(1) + 1)).expand(x.shape).clone()
         return None, losses * (y != -100)
 
 
 @pytest.mark.parametrize("stride", [1, 3, 8])
-def test_strided_windows_score_every_target_once_with_more_context(stride):
+def test_windows_score_every_target_once_each_way_strided_with_more_context(stride):
     block, n = 8, 32  # n - block divisible by every stride: the later windows are whole
     ids = torch.arange(n + 1)
-    batches = strided_batches(ids, block, stride, batch_size=3)
-    scored = torch.cat([y[y != -100] for _, y in batches])
-    assert sorted(scored.tolist()) == list(range(1, n + 1))  # each target exactly once
-    for x, y in batches:  # targets are the inputs shifted by one
-        assert torch.equal(y[y != -100], x[y != -100] + 1)
+    batches = window_batches(ids, block, stride, batch_size=3)
+    for way in (1, 2):  # non-overlapping, strided
+        scored = torch.cat([b[way][b[way] != -100] for b in batches])
+        assert sorted(scored.tolist()) == list(range(1, n + 1))  # each target exactly once
+        for x, *views in batches:  # targets are the inputs shifted by one
+            assert torch.equal(views[way - 1][views[way - 1] != -100], x[views[way - 1] != -100] + 1)
+    # windows that start at a multiple of the context score every target of theirs the first way
+    starts = [int(x[0]) for x, _, _ in batches for x in x]
+    assert {s for s in starts if s % block == 0} == set(range(0, n, block))
+    assert len(starts) == len(set(range(0, n - block + 1, stride)) | set(range(0, n, block)))
     bytes_one = torch.ones(n + 1, dtype=torch.long)
-    strided = token_loss(PositionModel(), batches, torch.device("cpu"), bytes_one)
-    windows = [(ids[None, i : i + block], ids[None, i + 1 : i + block + 1]) for i in range(0, n, block)]
-    plain = token_loss(PositionModel(), windows, torch.device("cpu"), bytes_one)
+    plain, strided = stream_loss(PositionModel(block), ids, stride, 3, torch.device("cpu"), bytes_one)
     harmonic = [sum(1 / t for t in range(1, k + 1)) for k in range(block + 1)]  # H_k
     assert plain["bpb"] == pytest.approx(n / block * harmonic[block] / n / math.log(2))
     # first window: positions 0..7; each later one scores its last `stride` positions

@@ -98,6 +98,36 @@ def test_a_batch_is_cut_after_its_last_target_and_scores_the_same_loss(tmp_path)
     assert len(widths) > 1 and min(widths) < 300  # short batches run fewer positions than the longest
 
 
+def test_validation_batches_run_shortest_first_with_the_loss_of_storage_order(tmp_path):
+    import json
+
+    import torch
+
+    from llmcore.batches import Batches, sft_batches
+    from llmcore.losses import token_loss
+    from llmcore.model import GPT, GPTConfig
+
+    lengths = [9, 70, 2, 30, 5, 50, 3, 64, 12, 1]
+    pairs = [{"prompt": "q" * n, "response": "r" * (3 * n)} for n in lengths]
+    (tmp_path / "validation.jsonl").write_text("".join(json.dumps(p) + "\n" for p in pairs))
+    (tmp_path / "manifest.json").write_text("{}")
+    batches = sft_batches(tmp_path, "validation", FakeTokenizer(), max_length=300, batch_size=3, seed=0)
+    sorted_, stored = batches.in_order(3), Batches.in_order(batches, 3)  # the first 9 pairs, 3 batches
+    assert sum(x.numel() for x, _ in sorted_) < sum(x.numel() for x, _ in stored)
+    widths = [x.shape[1] for x, _ in sorted_]
+    assert widths == sorted(widths)
+
+    def trained(batches):  # each row's scored targets, padding aside
+        return sorted(tuple(t for t in row if t != IGNORE) for _, y in batches for row in y.tolist())
+
+    assert trained(sorted_) == trained(stored) and len(trained(stored)) == 9
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=300, block_size=300, n_layer=2, n_head=2, n_embd=32))
+    device = torch.device("cpu")
+    ours, theirs = token_loss(model, sorted_, device), token_loss(model, stored, device)
+    assert ours["tokens"] == theirs["tokens"] and ours["loss"] == pytest.approx(theirs["loss"], rel=1e-5)
+
+
 def test_grouped_batches_hold_rows_of_like_length_and_every_row_once_an_epoch(tmp_path):
     import json
 
