@@ -83,8 +83,8 @@ def window_batches(
     Non-overlapping: the windows that start at multiples of `block_size` score every target in them.
     Strided: a window starts every `stride` tokens and scores the targets no earlier one reached, so all
     but the first window's targets have at least block_size - stride tokens of context. Each way scores
-    every target once. When `stride` divides `block_size`, the non-overlapping windows are strided ones;
-    otherwise they are added, scoring one way only."""
+    every target once (stride <= block_size). When `stride` divides `block_size`, the non-overlapping
+    windows are strided ones; otherwise they are added, scoring one way only."""
     num_targets = len(ids) - 1
     fresh, start, scored = {}, 0, 0  # strided window start -> targets before it already scored
     while scored < num_targets:
@@ -118,15 +118,17 @@ def window_batches(
 
 def stream_loss(
     model: torch.nn.Module,
-    ids: torch.Tensor,
+    streams: Sequence[torch.Tensor],
     stride: int,
     batch_size: int,
     device: torch.device,
     token_bytes: torch.Tensor,
 ) -> tuple[dict[str, float], dict[str, float]]:
-    """`token_loss` of the targets ids[1:] in non-overlapping windows of the model's context and in windows
-    every `stride` tokens (`window_batches`), from one forward pass over the windows."""
-    batches = window_batches(ids, model.config.block_size, stride, batch_size)
+    """`token_loss` of the targets ids[1:] of each stream of ids, in non-overlapping windows of the model's
+    context and in windows every `stride` tokens (`window_batches`), from one forward pass over the
+    windows."""
+    block = model.config.block_size
+    batches = [batch for ids in streams for batch in window_batches(ids, block, stride, batch_size)]
     # a window's every target is scored in the forward pass; each way then sums the ones it scores
     everything = ((x, torch.maximum(plain, strided)) for x, plain, strided in batches)
     sums = LossSums(token_bytes), LossSums(token_bytes)
@@ -136,15 +138,17 @@ def stream_loss(
     return sums[0].result(), sums[1].result()
 
 
-def held_out_stream(tokens_dir: Path, num_tokens: int) -> torch.Tensor:
-    """The first `num_tokens` validation tokens as one stream (the shards are consecutive pieces of it)."""
-    parts, left = [], num_tokens
+def held_out_streams(tokens_dir: Path, block_size: int, config: EvalConfig) -> list[torch.Tensor]:
+    """The tokens of the windows of `held_out_batches`, as one stream per shard they lie in (windows do not
+    cross shards): each stream's non-overlapping windows are those windows, its targets theirs."""
+    left = sum(len(x) for x, _ in held_out_batches(tokens_dir, block_size, config))  # windows
+    streams = []
     for shard in open_split(tokens_dir, "validation").shards:
-        parts.append(torch.from_numpy(shard[:left].astype("int64")))
-        left -= len(parts[-1])
-        if left <= 0:
-            break
-    return torch.cat(parts)
+        windows = min(left, (len(shard) - 1) // block_size)
+        if windows:
+            streams.append(torch.from_numpy(shard[: windows * block_size + 1].astype("int64")))
+        left -= windows
+    return streams
 
 
 def evaluate_model(
@@ -167,15 +171,12 @@ def evaluate_model(
     tokenizer = Tokenizer.load(tokenizer_dir)
     token_bytes = torch.from_numpy(tokenizer.token_byte_lengths())
     block = model.config.block_size
-    # The first max_tokens validation tokens in whole windows, as one stream: the shards are consecutive
-    # pieces of it, and max_tokens is far below a shard's 2**27 tokens.
-    num_tokens = sum(y.numel() for _, y in held_out_batches(tokens_dir, block, config))
-    stream = held_out_stream(tokens_dir, num_tokens + 1)
+    streams = held_out_streams(tokens_dir, block, config)
     stride = config.stride(block)
-    result, strided = stream_loss(model, stream, stride, config.batch_size, device, token_bytes)
+    result, strided = stream_loss(model, streams, stride, config.batch_size, device, token_bytes)
     result["perplexity"] = math.exp(min(result["loss"], 50.0))
     result["bpb_strided"], result["bpb_stride"] = strided["bpb"], float(stride)
-    text = tokenizer.decode(stream[1:].tolist()).encode("utf-8")
+    text = tokenizer.decode(torch.cat([ids[1:] for ids in streams]).tolist()).encode("utf-8")
     result.update(compressor_bits_per_byte(text), text_bytes=float(len(text)))
     if sft_dir is not None:
         max_length = max_length or chat_max_length(model_path)
@@ -295,7 +296,7 @@ def score_text(
     block = model.config.block_size
     token_bytes = torch.from_numpy(tokenizer.token_byte_lengths())
     stride = config.stride(block) if strided else block  # a stride of the whole context: one way
-    result, by_stride = stream_loss(model, ids, stride, config.batch_size, device, token_bytes)
+    result, by_stride = stream_loss(model, [ids], stride, config.batch_size, device, token_bytes)
     result["perplexity"] = math.exp(min(result["loss"], 50.0))
     if strided:
         result["bpb_strided"], result["bpb_stride"] = by_stride["bpb"], float(stride)

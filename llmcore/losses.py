@@ -2,9 +2,10 @@
 
 `linear_cross_entropy` is the training loss: the output projection and cross-entropy taken together, a
 chunk of positions at a time, so that no (tokens, vocab) tensor, let alone a float32 copy of one, is ever
-held (6.6 GB per micro-batch at the gpu preset). Training (validation passes) and evaluation both call
-`token_loss`, so a figure in a training log and the same figure in an evaluation are computed the same
-way. This module does not load models or data.
+held (6.6 GB per micro-batch at the gpu preset). Training's validation passes (`token_loss`) and
+evaluation (`token_loss`, or `position_losses` into `LossSums` to score one pass two ways) share the
+forward pass and the sums, so a figure in a training log and the same figure in an evaluation are
+computed the same way. This module does not load models or data.
 """
 
 import math

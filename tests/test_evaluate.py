@@ -49,7 +49,8 @@ def test_compressors_rank_as_expected_on_repetitive_and_random_text():
     assert all(v > 7.9 for v in compressor_bits_per_byte(noise).values())
 
 
-def test_model_and_compressors_are_scored_on_the_same_bytes(tmp_path):
+@pytest.mark.parametrize("shard_tokens", [2**27, 1000])  # one validation shard, or several
+def test_model_and_compressors_are_scored_on_the_same_bytes(tmp_path, shard_tokens):
     """The compressors get exactly the text whose bytes the model's bits per byte divide by."""
     from llmcore.checkpoint import load_model, save_model
     from llmcore.evaluate import EvalConfig, evaluate_model, held_out_batches
@@ -60,7 +61,8 @@ def test_model_and_compressors_are_scored_on_the_same_bytes(tmp_path):
     docs = source_documents()
     corpus = write_corpus(tmp_path / "corpus", docs[1:], docs[:1] + docs[-3:])
     train_tokenizer(corpus, tmp_path / "tok", TokenizerConfig(vocab_size=512))
-    encode_corpus(corpus, tmp_path / "tok", tmp_path / "tokens")
+    tokens = encode_corpus(corpus, tmp_path / "tok", tmp_path / "tokens", shard_tokens=shard_tokens)
+    assert (len(tokens["splits"]["validation"]["files"]) > 1) == (shard_tokens == 1000)
     torch.manual_seed(0)
     save_model(
         tmp_path / "model.pt", GPT(GPTConfig(vocab_size=512, block_size=64, n_layer=1, n_head=2, n_embd=32))
@@ -113,7 +115,7 @@ def test_windows_score_every_target_once_each_way_strided_with_more_context(stri
     assert {s for s in starts if s % block == 0} == set(range(0, n, block))
     assert len(starts) == len(set(range(0, n - block + 1, stride)) | set(range(0, n, block)))
     bytes_one = torch.ones(n + 1, dtype=torch.long)
-    plain, strided = stream_loss(PositionModel(block), ids, stride, 3, torch.device("cpu"), bytes_one)
+    plain, strided = stream_loss(PositionModel(block), [ids], stride, 3, torch.device("cpu"), bytes_one)
     harmonic = [sum(1 / t for t in range(1, k + 1)) for k in range(block + 1)]  # H_k
     assert plain["bpb"] == pytest.approx(n / block * harmonic[block] / n / math.log(2))
     # first window: positions 0..7; each later one scores its last `stride` positions

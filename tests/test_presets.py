@@ -149,7 +149,7 @@ def test_a_stage_error_inside_the_flow_ends_with_one_clear_line(tmp_path):
     assert not list((tmp_path / "runs").glob("tokenizer/*"))  # nothing a later stage could take for finished
 
 
-def test_cpu_preset_pretrains_in_bf16_only_on_a_cpu_with_bf16_arithmetic(monkeypatch):
+def test_cpu_preset_trains_in_bf16_only_on_a_cpu_with_bf16_arithmetic(monkeypatch):
     from llmcore import presets
 
     for has_bf16, gpu, precision, steps in (
@@ -159,5 +159,6 @@ def test_cpu_preset_pretrains_in_bf16_only_on_a_cpu_with_bf16_arithmetic(monkeyp
     ):
         monkeypatch.setattr(presets, "cpu_has_bf16", lambda has_bf16=has_bf16: has_bf16)
         monkeypatch.setattr(presets.torch.cuda, "is_available", lambda gpu=gpu: gpu)
-        pretrain = presets.get_preset("cpu").pretrain
-        assert (pretrain.precision, pretrain.max_steps) == (precision, steps)
+        preset = presets.get_preset("cpu")
+        assert (preset.pretrain.precision, preset.pretrain.max_steps) == (precision, steps)
+        assert preset.finetune.precision == preset.classify_train.precision == precision

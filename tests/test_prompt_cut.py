@@ -78,7 +78,8 @@ def _prompts_and_tokenizer(tuned) -> tuple[list[str], Tokenizer]:
 
 def test_training_rows_hold_the_prompt_as_chat_prompt_cuts_it(tuned):
     prompts, tokenizer = _prompts_and_tokenizer(tuned)
-    x, y = sft_batches(tuned["sft"], "validation", tokenizer, MAX_LENGTH, 1, 0).in_order(len(prompts))[0]
+    batches = sft_batches(tuned["sft"], "validation", tokenizer, MAX_LENGTH, 1, 0)
+    x, y = batches.stack([batches.row(0)])  # the first pair's row
     prompt_part = x[0, : int((y[0] != IGNORE).nonzero()[0]) + 1].tolist()  # inputs up to <|assistant|>
     assert prompt_part == chat_prompt(tokenizer, prompts[0], MAX_LENGTH)
     assert len(prompt_part) == MAX_LENGTH // 2 != len(chat_prompt(tokenizer, prompts[0], BLOCK))
