@@ -2,7 +2,7 @@
 
 - `tiny`: seconds per stage, for the tests that run real servers and deployments.
 - `smoke`: all six stages in minutes on a 2-core CPU; what `make run` and CI exercise.
-- `cpu`: a real CPU run on the standard library (~30 minutes of pretraining, ~41 all stages on 2 cores),
+- `cpu`: a real CPU run on the standard library (25-29 minutes of pretraining, 34 all stages, on 2 cores),
   meant to beat xz on bits per byte.
 - `gpu`: a GPT-2-small-sized model (~124M parameters) for one GPU and a real corpus.
 
@@ -183,7 +183,7 @@ def cpu() -> Preset:
     # fp32 steps, so 1634 steps take their wall time.
     return Preset(
         name="cpu",
-        description="a real CPU run on the stdlib (~41 minutes on 2 cores); should beat xz on bits per byte",
+        description="a real CPU run on the stdlib (34 minutes on 2 cores); should beat xz on bits per byte",
         corpus=CorpusConfig(source="stdlib"),
         tokenizer=tokenizer,
         model=GPTConfig(
