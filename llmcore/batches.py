@@ -11,7 +11,6 @@ move data to a device.
 
 import bisect
 import functools
-import math
 import queue
 import threading
 import weakref
@@ -68,14 +67,16 @@ class Batches:
         )
 
     def in_order(self, num_batches: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """The first rows in storage order, unshuffled: a fixed validation set."""
-        out = []
-        for b in range(min(num_batches, math.ceil(self.num_rows / self.batch_size))):
-            rows = [
-                self.row(i) for i in range(b * self.batch_size, min(self.num_rows, (b + 1) * self.batch_size))
-            ]
-            out.append(self.stack(rows))
-        return out
+        """The first rows in storage order, unshuffled, in `fixed_order`: a fixed validation set."""
+        rows = self.fixed_order(min(self.num_rows, num_batches * self.batch_size))
+        return [
+            self.stack([self.row(i) for i in rows[b : b + self.batch_size]])
+            for b in range(0, len(rows), self.batch_size)
+        ]
+
+    def fixed_order(self, num_rows: int) -> list[int]:
+        """The order in which `in_order` batches the first `num_rows` rows: storage order."""
+        return list(range(num_rows))
 
     def stack(self, rows: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
         """One batch (inputs, targets) from its rows."""
@@ -246,7 +247,7 @@ class _ChatTurns(Batches):
     `group_by_length` does: its seeded permutation is cut into spans of `GROUP_BATCHES` batches, each
     span sorted by length and cut into batches, and the epoch's batches are then shuffled (seeded), so
     that batch lengths do not follow a pattern. Batch i is still a pure function of (seed, i). `in_order`
-    batches its rows shortest first, grouped or not."""
+    batches its rows shortest first (`fixed_order`), grouped or not."""
 
     WIDTH_STEP = 64
     GROUP_BATCHES = 64
@@ -282,15 +283,10 @@ class _ChatTurns(Batches):
         ]
         return torch.cat([order[:first], shuffled.flatten(), grouped[whole:]])
 
-    def in_order(self, num_batches: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """The first rows in storage order, batched shortest first: the rows, and so the loss over them, of
-        `Batches.in_order` (a row's loss does not depend on the rows beside it), in narrower batches."""
-        first = self.lengths[: min(self.num_rows, num_batches * self.batch_size)]
-        order = torch.sort(first, stable=True).indices.tolist()
-        return [
-            self.stack([self.row(i) for i in order[b : b + self.batch_size]])
-            for b in range(0, len(order), self.batch_size)
-        ]
+    def fixed_order(self, num_rows: int) -> list[int]:
+        """Shortest first: the same rows, and so the same loss over them (a row's loss does not depend on
+        the rows beside it), in narrower batches."""
+        return torch.sort(self.lengths[:num_rows], stable=True).indices.tolist()
 
     def stack(self, rows: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
         x, y = super().stack(rows)

@@ -28,7 +28,7 @@ import torch
 
 from llmcore import contamination, multiple_choice
 from llmcore.baselines import compressor_bits_per_byte
-from llmcore.batches import sft_batches, token_windows
+from llmcore.batches import Batches, sft_batches, token_windows
 from llmcore.chat import chat_max_length
 from llmcore.checkpoint import load_model
 from llmcore.cli import add_config_flags, given
@@ -37,7 +37,7 @@ from llmcore.device import require_device, resolve_device
 from llmcore.errors import ConfigError, require_positive
 from llmcore.losses import LossSums, position_losses, token_loss
 from llmcore.sft_data import read_pairs
-from llmcore.shards import open_split
+from llmcore.shards import TokenSplit, open_split
 from llmcore.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
@@ -65,13 +65,18 @@ class EvalConfig:
         return min(self.bpb_stride or max(1, block_size // 2), block_size)
 
 
+def held_out_windows(split: TokenSplit, block_size: int, config: EvalConfig) -> tuple[Batches, int]:
+    """The validation split's non-overlapping windows, and how many of the first are held out: max_tokens'
+    worth, at least one batch. ConfigError for a split shorter than one window."""
+    windows = token_windows(split, block_size, config.batch_size, 0, "validation")
+    num_batches = max(1, config.max_tokens // (block_size * config.batch_size))
+    return windows, min(windows.num_rows, num_batches * config.batch_size)
+
+
 def held_out_batches(tokens_dir: Path, block_size: int, config: EvalConfig):
     """The first max_tokens validation tokens as non-overlapping (input, target) windows."""
-    windows = token_windows(
-        open_split(tokens_dir, "validation"), block_size, config.batch_size, 0, "validation"
-    )
-    num_batches = max(1, config.max_tokens // (block_size * config.batch_size))
-    return windows.in_order(num_batches)
+    windows, count = held_out_windows(open_split(tokens_dir, "validation"), block_size, config)
+    return windows.in_order(math.ceil(count / config.batch_size))
 
 
 def window_batches(
@@ -141,9 +146,10 @@ def stream_loss(
 def held_out_streams(tokens_dir: Path, block_size: int, config: EvalConfig) -> list[torch.Tensor]:
     """The tokens of the windows of `held_out_batches`, as one stream per shard they lie in (windows do not
     cross shards): each stream's non-overlapping windows are those windows, its targets theirs."""
-    left = sum(len(x) for x, _ in held_out_batches(tokens_dir, block_size, config))  # windows
+    split = open_split(tokens_dir, "validation")
+    _, left = held_out_windows(split, block_size, config)
     streams = []
-    for shard in open_split(tokens_dir, "validation").shards:
+    for shard in split.shards:
         windows = min(left, (len(shard) - 1) // block_size)
         if windows:
             streams.append(torch.from_numpy(shard[: windows * block_size + 1].astype("int64")))

@@ -174,8 +174,8 @@ def cpu() -> Preset:
     finetune = replace(classify_train, max_steps=600, group_by_length=True)
     # Pretraining: where bf16 is native, 2480 steps in the wall time of 2000 fp32 ones. A learning rate of
     # 4e-3 lowered validation bits per byte against 2e-3 in both: 1.117 against 1.136 in bf16, 1.124
-    # against 1.141 in fp32. A context of 512 at half the rows (the same tokens a step, a
-    # step 1.11-1.15x slower, so 0.87x the steps) and windows shifted each epoch lowered it to 1.086 (bf16);
+    # against 1.141 in fp32. A context of 512 at half the rows (the same tokens a step, a step 1.11-1.15x
+    # slower, so 0.87x the steps) and windows shifted each epoch lowered it to 1.086 (bf16);
     # a context of 1024 at 4 rows with QK-norm (a step 1.12x slower again, 0.89x the steps) to 1.070, and
     # with QK-norm a learning rate of 6e-3 to 1.059, of 8e-3 to 1.049 (bf16; 1.072 in fp32's 1634 steps).
     # Without QK-norm a context of 1024 trained worse (1.113), of 2048 far worse (1.388); with it, 2048

@@ -103,7 +103,7 @@ def test_validation_batches_run_shortest_first_with_the_loss_of_storage_order(tm
 
     import torch
 
-    from llmcore.batches import Batches, sft_batches
+    from llmcore.batches import sft_batches
     from llmcore.losses import token_loss
     from llmcore.model import GPT, GPTConfig
 
@@ -112,7 +112,8 @@ def test_validation_batches_run_shortest_first_with_the_loss_of_storage_order(tm
     (tmp_path / "validation.jsonl").write_text("".join(json.dumps(p) + "\n" for p in pairs))
     (tmp_path / "manifest.json").write_text("{}")
     batches = sft_batches(tmp_path, "validation", FakeTokenizer(), max_length=300, batch_size=3, seed=0)
-    sorted_, stored = batches.in_order(3), Batches.in_order(batches, 3)  # the first 9 pairs, 3 batches
+    sorted_ = batches.in_order(3)  # the first 9 pairs, 3 batches
+    stored = [batches.stack([batches.row(i) for i in range(b, b + 3)]) for b in range(0, 9, 3)]
     assert sum(x.numel() for x, _ in sorted_) < sum(x.numel() for x, _ in stored)
     widths = [x.shape[1] for x, _ in sorted_]
     assert widths == sorted(widths)
