@@ -21,8 +21,8 @@ order; a corpus of one document holds out the tail of that document, cut at a li
 
 Ingestion streams: it reads the source twice (once to choose, once to write), a document at a time,
 so memory stays a small multiple of the largest document, not of the corpus. Both reads run in parts
-(runs of files, or of dataset rows) that local processes or Prefect tasks take; the output does not
-depend on how it was split. Table files and `hf:`
+(runs of files, or of dataset rows) that local processes, Prefect tasks or child interpreters
+(`ingest_part_in_process`) take; the output does not depend on how it was split. Table files and `hf:`
 datasets are read TABLE_BATCH_ROWS rows at a time (the dataset memory-mapped by `datasets`); in a .jsonl
 or .csv file the binary check reads only the first SNIFF_BYTES. The output folder (`train.jsonl`,
 `validation.jsonl`, `manifest.json`) is written atomically, one document at a time. It does not clean,
@@ -45,6 +45,8 @@ import platform
 import shutil
 import socket
 import stat
+import subprocess
+import sys
 import sysconfig
 import threading
 import urllib.parse
@@ -53,8 +55,7 @@ from concurrent.futures import ProcessPoolExecutor
 from contextlib import ExitStack
 from dataclasses import asdict, dataclass
 from pathlib import Path
-
-import pandas as pd
+from typing import TYPE_CHECKING
 
 from llmcore.artifacts import (
     MANIFEST,
@@ -94,6 +95,9 @@ HUB_PROBE_SECONDS = 3.0
 CONTROL_CHARACTERS = tuple(chr(c) for c in range(32) if chr(c) not in "\t\n\v\f\r") + ("\x7f",)
 
 log = logging.getLogger(__name__)
+
+if TYPE_CHECKING:  # pandas is imported where tables are read: a part of plain text files starts in 0.05 s
+    import pandas as pd
 
 
 class UnreadableFileError(Exception):
@@ -238,7 +242,7 @@ def first_line(error: BaseException) -> str:
     return (str(error).splitlines() or [type(error).__name__])[0]
 
 
-def read_table(path: Path) -> pd.DataFrame:
+def read_table(path: Path) -> "pd.DataFrame":
     """A .jsonl/.csv/.parquet file as a DataFrame with text kept verbatim; UnreadableFileError if it is
     not one."""
     return _parse_table(read_bytes(Path(path)), Path(path).suffix.lower())
@@ -247,6 +251,8 @@ def read_table(path: Path) -> pd.DataFrame:
 def _text_table(stream: io.TextIOBase, suffix: str, chunksize: int | None = None):
     """pandas' reader of a .jsonl or .csv text stream with every text kept verbatim: a DataFrame, or with
     `chunksize` an iterator of DataFrames of that many rows."""
+    import pandas as pd
+
     if suffix == ".jsonl":
         # dtype=False: pandas would otherwise turn a text value like "123" into the float 123.0.
         return pd.read_json(stream, lines=True, dtype=False, convert_dates=False, chunksize=chunksize)
@@ -254,7 +260,9 @@ def _text_table(stream: io.TextIOBase, suffix: str, chunksize: int | None = None
     return pd.read_csv(stream, dtype=str, keep_default_na=False, chunksize=chunksize)
 
 
-def _parse_table(data: bytes, suffix: str) -> pd.DataFrame:
+def _parse_table(data: bytes, suffix: str) -> "pd.DataFrame":
+    import pandas as pd
+
     try:
         if suffix == ".parquet":
             return pd.read_parquet(io.BytesIO(data))
@@ -274,7 +282,7 @@ def _parse_table(data: bytes, suffix: str) -> pd.DataFrame:
     )
 
 
-def table_columns(frame: pd.DataFrame, columns: dict[str, str], where: str) -> list[tuple[str, ...]]:
+def table_columns(frame: "pd.DataFrame", columns: dict[str, str], where: str) -> list[tuple[str, ...]]:
     """The rows of `frame` restricted to `columns` ({config field: column name}), every value as text.
 
     Missing values become "" (dropped later as empty); a missing column is a ConfigError naming the flag.
@@ -294,6 +302,8 @@ def table_columns(frame: pd.DataFrame, columns: dict[str, str], where: str) -> l
 def _as_text(value: object) -> str:
     if isinstance(value, str):
         return value
+    import pandas as pd  # after the common case: a table's text
+
     if value is None or value is pd.NA or (isinstance(value, float) and math.isnan(value)):
         return ""
     return str(value)
@@ -330,7 +340,7 @@ def _hub_unreachable() -> str | None:
 
 def load_hf_table(
     name: str, hf_config: str | None = None, hf_split: str = "train", hf_revision: str | None = None
-) -> pd.DataFrame:
+) -> "pd.DataFrame":
     """One split of a Hugging Face dataset as a DataFrame (held in memory: for small data such as
     instruction pairs; `load_hf_dataset` streams). ConfigErrors as `load_hf_dataset`."""
     return load_hf_dataset(name, hf_config, hf_split, hf_revision).to_pandas()
@@ -776,6 +786,46 @@ def ingest_part(config: CorpusConfig, part: IngestPart, phase: str, folder: Path
     return {"digests": digests, "documents": counts, "bytes": nbytes, "lone_ids": lone_ids}
 
 
+def ingest_part_in_process(config: CorpusConfig, part: IngestPart, phase: str, folder: Path) -> dict:
+    """`ingest_part` in a fresh interpreter that imports only this module, for callers that run parts on
+    threads (the flows' local runner): decoding, hashing and JSON hold the interpreter lock, so the threads
+    of one process share one core. Starting costs ~0.4 s. ConfigError for bad input, as `ingest_part`
+    raises it; RuntimeError, with the child's last line, for any other failure."""
+    request = {"config": asdict(config), "part": asdict(part), "phase": phase, "folder": str(folder)}
+    paths = [str(Path(__file__).resolve().parents[1]), os.environ.get("PYTHONPATH", "")]
+    child = subprocess.run(
+        [sys.executable, "-c", "from llmcore.corpus import _serve_part; _serve_part()"],
+        input=json.dumps(request),
+        capture_output=True,
+        text=True,
+        env=os.environ | {"PYTHONPATH": os.pathsep.join(filter(None, paths))},
+    )
+    lines = child.stderr.strip().splitlines()
+    if child.returncode == BAD_INPUT_EXIT:
+        raise ConfigError(lines[-1])
+    if child.returncode:
+        last = lines[-1] if lines else "no message"
+        raise RuntimeError(f"ingestion part {part.index} ({phase}) exited {child.returncode}: {last}")
+    for line in lines:  # warnings the part logged
+        log.warning("ingestion part %d: %s", part.index, line)
+    return json.loads(child.stdout)
+
+
+BAD_INPUT_EXIT = 2  # a part's process exits so on ConfigError, with its message as the last line
+
+
+def _serve_part() -> None:
+    """The child's side of `ingest_part_in_process`: the request as JSON on stdin, the result on stdout."""
+    request = json.load(sys.stdin)
+    try:
+        config, part = CorpusConfig(**request["config"]), IngestPart(**request["part"])
+        result = ingest_part(config, part, request["phase"], Path(request["folder"]))
+    except ConfigError as error:
+        sys.stderr.write(f"{error}\n")
+        sys.exit(BAD_INPUT_EXIT)
+    json.dump(result, sys.stdout)
+
+
 def _in_processes(config: CorpusConfig, workers: int) -> MapParts:
     """A MapParts that runs `ingest_part` in `workers` local processes (in this one when 1)."""
 
@@ -802,6 +852,8 @@ def ingest(config: CorpusConfig, out_dir: Path, workers: int = 1, map_parts: Map
     require_non_negative("workers", workers)
     workers = workers or len(os.sched_getaffinity(0))
     description, files = _resolve(config)
+    import pandas as pd
+
     versions = {"python": platform.python_version(), "pandas": pd.__version__}
     rows, digests = None, []
     if config.kind == "hf":

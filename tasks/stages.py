@@ -179,10 +179,14 @@ DATA_TASK = dict(
 
 
 @task(name="ingest-part", **DATA_TASK)
-def ingest_part(config: corpus.CorpusConfig, part: corpus.IngestPart, phase: str, folder: str) -> dict:
+def ingest_part(
+    config: corpus.CorpusConfig, part: corpus.IngestPart, phase: str, folder: str, own_process: bool = False
+) -> dict:
     """One phase (scan or write) of ingestion over one part of the source; the flow's task runner spreads
-    the parts over threads or a Ray cluster."""
-    return corpus.ingest_part(config, part, phase, Path(folder))
+    the parts over threads or a Ray cluster. With `own_process`, the part runs in a child interpreter, so
+    that parts on threads use all cores."""
+    run = corpus.ingest_part_in_process if own_process else corpus.ingest_part
+    return run(config, part, phase, Path(folder))
 
 
 def ingest_corpus(

@@ -153,6 +153,55 @@ def test_ingestion_parts_give_the_same_corpus_for_files_and_rows(data, tmp_path)
     assert _corpus_bytes(tmp_path / "hf1") == _corpus_bytes(tmp_path / "hf3")
 
 
+def test_parts_in_their_own_processes_give_the_corpus_of_one_process(data, tmp_path) -> None:
+    src = tmp_path / "src"
+    src.mkdir()
+    for path in sorted((data["root"] / "src").iterdir()):
+        (src / path.name).write_bytes(path.read_bytes())
+    (src / "notes").write_text("plain text in a file without a suffix\n" * 50)
+    (src / "zz_copy").write_bytes((src / "notes").read_bytes())  # a duplicate in a later part
+    (src / "blob").write_bytes(b"\x00\x01" * 100)
+    config, children = CorpusConfig(source=str(src)), []
+
+    def in_processes(phase: str, parts: list[corpus.IngestPart], folder: Path) -> list[dict]:
+        children.append(len(parts))
+        return [corpus.ingest_part_in_process(config, part, phase, folder) for part in parts]
+
+    one = ingest(config, tmp_path / "one")
+    apart = ingest(config, tmp_path / "apart", workers=2, map_parts=in_processes)
+    assert children == [8, 8] and one == apart  # both phases, 4 parts per worker
+    assert _corpus_bytes(tmp_path / "apart") == _corpus_bytes(tmp_path / "one")
+    assert one["counts"]["duplicates_dropped"] == 1 and one["skipped_by_reason"] == {"binary": 1}
+
+    with pytest.raises(ConfigError, match="unknown phase 'read'"):
+        corpus.ingest_part_in_process(config, corpus.IngestPart(0, 0, 1), "read", tmp_path)
+    with pytest.raises(RuntimeError, match=r"part 0 \(scan\) exited 1: FileNotFoundError: .*source_0.json"):
+        corpus.ingest_part_in_process(config, corpus.IngestPart(0, 0, 1), "scan", tmp_path / "none")
+
+
+@pytest.mark.flow
+def test_the_flow_runs_large_local_sources_parts_in_processes_with_the_same_corpus(
+    data, tmp_path, prefect_harness, monkeypatch
+) -> None:
+    from flows.runners import PROCESS_PARTS_MIN_BYTES, parts_in_processes, task_runner_for
+    from flows.stages import reading_flow
+
+    assert parts_in_processes("local", PROCESS_PARTS_MIN_BYTES)
+    assert not parts_in_processes("local", PROCESS_PARTS_MIN_BYTES - 1) and not parts_in_processes(
+        "local", None
+    )
+    assert not parts_in_processes("ray", PROCESS_PARTS_MIN_BYTES)  # Ray's tasks are processes already
+    config = CorpusConfig(source=str(data["root"] / "src"), validation_fraction=0.1)
+
+    def not_here(*args) -> dict:
+        raise AssertionError("a part ran in the flow's own process")
+
+    monkeypatch.setattr(corpus, "ingest_part", not_here)  # the child processes import their own
+    flow = reading_flow.with_options(task_runner=task_runner_for("local"))
+    state = flow(config, corpus.source_digest(config), str(tmp_path), True, return_state=True)
+    assert _corpus_bytes(state.result()) == _corpus_bytes(data["corpus"])
+
+
 @pytest.mark.ray
 def test_data_tasks_on_ray_give_the_corpus_and_shards_of_the_default_runner(
     data, tmp_path, prefect_harness
