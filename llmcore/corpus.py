@@ -499,9 +499,10 @@ def source_digest(config: CorpusConfig) -> str:
 
 def source_bytes(config: CorpusConfig) -> int | None:
     """The size of the files a local file, folder or glob source lists, as ingestion lists them (an upper
-    bound on its text); None for the stdlib and hf: sources. ConfigError for a source that is not there."""
+    bound on its text; 0 for one that cannot be read, such as a dangling link, which ingestion skips); None
+    for the stdlib and hf: sources. ConfigError for a source that is not there."""
     _, files = _resolve(config)
-    return sum(path.stat().st_size for _, path in files) if config.kind == "path" else None
+    return sum(_file_size(path) for _, path in files) if config.kind == "path" else None
 
 
 def describe_source(config: CorpusConfig) -> str:

@@ -13,6 +13,7 @@ from llmcore.corpus import (
     is_validation,
     main,
     read_documents,
+    source_bytes,
     source_digest,
 )
 from llmcore.errors import ConfigError
@@ -86,6 +87,16 @@ def test_folder_of_every_kind_gives_exact_counts(mixed: Path, tmp_path: Path) ->
         "pipe": "not_regular",
     }
     assert manifest["skipped_by_reason"] == {"binary": 1, "not_text": 2, "unreadable": 1, "not_regular": 1}
+    regular = [
+        Path(folder, name)
+        for folder, _, names in os.walk(mixed)  # links to folders are not followed, as ingestion does not
+        if ".hidden" not in Path(folder).parts
+        for name in names
+        if Path(folder, name).is_file()  # not the dangling link or the pipe
+    ]
+    assert len(regular) == 14 and source_bytes(CorpusConfig(source=str(mixed))) == sum(
+        p.stat().st_size for p in regular
+    )
     assert counts["documents_read"] == 16  # 7 text files + 5 jsonl rows + 2 csv rows + 2 parquet rows
     assert counts["empty_dropped"] == 2  # empty.txt and the jsonl null
     assert counts["duplicates_dropped"] == 2  # sub/dup.txt and the parquet copy of a.txt
