@@ -1,6 +1,7 @@
 """Training under torchrun on CPU (gloo): two ranks with half the per-rank batch train like one rank with the
-whole batch, a run resumes across world sizes and across DDP and FSDP2, ranks that disagree on their config
-stop with one line, and the pipeline's pretraining task launches torchrun and hands rank 0 its MLflow run.
+whole batch (pretraining and fine-tuning), a run resumes across world sizes and across DDP and FSDP2, ranks
+that disagree on their config stop with one line, and the pipeline's pretraining task launches torchrun
+and hands rank 0 its MLflow run.
 
 Each torchrun launch takes a few seconds (two Python processes importing torch): the launches are marked
 `distributed`; the pure checks below them are not."""
@@ -79,7 +80,9 @@ def resume_from(source: Path, out: Path, step: int) -> Path:
     return out
 
 
-def assert_same_training(reference: Path, other: Path) -> None:
+def assert_same_training(
+    reference: Path, other: Path, validation: tuple[str, ...] = ("val_loss", "val_bpb")
+) -> None:
     expected, got = step_losses(reference), step_losses(other)
     assert len(expected) == len(got) == TRAIN.max_steps
     diffs = [abs(a - b) for a, b in zip(expected, got, strict=True)]
@@ -90,7 +93,7 @@ def assert_same_training(reference: Path, other: Path) -> None:
         json.loads(max((out / "checkpoints").glob("step_*.json")).read_text())["metrics"]
         for out in (reference, other)
     ]
-    for key in ("val_loss", "val_bpb"):  # the ranks' shares of the validation pass add up to one pass
+    for key in validation:  # the ranks' shares of the validation pass add up to one pass
         assert abs(final[0][key] - final[1][key]) < LOSS_TOLERANCE, key
 
 
@@ -150,6 +153,21 @@ def test_fsdp_resumes_a_single_process_checkpoint_and_matches_it(data, one_rank,
         logging.getLogger("test"),
     )
     assert_same_training(one_rank, out)
+
+
+@pytest.mark.distributed
+def test_two_ranks_fine_tune_like_one_with_different_trained_tokens_per_rank(data, one_rank, tmp_path):
+    """Pairs train on their response tokens only, so the ranks hold different numbers of trained tokens:
+    the loss still weighs every trained token of the global batch alike, so 2 ranks of 2 rows train like
+    1 rank of 4."""
+    from llmcore.finetune import finetune
+
+    base = str(one_rank / "model.pt")
+    finetune(Path(base), data["tokenizer"], data["sft"], TRAIN, tmp_path / "one")
+    launch = LaunchConfig(nproc_per_node=2)
+    args = (str(data["tokenizer"]), str(data["sft"]), TRAIN, tmp_path / "two", None, None)
+    launcher.finetune(launch, base, *args, logging.getLogger("test"))
+    assert_same_training(tmp_path / "one", tmp_path / "two", validation=("val_loss",))
 
 
 def _free_port() -> int:
