@@ -2,7 +2,7 @@
 
 `local` is Prefect's ThreadPoolTaskRunner with a thread per core. Sentencepiece encodes each part on all
 cores itself; ingestion's parts hold Python's interpreter lock (decoding, hashing, JSON), so for a large
-local source each part runs in a child interpreter of its own (`parts_in_processes`). Prefect's
+local source each part runs in a child interpreter of its own (`parts_in_children`). Prefect's
 ProcessPoolTaskRunner is not used: it spawns interpreters that import Prefect again, which cost more than
 the encoding (the stdlib's 12 MB: 70-78 s against 10-11 s on this project's 2-core machine). `ray` is
 prefect-ray's RayTaskRunner, a process per task across a cluster, at `--ray-address` (`ray://host:10001`
@@ -22,7 +22,7 @@ RunnerName = Literal["local", "ray"]
 # The `corpus-reading` subflow on 2 cores, threads against a process per part (0.1 s to start each): 1.1 s
 # against 2.1 s for 10 MB of text, 2.1 s both for 40 MB, 5.1 s against 4.1 s for 100 MB, 10.1-11.1 s
 # against 6.1 s for 239 MB (README, "Corpora larger than memory").
-PROCESS_PARTS_MIN_BYTES = 64 << 20
+CHILD_PARTS_MIN_BYTES = 64 << 20
 
 
 def local_cores() -> int:
@@ -30,10 +30,10 @@ def local_cores() -> int:
     return len(os.sched_getaffinity(0))
 
 
-def parts_in_processes(name: str, source_bytes: int | None) -> bool:
+def parts_in_children(name: str, source_bytes: int | None) -> bool:
     """Whether ingestion's parts each run in a child process of their own: on the local runner's threads,
-    for a local source of at least PROCESS_PARTS_MIN_BYTES (Ray's tasks are processes already)."""
-    return name == "local" and (source_bytes or 0) >= PROCESS_PARTS_MIN_BYTES
+    for a local source of at least CHILD_PARTS_MIN_BYTES (Ray's tasks are processes already)."""
+    return name == "local" and (source_bytes or 0) >= CHILD_PARTS_MIN_BYTES
 
 
 def task_runner_for(name: str, ray_address: str | None = None, ray_init: dict | None = None) -> TaskRunner:

@@ -18,7 +18,7 @@ from typing import Any
 from prefect import flow, unmapped
 from prefect.runtime import flow_run
 
-from flows.runners import RunnerName, parts_in_processes, task_runner_for
+from flows.runners import RunnerName, parts_in_children, task_runner_for
 from llmcore.adapters import AdapterConfig
 from llmcore.artifacts import is_finished, json_digest
 from llmcore.completions import PromptConfig
@@ -84,23 +84,23 @@ def corpus_flow(
     folder."""
     runner = task_runner_for(task_runner, ray_address)  # a bad choice fails before any work
     with mlflow_run(experiment, stage_run_name(), parent_run_id, _tags()) as run_id:
-        digest, own_processes = source_digest(config), parts_in_processes(task_runner, source_bytes(config))
-        corpus_dir = reading_flow.with_options(task_runner=runner)(config, digest, runs_dir, own_processes)
+        digest, in_children = source_digest(config), parts_in_children(task_runner, source_bytes(config))
+        corpus_dir = reading_flow.with_options(task_runner=runner)(config, digest, runs_dir, in_children)
         stages.log_corpus(corpus_dir, config, run_id)
         return corpus_dir
 
 
 @flow(name="corpus-reading", flow_run_name=stage_run_name)
 def reading_flow(
-    config: CorpusConfig, source_digest: str, runs_dir: str = RUNS_DIR, own_processes: bool = False
+    config: CorpusConfig, source_digest: str, runs_dir: str = RUNS_DIR, in_children: bool = False
 ) -> str:
     """Ingest the source: one `ingest-part` task per part of it, mapped on this flow's task runner
     (`flows.runners`) to scan the parts, then again to write them, each part in a child process of its
-    own with `own_processes`; returns the corpus folder."""
+    own with `in_children`; returns the corpus folder."""
 
     def map_parts(phase: str, parts: list[IngestPart], folder: Path) -> list[dict]:
         futures = stages.ingest_part.map(
-            unmapped(config), parts, unmapped(phase), unmapped(str(folder)), unmapped(own_processes)
+            unmapped(config), parts, unmapped(phase), unmapped(str(folder)), unmapped(in_children)
         )
         futures.wait()  # every part done before a failure removes the folder they write in
         return futures.result()

@@ -22,7 +22,7 @@ order; a corpus of one document holds out the tail of that document, cut at a li
 Ingestion streams: it reads the source twice (once to choose, once to write), a document at a time,
 so memory stays a small multiple of the largest document, not of the corpus. Both reads run in parts
 (runs of files, or of dataset rows) that local processes, Prefect tasks or child interpreters
-(`ingest_part_in_process`) take; the output does not depend on how it was split. Table files and `hf:`
+(`ingest_part_in_child`) take; the output does not depend on how it was split. Table files and `hf:`
 datasets are read TABLE_BATCH_ROWS rows at a time (the dataset memory-mapped by `datasets`); in a .jsonl
 or .csv file the binary check reads only the first SNIFF_BYTES. The output folder (`train.jsonl`,
 `validation.jsonl`, `manifest.json`) is written atomically, one document at a time. It does not clean,
@@ -96,7 +96,7 @@ CONTROL_CHARACTERS = tuple(chr(c) for c in range(32) if chr(c) not in "\t\n\v\f\
 
 log = logging.getLogger(__name__)
 
-if TYPE_CHECKING:  # pandas is imported where tables are read: a part of plain text files starts in 0.05 s
+if TYPE_CHECKING:  # pandas is imported where tables are read: a child reading text starts in ~0.1 s
     import pandas as pd
 
 
@@ -457,7 +457,7 @@ def _resolve(config: CorpusConfig) -> tuple[str, list[tuple[str, Path]]]:
         if not root.exists():
             raise ConfigError(f"corpus path {config.source} does not exist: {SOURCE_HINT}")
         if not root.is_dir():
-            return f"file {config.source}", [(root.name, root)]
+            return f"file {config.source}", [(_printable(root.name), root)]
         files = list(_visible_files(root))
         description = f"folder {config.source} ({len(files)} files)"
     if not files:
@@ -468,7 +468,13 @@ def _resolve(config: CorpusConfig) -> tuple[str, list[tuple[str, Path]]]:
 
 
 def _relative(root: Path, files: list[Path]) -> list[tuple[str, Path]]:
-    return sorted((Path(os.path.relpath(p, root)).as_posix(), p) for p in files)
+    return sorted((_printable(Path(os.path.relpath(p, root)).as_posix()), p) for p in files)
+
+
+def _printable(name: str) -> str:
+    """A file name as valid text, for a document's source: bytes of it that are not UTF-8 (which Python
+    keeps as lone surrogates, which no UTF-8 file can hold) written as \\xNN."""
+    return name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
 
 
 def _source_digest(config: CorpusConfig, file_digests: list[tuple[str, str]]) -> str:
@@ -787,44 +793,68 @@ def ingest_part(config: CorpusConfig, part: IngestPart, phase: str, folder: Path
     return {"digests": digests, "documents": counts, "bytes": nbytes, "lone_ids": lone_ids}
 
 
-def ingest_part_in_process(config: CorpusConfig, part: IngestPart, phase: str, folder: Path) -> dict:
-    """`ingest_part` in a fresh interpreter that imports only this module, for callers that run parts on
-    threads (the flows' local runner): decoding, hashing and JSON hold the interpreter lock, so the threads
-    of one process share one core. Starting costs ~0.4 s. ConfigError for bad input, as `ingest_part`
-    raises it; RuntimeError, with the child's last line, for any other failure."""
+def ingest_part_in_child(config: CorpusConfig, part: IngestPart, phase: str, folder: Path) -> dict:
+    """`ingest_part` in a child interpreter that imports only this module (~0.1 s to start), for callers that
+    run parts on threads (the flows' local runner): decoding, hashing and JSON hold the interpreter lock, so
+    the threads of one process share one core. The child imports from this process's `sys.path`, not from
+    its working folder. Raises what `ingest_part` raised there: a ConfigError, or an OSError with its errno
+    (so a transient one is retried); RuntimeError for another error, or a child that died."""
     request = {"config": asdict(config), "part": asdict(part), "phase": phase, "folder": str(folder)}
-    paths = [str(Path(__file__).resolve().parents[1]), os.environ.get("PYTHONPATH", "")]
     child = subprocess.run(
-        [sys.executable, "-c", "from llmcore.corpus import _serve_part; _serve_part()"],
+        [sys.executable, "-P", "-c", _CHILD, json.dumps(sys.path)],
         input=json.dumps(request),
         capture_output=True,
-        text=True,
-        env=os.environ | {"PYTHONPATH": os.pathsep.join(filter(None, paths))},
+        encoding="utf-8",
+        errors="backslashreplace",
+        env=os.environ | {"PYTHONIOENCODING": "utf-8"},
     )
-    lines = child.stderr.strip().splitlines()
-    if child.returncode == BAD_INPUT_EXIT:
-        raise ConfigError(lines[-1])
-    if child.returncode:
-        last = lines[-1] if lines else "no message"
-        raise RuntimeError(f"ingestion part {part.index} ({phase}) exited {child.returncode}: {last}")
-    for line in lines:  # warnings the part logged
+    for line in child.stderr.splitlines():  # what the part logged
         log.warning("ingestion part %d: %s", part.index, line)
-    return json.loads(child.stdout)
+    where = f"ingestion part {part.index} ({phase})"
+    try:
+        reply = json.loads(child.stdout)
+    except ValueError:
+        last = (child.stderr.strip().splitlines() or ["no message"])[-1]
+        raise RuntimeError(f"{where} exited {child.returncode}: {last}") from None
+    if "result" in reply:
+        return reply["result"]
+    error = reply["error"]
+    if error["type"] == "ConfigError":
+        raise ConfigError(error["message"])
+    if error["type"] == "OSError":
+        raise OSError(error["errno"], error["message"], error["filename"])
+    raise RuntimeError(f"{where}: {error['type']}: {error['message']}")
 
 
-BAD_INPUT_EXIT = 2  # a part's process exits so on ConfigError, with its message as the last line
+# The child's command line: the caller's sys.path (its argument, as JSON), then the request on stdin.
+_CHILD = (
+    "import json, sys; sys.path[:] = json.loads(sys.argv[1]); import llmcore.corpus as c; c._serve_part()"
+)
 
 
 def _serve_part() -> None:
-    """The child's side of `ingest_part_in_process`: the request as JSON on stdin, the result on stdout."""
+    """The child's side of `ingest_part_in_child`: the request as JSON on stdin; on stdout the result, or
+    the error, as JSON. Anything the part prints goes to stderr."""
+    reply, sys.stdout = sys.stdout, sys.stderr
     request = json.load(sys.stdin)
     try:
         config, part = CorpusConfig(**request["config"]), IngestPart(**request["part"])
-        result = ingest_part(config, part, request["phase"], Path(request["folder"]))
+        answer = {"result": ingest_part(config, part, request["phase"], Path(request["folder"]))}
     except ConfigError as error:
-        sys.stderr.write(f"{error}\n")
-        sys.exit(BAD_INPUT_EXIT)
-    json.dump(result, sys.stdout)
+        answer = {"error": {"type": "ConfigError", "message": str(error)}}
+    except OSError as error:
+        filename = None if error.filename is None else str(error.filename)
+        answer = {
+            "error": {
+                "type": "OSError",
+                "errno": error.errno,
+                "message": error.strerror,
+                "filename": filename,
+            }
+        }
+    except Exception as error:
+        answer = {"error": {"type": type(error).__name__, "message": str(error)}}
+    json.dump(answer, reply)
 
 
 def _in_processes(config: CorpusConfig, workers: int) -> MapParts:

@@ -180,12 +180,12 @@ DATA_TASK = dict(
 
 @task(name="ingest-part", **DATA_TASK)
 def ingest_part(
-    config: corpus.CorpusConfig, part: corpus.IngestPart, phase: str, folder: str, own_process: bool = False
+    config: corpus.CorpusConfig, part: corpus.IngestPart, phase: str, folder: str, in_child: bool = False
 ) -> dict:
     """One phase (scan or write) of ingestion over one part of the source; the flow's task runner spreads
-    the parts over threads or a Ray cluster. With `own_process`, the part runs in a child interpreter, so
+    the parts over threads or a Ray cluster. With `in_child`, the part runs in a child interpreter, so
     that parts on threads use all cores."""
-    run = corpus.ingest_part_in_process if own_process else corpus.ingest_part
+    run = corpus.ingest_part_in_child if in_child else corpus.ingest_part
     return run(config, part, phase, Path(folder))
 
 

@@ -128,6 +128,20 @@ def test_glob_takes_matching_files_only(tmp_path: Path) -> None:
     assert describe_source(CorpusConfig(source=pattern)).endswith("(30 files)")
 
 
+def test_a_file_name_that_is_not_utf8_is_ingested_under_a_printable_name(tmp_path: Path) -> None:
+    folder = tmp_path / "names"
+    folder.mkdir()
+    (folder / "plain.txt").write_text("ordinary text in an ordinary name\n" * 20)
+    with open(os.path.join(os.fsencode(folder), b"caf\xe9 notes"), "w") as f:  # Latin-1 bytes in the name
+        f.write("text whose file name is not UTF-8\n" * 20)
+    for source in (folder, os.fsdecode(os.path.join(os.fsencode(folder), b"caf\xe9 notes"))):
+        out = tmp_path / f"out-{len(str(source))}"
+        manifest = ingest(CorpusConfig(source=str(source)), out)
+        assert manifest["counts"]["skipped_files"] == 0
+        names = {d["source"] for split in all_documents(out).values() for d in split}
+        assert "caf\\xe9 notes" in names
+
+
 def test_hf_dataset_saved_to_disk(tmp_path: Path) -> None:
     datasets = pytest.importorskip("datasets")
     texts = [f"hf document {i}" for i in range(30)]

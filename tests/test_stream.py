@@ -1,7 +1,10 @@
 """Data past one machine's memory and cores: ingestion reads tables in record batches; ingestion and
 encoding run in parts whose output is the same bytes however many parts there are and wherever they ran
-(one process, local processes, Prefect tasks on threads, Prefect tasks on a two-CPU Ray)."""
+(one process, local processes, child interpreters, Prefect tasks on threads, Prefect tasks on a two-CPU
+Ray)."""
 
+import errno
+import json
 import sysconfig
 import tracemalloc
 from pathlib import Path
@@ -153,44 +156,76 @@ def test_ingestion_parts_give_the_same_corpus_for_files_and_rows(data, tmp_path)
     assert _corpus_bytes(tmp_path / "hf1") == _corpus_bytes(tmp_path / "hf3")
 
 
-def test_parts_in_their_own_processes_give_the_corpus_of_one_process(data, tmp_path) -> None:
+def test_parts_in_children_give_the_corpus_of_one_process(data, tmp_path) -> None:
     src = tmp_path / "src"
     src.mkdir()
     for path in sorted((data["root"] / "src").iterdir()):
         (src / path.name).write_bytes(path.read_bytes())
     (src / "notes").write_text("plain text in a file without a suffix\n" * 50)
     (src / "zz_copy").write_bytes((src / "notes").read_bytes())  # a duplicate in a later part
+    (src / "café").write_text("non-ASCII name, text: naïve déjà vu\n" * 20, encoding="utf-8")
     (src / "blob").write_bytes(b"\x00\x01" * 100)
     config, children = CorpusConfig(source=str(src)), []
 
-    def in_processes(phase: str, parts: list[corpus.IngestPart], folder: Path) -> list[dict]:
+    def in_children(phase: str, parts: list[corpus.IngestPart], folder: Path) -> list[dict]:
         children.append(len(parts))
-        return [corpus.ingest_part_in_process(config, part, phase, folder) for part in parts]
+        return [corpus.ingest_part_in_child(config, part, phase, folder) for part in parts]
 
     one = ingest(config, tmp_path / "one")
-    apart = ingest(config, tmp_path / "apart", workers=2, map_parts=in_processes)
+    apart = ingest(config, tmp_path / "apart", workers=2, map_parts=in_children)
     assert children == [8, 8] and one == apart  # both phases, 4 parts per worker
     assert _corpus_bytes(tmp_path / "apart") == _corpus_bytes(tmp_path / "one")
     assert one["counts"]["duplicates_dropped"] == 1 and one["skipped_by_reason"] == {"binary": 1}
+    assert "café" in {
+        doc["source"]
+        for split in ("train", "validation")
+        for doc in read_documents(tmp_path / "apart", split)
+    }
 
+
+def test_a_part_in_a_child_raises_what_it_raised_there(data, tmp_path, monkeypatch, caplog) -> None:
+    config, part = CorpusConfig(source=str(data["root"] / "src")), corpus.IngestPart(0, 0, 1)
     with pytest.raises(ConfigError, match="unknown phase 'read'"):
-        corpus.ingest_part_in_process(config, corpus.IngestPart(0, 0, 1), "read", tmp_path)
-    with pytest.raises(RuntimeError, match=r"part 0 \(scan\) exited 1: FileNotFoundError: .*source_0.json"):
-        corpus.ingest_part_in_process(config, corpus.IngestPart(0, 0, 1), "scan", tmp_path / "none")
+        corpus.ingest_part_in_child(config, part, "read", tmp_path)
+    with pytest.raises(FileNotFoundError, match="source_0.json"):  # permanent: not retried
+        corpus.ingest_part_in_child(config, part, "scan", tmp_path / "none")
+
+    (tmp_path / "parts").mkdir()
+    (tmp_path / "parts" / "source_0.json").write_text(
+        json.dumps({"files": [["a.py", str(data["root"] / "src" / "abc.py")]], "rows": None})
+    )
+    flaky = "\n".join(  # the child's reads fail with EIO, after a library printed to stdout
+        [
+            "import errno, json, sys",
+            "sys.path[:] = json.loads(sys.argv[1])",
+            "import llmcore.corpus as c",
+            "def fails(path):",
+            "    print('a library talking on stdout')",
+            "    raise OSError(errno.EIO, 'Input/output error', str(path))",
+            "c.read_bytes = fails",
+            "c._serve_part()",
+        ]
+    )
+    monkeypatch.setattr(corpus, "_CHILD", flaky)
+    with pytest.raises(OSError, match="Input/output error") as raised:  # transient: retried
+        corpus.ingest_part_in_child(config, part, "scan", tmp_path / "parts")
+    assert raised.value.errno == errno.EIO and "a library talking on stdout" in caplog.text
+
+    monkeypatch.setattr(corpus, "_CHILD", "import os; os._exit(3)")  # killed, say, by the kernel
+    with pytest.raises(RuntimeError, match=r"ingestion part 0 \(scan\) exited 3: no message"):
+        corpus.ingest_part_in_child(config, part, "scan", tmp_path / "parts")
 
 
 @pytest.mark.flow
-def test_the_flow_runs_large_local_sources_parts_in_processes_with_the_same_corpus(
+def test_the_flow_runs_large_local_sources_parts_in_children_with_the_same_corpus(
     data, tmp_path, prefect_harness, monkeypatch
 ) -> None:
-    from flows.runners import PROCESS_PARTS_MIN_BYTES, parts_in_processes, task_runner_for
+    from flows.runners import CHILD_PARTS_MIN_BYTES, parts_in_children, task_runner_for
     from flows.stages import reading_flow
 
-    assert parts_in_processes("local", PROCESS_PARTS_MIN_BYTES)
-    assert not parts_in_processes("local", PROCESS_PARTS_MIN_BYTES - 1) and not parts_in_processes(
-        "local", None
-    )
-    assert not parts_in_processes("ray", PROCESS_PARTS_MIN_BYTES)  # Ray's tasks are processes already
+    assert parts_in_children("local", CHILD_PARTS_MIN_BYTES)
+    assert not parts_in_children("local", CHILD_PARTS_MIN_BYTES - 1) and not parts_in_children("local", None)
+    assert not parts_in_children("ray", CHILD_PARTS_MIN_BYTES)  # Ray's tasks are processes already
     config = CorpusConfig(source=str(data["root"] / "src"), validation_fraction=0.1)
 
     def not_here(*args) -> dict:
