@@ -19,6 +19,7 @@ import io
 import json
 import logging
 import os
+import random
 import re
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -52,6 +53,7 @@ _TOO_HIGH = re.compile(r"Vocabulary size too high \(\d+\)\. Please set it to a v
 # Training "sentences" are chunks of whole lines up to this many UTF-8 bytes: sentencepiece silently drops
 # longer ones (max_sentence_length), and pieces cannot span two sentences.
 CHUNK_BYTES = 4096
+SAMPLE_SEED = 0  # which chunks a corpus larger than max_training_sentences trains the tokenizer on
 ENCODE_CHARS = 1 << 16  # longest piece of a document encoded at once (see _DocumentEncoder)
 _SPACE = "\u2581"  # "▁", sentencepiece's stand-in for a space
 log = logging.getLogger(__name__)
@@ -68,7 +70,7 @@ _TRAINER_OPTIONS = dict(
     split_by_unicode_script=False,  # "self." mixes Latin and Common script; splitting them costs 7%
     split_digits=True,  # numbers as digit sequences, as LLaMA does; costs 3% bytes/token on code
     max_sentence_length=CHUNK_BYTES,
-    shuffle_input_sentence=True,  # sample uniformly when the corpus exceeds input_sentence_size
+    shuffle_input_sentence=True,  # as the presets were measured with (the tokenizers differ without it)
     unk_id=0,
     bos_id=-1,  # documents are delimited by our own EOT control symbol instead
     eos_id=-1,
@@ -84,8 +86,8 @@ class TokenizerConfig:
 
     vocab_size: int = 4096  # pieces in total, including 256 byte pieces, <unk> and the 4 control symbols
     model_type: str = "bpe"  # "bpe" (seconds on 10 MB) or "unigram" (minutes on 10 MB, 5x faster to encode)
-    max_training_sentences: int = 20_000  # sentencepiece input_sentence_size, counted in chunks of up to
-    # CHUNK_BYTES: at most ~80 MB of text is sampled, the same budget as 2M lines of code
+    max_training_sentences: int = 20_000  # chunks of up to CHUNK_BYTES trained on, sampled by SAMPLE_SEED
+    # from a corpus of more: at most ~80 MB of text, the same budget as 2M lines of code
     num_threads: int = 0  # training threads; 0 = all cores (os.cpu_count())
     fit_vocab_to_corpus: bool = False  # a corpus too small for vocab_size trains the largest multiple of
     # VOCAB_MULTIPLE it can fill (logged; the manifest's vocab_size says which) instead of failing
@@ -336,11 +338,21 @@ def train_tokenizer(corpus_dir: Path, out_dir: Path, config: TokenizerConfig) ->
             f"pass a larger corpus or a smaller --vocab-size"
         )
 
+    # A corpus of more chunks than the budget is sampled here, by seed: sentencepiece's own sampling gives
+    # another tokenizer in every process, even after spm.set_random_generator_seed (measured, 0.2.3).
+    chunks = sum(1 for text in _texts(corpus_dir, "train") for _ in _training_chunks(text))
+    budget = config.max_training_sentences
+    kept = set(random.Random(SAMPLE_SEED).sample(range(chunks), budget)) if chunks > budget else None
+
     def sentences() -> Iterator[str]:
+        index = 0
         for text in _texts(corpus_dir, "train"):
             seen_by_trainer["bytes"] += len(text.encode())
             seen_by_trainer["documents"] += 1
-            yield from _training_chunks(text)
+            for chunk in _training_chunks(text):
+                if kept is None or index in kept:
+                    yield chunk
+                index += 1
 
     vocab_size = config.vocab_size
     start = time.perf_counter()

@@ -3,6 +3,8 @@ import hashlib
 import inspect
 import json
 import random
+import subprocess
+import sys
 import textwrap
 from dataclasses import replace
 
@@ -199,6 +201,20 @@ def test_manifest_records_provenance_and_training_is_deterministic(trained, tmp_
     assert manifest["config"]["vocab_size"] == 1024 and manifest["sentencepiece_version"]
     again = train_tokenizer(corpus, tmp_path / "again", TokenizerConfig(vocab_size=1024, num_threads=2))
     assert again["tokenizer_digest"] == manifest["tokenizer_digest"]
+
+
+def test_a_corpus_over_the_sentence_budget_trains_the_same_tokenizer_in_every_process(tmp_path):
+    docs = [f"# copy {copy}\n{text}" for copy in range(3) for text in source_documents()]
+    corpus = write_corpus(tmp_path / "corpus", docs, ["print('held out')\n"])
+    assert sum(1 for text in docs for _ in tokenizer_module._training_chunks(text)) > 150
+    config = TokenizerConfig(vocab_size=512, max_training_sentences=101, num_threads=1)  # the least allowed
+    here = train_tokenizer(corpus, tmp_path / "here", config)
+    for name in ("there", "elsewhere"):  # sentencepiece's own sampling differed from process to process
+        flags = ["--vocab-size", "512", "--max-training-sentences", "101", "--num-threads", "1"]
+        command = ["-m", "llmcore.tokenizer", "train", "--corpus", str(corpus), "--out", str(tmp_path / name)]
+        subprocess.run([sys.executable, *command, *flags], capture_output=True, check=True)
+        manifest = json.loads((tmp_path / name / "manifest.json").read_text())
+        assert manifest["tokenizer_digest"] == here["tokenizer_digest"]
 
 
 @pytest.mark.parametrize(
