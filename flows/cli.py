@@ -211,8 +211,16 @@ def run_command(body: Callable[[], None], runs_dir: str, debug: bool) -> None:
         console.failed = True
         if debug:
             traceback.print_exception(error)
-        print(f"error: {line}", file=sys.stderr)
+        print(f"error: {line}", file=sys.stderr, flush=True)
+        _stderr_to(log_file if log_file.exists() else Path(os.devnull))
         raise SystemExit(status) from None
+
+
+def _stderr_to(path: Path) -> None:
+    """Send this process's stderr to `path` from here on, so that the error line stays the last one: as
+    they stop at exit, Prefect's threads can print a cancelled task's trace (CancelledError)."""
+    with open(path, "a", encoding="utf-8") as target:
+        os.dup2(target.fileno(), sys.stderr.fileno())
 
 
 def require_tracking_server(timeout: float = 5.0) -> None:
