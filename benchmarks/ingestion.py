@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from benchmarks import Result, interleaved
+from llmcore.environment import environ_copy
 
 _WORKER = """
 import json, os, sys, time
@@ -73,7 +74,7 @@ def run(bench: IngestionBench) -> list[Result]:
 
     cores = len(os.sched_getaffinity(0))
     env = {
-        **os.environ,
+        **environ_copy(),
         "PYTHONPATH": os.pathsep.join(
             filter(None, [str(Path(__file__).parents[1]), os.environ.get("PYTHONPATH")])
         ),

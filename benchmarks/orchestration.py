@@ -20,6 +20,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from benchmarks import Result, interleaved
+from llmcore.environment import environ_copy
 
 ROOT = Path(__file__).parents[1]
 
@@ -98,7 +99,7 @@ def direct(runs: Path, max_steps: int, finetune_steps: int) -> None:
 def _run(command: list[str], scratch: Path) -> None:
     with tempfile.TemporaryDirectory(dir=scratch) as tmp:
         env = {
-            **os.environ,
+            **environ_copy(),
             "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
             "PREFECT_HOME": f"{tmp}/prefect",
             "PREFECT_RESULTS_LOCAL_STORAGE_PATH": f"{tmp}/prefect-results",

@@ -89,7 +89,8 @@ class Prefetcher:
     position stays a batch index, and resume stays exact); an error reading it is raised by `get(i)`.
     `pin_memory` pins each batch so that its copy to CUDA can be non-blocking; `part` keeps one process's
     rows of each batch (`Batches.get`). The thread stops on
-    `close()` or when the prefetcher is garbage-collected (a training loop that raised)."""
+    `close()` or when the prefetcher is garbage-collected (a training loop that raised). While it runs,
+    the thread is the only reader of `batches` (whose epoch order is cached state, not safe to share)."""
 
     def __init__(
         self,

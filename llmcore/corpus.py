@@ -66,6 +66,7 @@ from llmcore.artifacts import (
     read_json,
 )
 from llmcore.cli import add_config_flags
+from llmcore.environment import environ_copy
 from llmcore.errors import (
     ConfigError,
     flag,
@@ -806,7 +807,7 @@ def ingest_part_in_child(config: CorpusConfig, part: IngestPart, phase: str, fol
         capture_output=True,
         encoding="utf-8",
         errors="backslashreplace",
-        env=os.environ | {"PYTHONIOENCODING": "utf-8"},
+        env=environ_copy(PYTHONIOENCODING="utf-8"),
     )
     for line in child.stderr.splitlines():  # what the part logged
         log.warning("ingestion part %d: %s", part.index, line)

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from llmcore.distributed import env_rank
+from llmcore.environment import environ_copy
 
 log = logging.getLogger("llmcore.tracking")
 
@@ -103,9 +104,10 @@ class MlflowTracker:
             _OPEN[run_id].append(self)
 
     def log_params(self, params: Mapping[str, Any]) -> None:
+        secrets = secret_values()
         for key, value in flatten(params).items():
             if value is not None:
-                self._put(("param", key, scrub(self._relative(value))[:6000]))
+                self._put(("param", key, scrub(self._relative(value), secrets)[:6000]))
 
     def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
         now = int(time.time() * 1000)
@@ -134,7 +136,8 @@ class MlflowTracker:
             if self in _OPEN.get(self.run_id, []):
                 _OPEN[self.run_id].remove(self)
         if left:
-            self._spill(left)
+            with self._cond:  # a sender still inside a request past the deadline may spill a refused batch
+                self._spill(left)
         if self.undelivered:
             log.warning(
                 "%d tracking records of run %s could not be sent to MLflow (last error: %s); written to %s",
@@ -154,6 +157,10 @@ class MlflowTracker:
         return text
 
     def _put(self, op: tuple) -> None:
+        # What the sender thread reads is only this queue of tuples of strings and numbers, built in the
+        # caller's thread (params flattened, values converted, secrets taken from one copy of the
+        # environment), so nothing the caller changes later reaches it; the queue, the in-flight batch,
+        # the fallback file and its count are touched under self._cond.
         with self._cond:
             if self._give_up.is_set():
                 self._spill([op])
@@ -295,11 +302,16 @@ def close_trackers(run_id: str, timeout: float = 30.0) -> int:
     return sum(tracker.close(timeout) for tracker in trackers)
 
 
-def scrub(text: str) -> str:
-    """`text` with the value of every secret-looking environment variable masked."""
-    for name, value in os.environ.items():
-        if len(value) >= 6 and _SECRET_NAME.search(name) and value in text:
-            text = text.replace(value, "***")
+def secret_values() -> list[str]:
+    """The values of the secret-looking environment variables (of 6 characters or more), from one copy of
+    the environment: other threads (MLflow's telemetry) change it while params are logged."""
+    return [v for k, v in environ_copy().items() if len(v) >= 6 and _SECRET_NAME.search(k)]
+
+
+def scrub(text: str, secrets: Sequence[str] | None = None) -> str:
+    """`text` with every secret value masked: `secrets`, or by default the environment's `secret_values()`."""
+    for value in secret_values() if secrets is None else secrets:
+        text = text.replace(value, "***")
     return text
 
 

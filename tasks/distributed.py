@@ -13,7 +13,6 @@ This module does not choose output folders or log results; tasks/stages.py does.
 """
 
 import logging
-import os
 import re
 import shlex
 import subprocess
@@ -26,6 +25,7 @@ from llmcore.adapters import AdapterConfig
 from llmcore.artifacts import MANIFEST, read_json
 from llmcore.cli import to_flags
 from llmcore.distributed import LaunchConfig, torchrun_command
+from llmcore.environment import environ_copy
 from llmcore.errors import ConfigError
 from llmcore.model import GPTConfig
 from llmcore.train import TrainConfig
@@ -61,7 +61,7 @@ def launch(
     called for each training progress line. Raises ConfigError when a rank refused its input (exit 2 with
     an argparse error line), TorchrunFailed on any other failure."""
     command = torchrun_command(config, module, args, sys.executable)
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    env = environ_copy(PYTHONUNBUFFERED="1")
     if run_id:
         import mlflow
 

@@ -30,7 +30,7 @@ from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
 from llmcore.artifacts import atomic_write_json, file_digest, json_digest, read_json
-from llmcore.tracking import close_trackers, scrub
+from llmcore.tracking import close_trackers, scrub, secret_values
 
 MLRUNS = Path("mlruns")
 PRODUCER = "mlflow_run.json"  # beside a stage folder's manifest: the MLflow run that produced the folder
@@ -42,9 +42,9 @@ def _local_store_uri() -> str:
     return f"sqlite:///{MLRUNS.resolve() / 'mlflow.db'}"
 
 
-_local_choice: str | None = (
-    None  # the local store this process chose last (MLflow copies it into the environment)
-)
+# The local store this process chose last (MLflow copies it into the environment). Task threads may set it
+# at once: each sets the same value, the store of the process's one working folder.
+_local_choice: str | None = None
 
 
 def configure_tracking() -> str:
@@ -163,7 +163,8 @@ def mlflow_run(
     client = MlflowClient()
     if parent_run_id is None:
         close_ghost_runs(exp)
-    all_tags = {k: scrub(str(v)) for k, v in (run_tags() | dict(tags or {})).items()}
+    secrets = secret_values()
+    all_tags = {k: scrub(str(v), secrets) for k, v in (run_tags() | dict(tags or {})).items()}
     if parent_run_id:
         all_tags["mlflow.parentRunId"] = parent_run_id
     run = client.create_run(exp, run_name=name, tags=all_tags)

@@ -24,6 +24,7 @@ import torch
 from flows.cli import explain
 from flows.pipeline import PipelineParams
 from llmcore.corpus import CorpusConfig, ingest
+from llmcore.environment import environ_copy
 from llmcore.errors import ConfigError
 from llmcore.memory import require_fits, training_bytes
 from llmcore.model import GPT, GPTConfig
@@ -53,7 +54,7 @@ def small_corpus(tmp_path_factory) -> Path:
 def command(
     module: str, *args: str, cwd: Path, prefect_home: Path, **env: str
 ) -> subprocess.CompletedProcess:
-    environ = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "PREFECT_API"))}
+    environ = {k: v for k, v in environ_copy().items() if not k.startswith(("MLFLOW_", "PREFECT_API"))}
     # a fresh Prefect home migrates its database on the first start: slow on a loaded machine
     environ.update(
         PYTHONPATH=str(ROOT),
@@ -227,7 +228,7 @@ def test_sigterm_during_training_is_one_line_and_leaves_no_server(tmp_path, toke
     import time
 
     tok, tokens = token_folders
-    environ = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "PREFECT_API"))}
+    environ = {k: v for k, v in environ_copy().items() if not k.startswith(("MLFLOW_", "PREFECT_API"))}
     environ.update(
         PYTHONPATH=str(ROOT),
         PREFECT_HOME=str(prefect_home),
@@ -344,7 +345,7 @@ def test_memory_estimate_bounds_the_measured_peak_of_real_training_steps(config)
         capture_output=True,
         text=True,
         timeout=300,
-        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        env=environ_copy(PYTHONPATH=str(ROOT)),
         check=False,
     )
     assert done.returncode == 0, done.stderr[-2000:]

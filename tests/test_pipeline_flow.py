@@ -8,6 +8,8 @@ from pathlib import Path
 
 import pytest
 
+from llmcore.environment import environ_copy
+
 pytestmark = pytest.mark.flow
 
 STAGES = ("corpus", "tokenizer", "pretrain", "finetune", "classify", "evaluate", "sample")
@@ -409,11 +411,10 @@ def test_compare_tables_the_experiment_and_plots_bits_per_byte_against_tokens(pi
 
 @pytest.mark.cli
 def test_a_model_uri_that_does_not_exist_is_one_line_naming_what_does(pipeline_run):
-    import os
 
     workdir, _, _, _ = pipeline_run
     environment = {
-        **os.environ,
+        **environ_copy(),
         "PYTHONPATH": str(Path(__file__).parents[1]),
         "MLFLOW_TRACKING_URI": f"sqlite:///{workdir / 'mlruns' / 'mlflow.db'}",
     }

@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pytest
 
+from llmcore.environment import environ_copy
+
 pytestmark = pytest.mark.servers
 
 ROOT = Path(__file__).parents[1]
@@ -28,7 +30,7 @@ def free_port() -> int:
 def services(tmp_path_factory):
     state = tmp_path_factory.mktemp("serve")
     prefect_port, mlflow_port = free_port(), free_port()
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    env = environ_copy(PYTHONPATH=str(ROOT))
     log = open(state / "serve.log", "w")
     serve = subprocess.Popen(
         [

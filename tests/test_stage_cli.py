@@ -6,13 +6,13 @@ temporary server of its own; each stage is its own `python -m flows.stages` proc
 """
 
 import ast
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
+from llmcore.environment import environ_copy
 from tests.servers import mlflow_server, prefect_server
 
 pytestmark = pytest.mark.flow
@@ -138,7 +138,7 @@ def prefect_api(tmp_path_factory):
 
 
 def _env(prefect_api: str, **extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "PREFECT_"))}
+    env = {k: v for k, v in environ_copy().items() if not k.startswith(("MLFLOW_", "PREFECT_"))}
     return env | {
         "PYTHONPATH": str(ROOT),
         "PREFECT_API_URL": prefect_api,
@@ -218,7 +218,7 @@ def test_stage_commands_chain_against_a_server_and_the_model_loads_elsewhere(tmp
             "assert len(out) == 1 and isinstance(out[0], str), out\n"
             "print('OK')\n"
         )
-        env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")} | {
+        env = {k: v for k, v in environ_copy().items() if not k.startswith("MLFLOW_")} | {
             "MLFLOW_TRACKING_URI": server.url
         }
         env.pop("PYTHONPATH", None)  # the model's own code travels in its artifacts

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from llmcore.environment import environ_copy
 from tests.servers import MlflowServer, prefect_server
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -67,6 +68,39 @@ def test_params_skip_none_log_paths_relative_to_runs_and_mask_secrets(local_stor
     }
     assert [m.value for m in MlflowClient().get_metric_history(run_id, "pretrain/loss")] == [2.0, 1.0]
     assert "skipped" not in run.data.metrics
+
+
+def test_params_are_logged_while_another_thread_changes_the_environment(local_store, monkeypatch):
+    """MLflow's telemetry thread unsets a variable while params are logged. Masking secrets iterated the live
+    environment and raised KeyError (it stopped 2 of 10 pipeline runs, and every rerun after a kill); here a
+    thread sets and removes a variable without pause, with the interpreter switching threads every 10 us."""
+    from mlflow import MlflowClient
+
+    from llmcore.tracking import MlflowTracker
+
+    monkeypatch.setenv("MY_API_TOKEN", SECRET)
+    tracker = MlflowTracker(_run(local_store))
+    stop = threading.Event()
+
+    def churn() -> None:
+        while not stop.is_set():
+            os.environ["_LLM_PIPELINE_CHURN"] = "x"
+            os.environ.pop("_LLM_PIPELINE_CHURN", None)
+
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-5)
+    thread = threading.Thread(target=churn, daemon=True)
+    thread.start()
+    try:
+        for i in range(500):
+            tracker.log_params({f"p{i}": f"value {i} {SECRET}"})
+    finally:
+        stop.set()
+        thread.join()
+        sys.setswitchinterval(interval)
+    assert tracker.close() == 0
+    params = MlflowClient().get_run(tracker.run_id).data.params
+    assert params == {f"p{i}": f"value {i} ***" for i in range(500)}
 
 
 def test_a_refused_record_goes_to_the_fallback_file_and_the_rest_is_delivered(local_store, tmp_path):
@@ -219,7 +253,7 @@ def servers(tmp_path_factory):
 def _pipeline(
     root: Path, server: MlflowServer, prefect_api: str, args: list[str], workdir: str
 ) -> subprocess.Popen:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "PREFECT_"))}
+    env = {k: v for k, v in environ_copy().items() if not k.startswith(("MLFLOW_", "PREFECT_"))}
     env |= {
         "PYTHONPATH": str(ROOT),
         "MLFLOW_TRACKING_URI": server.url,

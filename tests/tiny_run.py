@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+from llmcore.environment import environ_copy
 from llmcore.sft_data import SFTDataConfig, build_sft_data
 from llmcore.tokenizer import TokenizerConfig, encode_corpus, train_tokenizer
 
@@ -57,7 +58,7 @@ def build_data(root: Path) -> dict[str, Path]:
 def env() -> dict[str, str]:
     """The child's environment: this worktree first on the path, one thread (deterministic and polite)."""
     return {
-        **os.environ,
+        **environ_copy(),
         "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
         "OMP_NUM_THREADS": "1",
     }
