@@ -12,7 +12,10 @@ training, and it does not cover evaluation or sampling (no gradients, a fraction
 The activation coefficients were measured on CPU (fp32, peak RSS of real steps, 11 configs from
 0.09M to 4.3M parameters, 2k-16k tokens per micro-batch; least squares gave 26.5 width-sized vectors per
 token per block, 23 outside the blocks, 3.85 vocabulary-sized vectors per token and ~95 MB fixed) and
-are rounded up here, so the estimate errs high by about 10-20%.
+are rounded up here, so the estimate errs high by about 10-20%. It counts memory the step allocates, not
+the pages of torch's own code that its first kernels fault in: those are clean file pages (reclaimable,
+shared between processes), and how many a fault maps depends on the page cache and the file system (18 to
+28 MB of the smoke shape's 270 MB peak on the dev machine).
 
     python -m llmcore.memory --vocab-size 2048 --block-size 128 --n-layer 2 --n-embd 128 --batch-size 16
 """
