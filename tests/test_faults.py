@@ -7,13 +7,16 @@ uninterrupted run's.
     pytest -m faults
 """
 
+import argparse
 import errno
+import inspect
 import os
 import resource
 import shutil
 import signal
 import subprocess
 import sys
+import textwrap
 import time
 from pathlib import Path
 
@@ -59,12 +62,17 @@ def _wait(predicate, what: str, proc: subprocess.Popen | None = None, limit: flo
     return True
 
 
-def kill_when(cmd: list[str], log: Path, point, what: str) -> bool:
+def kill_when(cmd: list[str], log: Path, point, what: str, cwd: Path = ROOT, environ=None) -> bool:
     """Start `cmd` in its own session, SIGKILL its whole process group as soon as point() holds.
     Returns False when the process finished before reaching the point (the kill missed)."""
     with open(log, "w") as err:
         proc = subprocess.Popen(
-            cmd, env=env(), cwd=ROOT, stdout=subprocess.DEVNULL, stderr=err, start_new_session=True
+            cmd,
+            env=environ or env(),
+            cwd=cwd,
+            stdout=subprocess.DEVNULL,
+            stderr=err,
+            start_new_session=True,
         )
     try:
         reached = _wait(point, what, proc)
@@ -314,3 +322,103 @@ def test_disk_full_while_writing_a_checkpoint(reference, tmp_path, method):
     finally:
         if method == "tmpfs":
             subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+# --- the pipeline command, killed in a training stage and run again -----------------------------------
+
+PIPELINE = [
+    "--preset",
+    "tiny",
+    "--device",
+    "cpu",
+    "--seed",
+    "4",
+    "--max-steps",
+    "90",
+    "--finetune-steps",
+    "18",
+]
+
+
+def _pipeline_env(root: Path) -> dict[str, str]:
+    """A local MLflow store in the working folder and a temporary Prefect server, as a first run has."""
+    environ = {k: v for k, v in env().items() if not k.startswith(("MLFLOW_", "PREFECT_API"))}
+    return environ | {
+        "PREFECT_HOME": str(root / "prefect-home"),
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        "HF_HUB_OFFLINE": "1",
+    }
+
+
+def _labels(path: Path) -> Path:
+    """A classification file: 4-line passages of three stdlib modules, labelled by module."""
+    import csv
+    import json.decoder
+
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        rows = csv.writer(f)
+        rows.writerow(["text", "label"])
+        for module in (argparse, textwrap, json.decoder):
+            lines = [line for line in inspect.getsource(module).splitlines() if line.strip()]
+            rows.writerows(["\n".join(lines[i : i + 4]), module.__name__] for i in range(0, len(lines), 4))
+    return path
+
+
+@pytest.fixture(scope="module")
+def pipeline_reference(tmp_path_factory):
+    """An uninterrupted tiny pipeline (pretraining 90 steps, both fine-tunings 18, checkpoints every 15 and
+    6): its command, environment and working folder."""
+    root = tmp_path_factory.mktemp("pipeline-faults")
+    cmd = [sys.executable, "-m", "flows.pipeline", *PIPELINE, "--classify-data", str(_labels(root / "l.csv"))]
+    reference = root / "reference"
+    reference.mkdir()
+    done = subprocess.run(
+        cmd, env=_pipeline_env(root), cwd=reference, capture_output=True, text=True, timeout=600, check=False
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    return cmd, _pipeline_env(root), reference
+
+
+@pytest.mark.flow
+@pytest.mark.parametrize("stage", ["pretrain", "finetune", "classify"])
+def test_a_pipeline_killed_in_a_training_stage_reruns_to_the_same_models(pipeline_reference, tmp_path, stage):
+    """kill -9 of the pipeline's process group after the stage's first checkpoint, then the same command
+    again: it marks the killed MLflow runs KILLED, resumes the stage from its checkpoint, and every model
+    is bit-identical to the uninterrupted run's. (The rerun used to fail with KeyError in `scrub`.)"""
+    import mlflow
+    from mlflow import MlflowClient
+
+    cmd, environ, reference = pipeline_reference
+    work = tmp_path / "work"
+    work.mkdir()
+    checkpoints = work / "runs" / stage
+    assert kill_when(
+        cmd,
+        tmp_path / "kill.log",
+        lambda: any(checkpoints.glob("*/checkpoints/step_*.json")),
+        f"the first {stage} checkpoint",
+        cwd=work,
+        environ=environ,
+    )
+    assert not any(checkpoints.glob(f"*/{MANIFEST}"))  # killed before the stage finished
+    rerun = subprocess.run(
+        cmd, env=environ, cwd=work, capture_output=True, text=True, timeout=600, check=False
+    )
+    output = rerun.stdout + rerun.stderr
+    assert rerun.returncode == 0 and "Traceback" not in output, output[-3000:]
+    assert "resuming from step_0000" in output
+    for kind in ("pretrain", "finetune", "classify"):
+        [model] = (work / "runs" / kind).glob("*/model.pt")
+        [expected] = (reference / "runs" / kind).glob("*/model.pt")
+        assert model.parent.name == expected.parent.name  # the same stage, keyed by its inputs
+        assert_same_weights(model, expected)
+
+    mlflow.set_tracking_uri(f"sqlite:///{work / 'mlruns' / 'mlflow.db'}")
+    runs = MlflowClient().search_runs(
+        [MlflowClient().get_experiment_by_name("llm-pipeline").experiment_id], max_results=100
+    )
+    parents = sorted(
+        (r for r in runs if "mlflow.parentRunId" not in r.data.tags), key=lambda r: r.info.start_time
+    )
+    assert [p.info.status for p in parents] == ["KILLED", "FINISHED"]
+    assert {r.info.status for r in runs} == {"KILLED", "FINISHED"}  # no run left RUNNING
