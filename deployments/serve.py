@@ -7,12 +7,16 @@
 `up` starts a Prefect server, an MLflow server over `mlruns/` that serves artifacts, creates the process
 work pool and the `gpu` global concurrency limit (1 slot), checks every cron in prefect.yaml, applies
 every deployment, starts a worker whose flow runs log to the MLflow server (with the `llmcore` logger
-forwarded to the Prefect UI), prints the URLs and waits; Ctrl-C stops everything it started. Each
-process runs in its own process group, recorded in STATE/pids/<name>.pid. Ports come from
+forwarded to the Prefect UI), prints the URLs and waits; Ctrl-C, or `down` from another shell, stops
+everything it started. Each process runs in its own process group, recorded in STATE/pids/<name>.pid;
+the waiting `up` itself is recorded in STATE/serve.pid, and `down` asks it to stop (it exits 0) before
+stopping whatever is left. The Prefect server keeps its concurrency leases on disk (PREFECT_HOME), so the
+`gpu` slot a training holds is released even if the server restarted meanwhile. Ports come from
 PREFECT_PORT and MLFLOW_PORT (or --prefect-port/--mlflow-port). This script does not run flows.
 """
 
 import argparse
+import contextlib
 import os
 import signal
 import subprocess
@@ -28,6 +32,7 @@ HOME = Path(__file__).resolve().parents[1]
 PREFECT_FILE = HOME / "deployments" / "prefect.yaml"
 POOL = "local"
 GPU_LIMIT = "gpu"
+SERVE_PID = "serve.pid"  # under STATE: the `up` that waits in the foreground (`make serve`)
 
 
 class ServeError(Exception):
@@ -58,6 +63,9 @@ class Services:
             "PREFECT_API_URL": self.prefect_api,
             "PREFECT_HOME": str(self.state / "prefect"),
             "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+            # Leases in the server's memory die with it: a training that held the `gpu` slot across a
+            # server restart could not release it, and every later training would wait for it forever.
+            "PREFECT_SERVER_CONCURRENCY_LEASE_STORAGE": "prefect.server.concurrency.lease_storage.filesystem",
             "MLFLOW_TRACKING_URI": self.mlflow_uri,
             "LLM_PIPELINE_HOME": str(HOME),
             "PREFECT_LOGGING_EXTRA_LOGGERS": "llmcore",
@@ -130,14 +138,24 @@ def check_crons(path: Path) -> None:
                 ) from None
 
 
-def up(services: Services, prefect_file: Path, wait: bool) -> None:
-    check_crons(prefect_file)
-    services.mlruns.mkdir(parents=True, exist_ok=True)
+def start_prefect_server(services: Services) -> None:
+    """The Prefect server on its port and database (STATE/prefect), started and answering."""
     prefect = start(
         services,
         "prefect-server",
         [bin_path("prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(services.prefect_port)],
     )
+    wait_healthy(
+        f"{services.prefect_api}/health",
+        prefect,
+        "Prefect server",
+        services.state / "logs/prefect-server.log",
+    )
+
+
+def start_mlflow_server(services: Services) -> None:
+    """The MLflow server over `mlruns/` (SQLite store, served artifacts), started and answering."""
+    services.mlruns.mkdir(parents=True, exist_ok=True)
     mlflow = start(
         services,
         "mlflow-server",
@@ -158,60 +176,101 @@ def up(services: Services, prefect_file: Path, wait: bool) -> None:
         ],
     )
     wait_healthy(
-        f"{services.prefect_api}/health",
-        prefect,
-        "Prefect server",
-        services.state / "logs/prefect-server.log",
-    )
-    wait_healthy(
         f"{services.mlflow_uri}/health", mlflow, "MLflow server", services.state / "logs/mlflow-server.log"
     )
+
+
+def start_worker(services: Services) -> None:
+    start(services, "worker", [bin_path("prefect"), "worker", "start", "--pool", POOL, "--type", "process"])
+
+
+def up(services: Services, prefect_file: Path, wait: bool) -> None:
+    check_crons(prefect_file)
+    start_prefect_server(services)
+    start_mlflow_server(services)
     prefect_cli = bin_path("prefect")
     run(services, prefect_cli, "work-pool", "create", POOL, "--type", "process", "--overwrite")
     if GPU_LIMIT not in run(services, prefect_cli, "gcl", "ls"):
         run(services, prefect_cli, "gcl", "create", GPU_LIMIT, "--limit", "1")
     run(services, prefect_cli, "--no-prompt", "deploy", "--all", "--prefect-file", str(prefect_file))
-    start(services, "worker", [prefect_cli, "worker", "start", "--pool", POOL, "--type", "process"])
+    start_worker(services)
     print(
         f"Prefect UI  http://127.0.0.1:{services.prefect_port}\nMLflow UI   {services.mlflow_uri}\n"
         f"state       {services.state} (logs/, pids/)\nready",
         flush=True,
     )
     if wait:
-        signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
         while True:
             time.sleep(3600)
 
 
 def down(state: Path) -> list[str]:
-    """Stop every process group recorded under STATE/pids (worker first), remove the pid files."""
+    """Stop a waiting `up` (which stops what it started), then every process group still recorded under
+    STATE/pids (worker first); remove the pid files. Returns what was stopped, by name."""
     stopped = []
+    up_pid = _serving(state)
+    if up_pid is not None and up_pid != os.getpid():
+        names = sorted(p.stem for p in (state / "pids").glob("*.pid"))
+        os.kill(up_pid, signal.SIGTERM)
+        deadline = time.monotonic() + 90  # it stops each group within 15 s
+        while time.monotonic() < deadline and _serving(state) == up_pid:
+            time.sleep(0.2)
+        stopped += ["serve.py up"] + [n for n in names if not (state / "pids" / f"{n}.pid").exists()]
     order = {"worker": 0, "mlflow-server": 1, "prefect-server": 2}
     for pid_file in sorted((state / "pids").glob("*.pid"), key=lambda p: order.get(p.stem, 9)):
         pid = int(pid_file.read_text())
         try:
             os.killpg(pid, signal.SIGTERM)
-            deadline = time.monotonic() + 15
-            while time.monotonic() < deadline and _alive(pid):
-                time.sleep(0.2)
-            if _alive(pid):
+            if not _wait_gone(pid, 15):
                 os.killpg(pid, signal.SIGKILL)
+                _wait_gone(pid, 5)
             stopped.append(pid_file.stem)
         except ProcessLookupError:
             pass
         pid_file.unlink()
+    if _serving(state) in (None, os.getpid()):
+        (state / SERVE_PID).unlink(missing_ok=True)
     return stopped
 
 
+def _record_serving(state: Path) -> None:
+    """STATE/serve.pid: this process's pid and start time (a reused pid is never taken for it)."""
+    import psutil
+
+    state.mkdir(parents=True, exist_ok=True)
+    (state / SERVE_PID).write_text(f"{os.getpid()} {psutil.Process().create_time():.2f}")
+
+
+def _serving(state: Path) -> int | None:
+    """The pid of the `up` recorded in STATE/serve.pid while it runs (not once it exited or is a zombie)."""
+    import psutil
+
+    try:
+        pid, started = (state / SERVE_PID).read_text().split()
+        process = psutil.Process(int(pid))
+        if f"{process.create_time():.2f}" == started and process.status() != psutil.STATUS_ZOMBIE:
+            return int(pid)
+    except (OSError, ValueError, psutil.Error):
+        pass
+    return None
+
+
 def _alive(pgid: int) -> bool:
+    """Whether any process of the group is left (a server's workers can outlive their leader)."""
+    with contextlib.suppress(ChildProcessError):  # a zombie leader of our own still counts: reap it
+        os.waitpid(pgid, os.WNOHANG)
     try:
         os.killpg(pgid, 0)
     except ProcessLookupError:
         return False
-    try:  # a zombie leader of our own still answers signal 0; reap it
-        return os.waitpid(pgid, os.WNOHANG) == (0, 0)
-    except ChildProcessError:
-        return True
+    return True
+
+
+def _wait_gone(pgid: int, seconds: float) -> bool:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline and _alive(pgid):
+        time.sleep(0.2)
+    return not _alive(pgid)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -234,20 +293,31 @@ def main(argv: list[str] | None = None) -> None:
     if args.command == "down":
         print("stopped: " + (", ".join(down(state)) or "nothing was running"))
         return
-    if any((state / "pids").glob("*.pid")):
+    if any((state / "pids").glob("*.pid")) or _serving(state):
         print(
             f"error: services from {state} may still run: `make down` (serve.py down) first", file=sys.stderr
         )
         raise SystemExit(2)
     services = Services(state, args.mlruns, args.prefect_port, args.mlflow_port)
+    if not args.no_wait:
+        _record_serving(state)
+    # `down` from another shell sends SIGTERM: stop like Ctrl-C, once (a second signal cannot interrupt it)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     try:
         up(services, args.prefect_file.resolve(), wait=not args.no_wait)
     except ServeError as error:
+        _ignore_stop_signals()
         down(state)
         print(f"error: {error}", file=sys.stderr)
         raise SystemExit(2) from None
     except (KeyboardInterrupt, SystemExit):
-        print("stopped: " + ", ".join(down(state)))
+        _ignore_stop_signals()
+        print("stopped: " + ", ".join(down(state)), flush=True)
+
+
+def _ignore_stop_signals() -> None:
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, signal.SIG_IGN)
 
 
 if __name__ == "__main__":

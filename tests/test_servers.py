@@ -254,3 +254,40 @@ def test_unknown_registered_model_or_alias_is_one_line(services, two_runs):
         )
         lines = [line for line in done.stderr.splitlines() if line.startswith("error: ")]
         assert done.returncode == 2 and len(lines) == 1 and message in lines[0], done.stderr[-2000:]
+
+
+def test_down_stops_a_serve_up_waiting_in_the_foreground(tmp_path):
+    """`make serve` then `make down` from another shell: the waiting `up` (in the caller's process group,
+    as make runs it) exits 0 having stopped every service once, and no service process is left."""
+    serve = [sys.executable, str(ROOT / "deployments" / "serve.py")]
+    state, log = tmp_path / "serve", tmp_path / "up.log"
+    ports = ["--prefect-port", str(free_port()), "--mlflow-port", str(free_port())]
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    up = subprocess.Popen(
+        [*serve, "up", "--state", str(state), "--mlruns", str(tmp_path / "mlruns"), *ports],
+        env=env,
+        stdout=open(log, "w"),
+        stderr=subprocess.STDOUT,
+    )
+    try:
+        deadline = time.monotonic() + 420
+        while "ready" not in log.read_text():
+            assert up.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
+            time.sleep(1)
+        groups = [int(p.read_text()) for p in (state / "pids").glob("*.pid")]
+        down = subprocess.run(
+            [*serve, "down", "--state", str(state)], env=env, capture_output=True, text=True, timeout=180
+        )
+        assert down.returncode == 0 and down.stdout.startswith("stopped: serve.py up, "), down
+        assert up.wait(timeout=30) == 0
+    finally:
+        if up.poll() is None:
+            up.kill()
+            subprocess.run([*serve, "down", "--state", str(state)], env=env, timeout=180)
+    printed = log.read_text()
+    assert printed.count("stopped: ") == 1 and "Traceback" not in printed, printed[-3000:]
+    assert len(groups) == 3
+    for group in groups:
+        with pytest.raises(ProcessLookupError):
+            os.killpg(group, 0)
+    assert not list(state.glob("**/*.pid"))
