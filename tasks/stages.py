@@ -167,9 +167,18 @@ def gpu_slot() -> contextlib.AbstractContextManager:
     log a warning on every training of an ad-hoc run, whose temporary server has no limits)."""
     with get_client(sync_client=True) as client:
         try:
-            client.read_global_concurrency_limit_by_name(GPU_SLOT)
+            limit = client.read_global_concurrency_limit_by_name(GPU_SLOT)
         except ObjectNotFound:
             return contextlib.nullcontext()
+    if limit.active_slots >= limit.limit:  # a wait that never ends must be explainable from the log
+        get_run_logger().warning(
+            "waiting for a slot of the Prefect concurrency limit %r (%d of %d in use): another training "
+            "holds it; if none is running, free it with `prefect gcl update %s --active-slots 0`",
+            GPU_SLOT,
+            limit.active_slots,
+            limit.limit,
+            GPU_SLOT,
+        )
     return concurrency(GPU_SLOT, occupy=1)
 
 

@@ -14,6 +14,7 @@ when the next top-level run starts. This module does not decide what a stage log
 """
 
 import contextlib
+import functools
 import json
 import logging
 import os
@@ -60,7 +61,29 @@ def configure_tracking() -> str:
     if uri == _local_store_uri():
         MLRUNS.mkdir(exist_ok=True)
     mlflow.set_tracking_uri(uri)
+    if uri.startswith("sqlite:///"):
+        _open_sqlite_store(uri)
     return uri
+
+
+@functools.cache
+def _open_sqlite_store(uri: str) -> None:
+    """Open (and on first use create) a SQLite store while holding a lock file beside it.
+
+    MLflow creates a new store's tables when it opens it; two pipelines opening the same new store at once
+    both create them, and one failed with `table secrets already exists`. The store is cached per process,
+    so this runs once per URI. Without fcntl (Windows) the store is opened unlocked.
+    """
+    database = Path(uri.removeprefix("sqlite:///"))
+    database.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        import fcntl
+    except ImportError:
+        fcntl = None
+    with open(f"{database}.lock", "a") as lock:
+        if fcntl is not None:
+            fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+        MlflowClient(uri).search_experiments(max_results=1)
 
 
 def experiment_id(name: str) -> str:
@@ -71,7 +94,12 @@ def experiment_id(name: str) -> str:
     found = client.get_experiment_by_name(name)
     if found is None:
         location = (MLRUNS.resolve() / "artifacts").as_uri() if uri == _local_store_uri() else None
-        found = client.get_experiment(client.create_experiment(name, artifact_location=location))
+        try:
+            found = client.get_experiment(client.create_experiment(name, artifact_location=location))
+        except MlflowException as error:  # another pipeline created it a moment ago
+            if error.error_code != "RESOURCE_ALREADY_EXISTS":
+                raise
+            found = client.get_experiment_by_name(name)
     if found.tags.get("mlflow.experimentKind") != "custom_model_development":
         client.set_experiment_tag(found.experiment_id, "mlflow.experimentKind", "custom_model_development")
     return found.experiment_id
