@@ -30,7 +30,7 @@ import mlflow
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
-from llmcore.artifacts import atomic_write_json, file_digest, json_digest, read_json
+from llmcore.artifacts import atomic_write_json, file_digest, folder_lock, json_digest, read_json
 from llmcore.tracking import close_trackers, scrub, secret_values
 
 MLRUNS = Path("mlruns")
@@ -68,21 +68,13 @@ def configure_tracking() -> str:
 
 @functools.cache
 def _open_sqlite_store(uri: str) -> None:
-    """Open (and on first use create) a SQLite store while holding a lock file beside it.
+    """Open (and on first use create) a SQLite store while holding the lock of its folder.
 
     MLflow creates a new store's tables when it opens it; two pipelines opening the same new store at once
-    both create them, and one failed with `table secrets already exists`. The store is cached per process,
-    so this runs once per URI. Without fcntl (Windows) the store is opened unlocked.
+    both created them, and one failed with `table secrets already exists`. MLflow keeps the opened store
+    for the process, so this runs once per URI.
     """
-    database = Path(uri.removeprefix("sqlite:///"))
-    database.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        import fcntl
-    except ImportError:
-        fcntl = None
-    with open(f"{database}.lock", "a") as lock:
-        if fcntl is not None:
-            fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+    with folder_lock(Path(uri.removeprefix("sqlite:///")).parent, "MLflow store"):
         MlflowClient(uri).search_experiments(max_results=1)
 
 
