@@ -262,7 +262,7 @@ def test_down_stops_a_serve_up_waiting_in_the_foreground(tmp_path):
     serve = [sys.executable, str(ROOT / "deployments" / "serve.py")]
     state, log = tmp_path / "serve", tmp_path / "up.log"
     ports = ["--prefect-port", str(free_port()), "--mlflow-port", str(free_port())]
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    env = environ_copy(PYTHONPATH=str(ROOT))
     up = subprocess.Popen(
         [*serve, "up", "--state", str(state), "--mlruns", str(tmp_path / "mlruns"), *ports],
         env=env,

@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 
 from llmcore.artifacts import MANIFEST, read_json
+from llmcore.environment import environ_copy
 from tests.servers import free_port
 from tests.tiny_run import assert_same_weights
 
@@ -43,7 +44,7 @@ def services(tmp_path_factory):
     try:
         done = subprocess.run(
             [*argv, "up", "--no-wait", "--state", str(state), "--mlruns", str(services.mlruns), *ports],
-            env={**os.environ, "PYTHONPATH": str(ROOT)},
+            env=environ_copy(PYTHONPATH=str(ROOT)),
             capture_output=True,
             text=True,
             timeout=420,
@@ -186,7 +187,7 @@ def test_two_pipelines_write_one_new_sqlite_store_at_once(services, reference, t
     from mlflow import MlflowClient
 
     store = f"sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}"
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "PREFECT_"))}
+    env = {k: v for k, v in environ_copy().items() if not k.startswith(("MLFLOW_", "PREFECT_"))}
     env |= {
         "PYTHONPATH": str(ROOT),
         "MLFLOW_TRACKING_URI": store,
