@@ -234,36 +234,43 @@ def down(state: Path) -> list[str]:
 
 
 def _record_serving(state: Path) -> None:
-    """STATE/serve.pid: this process's pid and start time (a reused pid is never taken for it)."""
-    import psutil
-
+    """STATE/serve.pid: this process's pid and start (a reused pid is never taken for it)."""
     state.mkdir(parents=True, exist_ok=True)
-    (state / SERVE_PID).write_text(f"{os.getpid()} {psutil.Process().create_time():.2f}")
+    (state / SERVE_PID).write_text(f"{os.getpid()} {_started(os.getpid())[0]}")
 
 
 def _serving(state: Path) -> int | None:
     """The pid of the `up` recorded in STATE/serve.pid while it runs (not once it exited or is a zombie)."""
-    import psutil
-
     try:
         pid, started = (state / SERVE_PID).read_text().split()
-        process = psutil.Process(int(pid))
-        if f"{process.create_time():.2f}" == started and process.status() != psutil.STATUS_ZOMBIE:
+        if _started(int(pid)) == (started, False):
             return int(pid)
-    except (OSError, ValueError, psutil.Error):
+    except (OSError, ValueError):
         pass
     return None
 
 
+def _started(pid: int) -> tuple[str, bool]:
+    """When process `pid` started, in clock ticks since boot, and whether it is a zombie, from
+    /proc/<pid>/stat. A start time on the wall clock (psutil's) moves when the clock is adjusted or the
+    machine resumes from a pause, and then no longer matches the one recorded."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()  # from field 3, the state
+    return fields[19], fields[0] == "Z"
+
+
 def _alive(pgid: int) -> bool:
-    """Whether any process of the group is left (a server's workers can outlive their leader)."""
-    with contextlib.suppress(ChildProcessError):  # a zombie leader of our own still counts: reap it
+    """Whether a running process of the group is left (a server's workers can outlive their leader). A
+    zombie holds nothing and only waits for its parent to read its status: ours is reaped, another's (a
+    process that restarted a service) does not count."""
+    import psutil
+
+    with contextlib.suppress(ChildProcessError):
         os.waitpid(pgid, os.WNOHANG)
-    try:
-        os.killpg(pgid, 0)
-    except ProcessLookupError:
-        return False
-    return True
+    for process in psutil.process_iter(["status"]):
+        with contextlib.suppress(OSError, psutil.Error):
+            if os.getpgid(process.pid) == pgid and process.info["status"] != psutil.STATUS_ZOMBIE:
+                return True
+    return False
 
 
 def _wait_gone(pgid: int, seconds: float) -> bool:

@@ -2,6 +2,8 @@
 ports, a tiny nightly run triggered with overridden parameters, checked through the MLflow client; then a
 worse run that must leave the champion where it was. Every process started is stopped, also on failure."""
 
+import glob
+import importlib.util
 import os
 import signal
 import socket
@@ -12,11 +14,17 @@ from pathlib import Path
 
 import pytest
 
+from llmcore.artifacts import MANIFEST, read_json
 from llmcore.environment import environ_copy
-
-pytestmark = pytest.mark.servers
+from tests.tiny_run import assert_same_weights
 
 ROOT = Path(__file__).parents[1]
+
+pytestmark = pytest.mark.servers
+spec = importlib.util.spec_from_file_location("serve", ROOT / "deployments" / "serve.py")
+serve_py = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(serve_py)
+
 EXPERIMENT = "llm-pipeline-nightly"  # from prefect.yaml: must survive the per-run overrides
 
 
@@ -59,6 +67,8 @@ def services(tmp_path_factory):
             time.sleep(1)
         yield {
             "state": state,
+            "up": serve,
+            "serve": serve_py.Services(state, state / "mlruns", prefect_port, mlflow_port),
             "api": f"http://127.0.0.1:{prefect_port}/api",
             "mlflow": f"http://127.0.0.1:{mlflow_port}",
             "env": {
@@ -91,29 +101,56 @@ def prefect(services, *args: str, timeout: float = 120) -> subprocess.CompletedP
     )
 
 
+def start_run(services, deployment_name: str = "pipeline/nightly-cpu", **params) -> str:
+    """Create a run of a deployment with `params` overriding its defaults; return its id."""
+    with client(services) as c:
+        deployment = c.read_deployment_by_name(deployment_name)
+        return str(c.create_flow_run_from_deployment(deployment.id, parameters=params).id)
+
+
+def final_state(services, run_id: str, limit: float = 900) -> str:
+    """The flow run's final state name, polling through server outages; fails after `limit` seconds."""
+    deadline, slots = time.monotonic() + limit, "unknown"
+    while time.monotonic() < deadline:
+        try:
+            with client(services) as c:
+                state = c.read_flow_run(run_id).state
+                slots = c.read_global_concurrency_limit_by_name(serve_py.GPU_LIMIT).active_slots
+            if state.is_final():
+                return state.name
+        except Exception:  # noqa: BLE001 - the server is down or starting: ask again
+            pass
+        time.sleep(2)
+    pytest.fail(f"flow run {run_id} not final after {limit:.0f} s (gpu slots in use: {slots})")
+
+
 def trigger_and_wait(services, deployment_name: str = "pipeline/nightly-cpu", **params) -> tuple[str, float]:
     """Run a deployment with `params` overriding its defaults; return (final state name, seconds)."""
+    started = time.monotonic()
+    state = final_state(services, start_run(services, deployment_name, **params))
+    return state, time.monotonic() - started
+
+
+def client(services):
     from prefect.client.orchestration import get_client
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
-    started = time.monotonic()
-    with temporary_settings({PREFECT_API_URL: services["api"]}), get_client(sync_client=True) as client:
-        deployment = client.read_deployment_by_name(deployment_name)
-        run = client.create_flow_run_from_deployment(deployment.id, parameters=params)
-        while True:
-            state = client.read_flow_run(run.id).state
-            if state.is_final():
-                return state.name, time.monotonic() - started
-            assert time.monotonic() - started < 900, "the flow run did not finish"
-            time.sleep(2)
+    with temporary_settings({PREFECT_API_URL: services["api"]}):
+        return get_client(sync_client=True)
 
 
 TINY = dict(preset="tiny", device="cpu", seed=3)
 
 
 @pytest.fixture(scope="module")
-def two_runs(services, tmp_path_factory):
-    runs = str(tmp_path_factory.mktemp("runs"))
+def nightly_runs(tmp_path_factory) -> Path:
+    """The runs folder of `two_runs`: its tiny run is the uninterrupted reference of the fault tests."""
+    return tmp_path_factory.mktemp("runs")
+
+
+@pytest.fixture(scope="module")
+def two_runs(services, nightly_runs):
+    runs = str(nightly_runs)
     first = trigger_and_wait(services, **TINY, runs_dir=runs)
     worse = trigger_and_wait(services, **TINY, runs_dir=runs, max_steps=2, finetune_steps=1)
     print(f"\ntrigger-to-completion: {first[1]:.1f} s (tiny), {worse[1]:.1f} s (2 steps)")
@@ -256,38 +293,171 @@ def test_unknown_registered_model_or_alias_is_one_line(services, two_runs):
         assert done.returncode == 2 and len(lines) == 1 and message in lines[0], done.stderr[-2000:]
 
 
-def test_down_stops_a_serve_up_waiting_in_the_foreground(tmp_path):
-    """`make serve` then `make down` from another shell: the waiting `up` (in the caller's process group,
-    as make runs it) exits 0 having stopped every service once, and no service process is left."""
-    serve = [sys.executable, str(ROOT / "deployments" / "serve.py")]
-    state, log = tmp_path / "serve", tmp_path / "up.log"
-    ports = ["--prefect-port", str(free_port()), "--mlflow-port", str(free_port())]
-    env = environ_copy(PYTHONPATH=str(ROOT))
-    up = subprocess.Popen(
-        [*serve, "up", "--state", str(state), "--mlruns", str(tmp_path / "mlruns"), *ports],
-        env=env,
-        stdout=open(log, "w"),
-        stderr=subprocess.STDOUT,
+# --- faults of the services, on the same stack; then `serve.py down` (these run last, in this order) -----
+# Each interrupted tiny run must end with the weights and metrics of the uninterrupted tiny run of
+# `two_runs` (the same parameters, so the same stage folders by key).
+
+FIRST_CHECKPOINT = "pretrain/*/checkpoints/step_000015.json"  # the tiny preset's 30 steps: one at 15
+
+
+def wait_for(runs: Path, pattern: str, limit: float = 240) -> None:
+    deadline = time.monotonic() + limit
+    while not glob.glob(str(runs / pattern)):
+        assert time.monotonic() < deadline, f"no {pattern} under {runs} after {limit:.0f} s"
+        time.sleep(0.05)
+
+
+def kill(services, name: str) -> None:
+    """SIGKILL the process group `serve.py` recorded for `name`, as a crash would."""
+    os.killpg(int(services["serve"].pid_file(name).read_text()), signal.SIGKILL)
+
+
+def assert_same_results(runs: Path, reference: Path) -> None:
+    """Every stage folder of `runs` holds the weights and final metrics (timings aside) of the reference's."""
+    for stage in ("pretrain", "finetune"):
+        (ours,) = (runs / stage).iterdir()
+        theirs = reference / stage / ours.name
+        assert_same_weights(ours / "model.pt", theirs / "model.pt")
+        assert figures(ours) == figures(theirs)
+
+
+def figures(folder: Path) -> dict[str, float]:
+    return {k: v for k, v in read_json(folder / MANIFEST)["metrics"].items() if "second" not in k}
+
+
+def assert_whole_loss_curve(mlflow, pretrain) -> None:
+    """Every logged point of the pretraining loss is in the store, once."""
+    total, every = (int(pretrain.data.params[f"pretrain.{k}"]) for k in ("total_steps", "log_interval"))
+    history = mlflow.get_metric_history(pretrain.info.run_id, "pretrain/loss")
+    assert sorted(m.step for m in history) == sorted({*range(every, total + 1, every), total})
+
+
+@pytest.mark.faults
+def test_prefect_server_restarted_mid_run(services, two_runs, nightly_runs, tmp_path):
+    """The run goes on through the outage; had Prefect marked it crashed, a rerun resumes. Either way it
+    ends as the uninterrupted run, and the `gpu` slot the training held is free again (with leases in the
+    server's memory, the slot stayed taken and the next training waited for ever)."""
+    run_id = start_run(services, **TINY, runs_dir=str(tmp_path))
+    wait_for(tmp_path, FIRST_CHECKPOINT)
+    kill(services, "prefect-server")
+    serve_py.start_prefect_server(services["serve"])  # same port, same database
+    state = final_state(services, run_id)
+    if state == "Crashed":
+        state = final_state(services, start_run(services, **TINY, runs_dir=str(tmp_path)))
+    assert state == "Completed"
+    assert_same_results(tmp_path, nightly_runs)
+    with client(services) as c:
+        assert c.read_global_concurrency_limit_by_name(serve_py.GPU_LIMIT).active_slots == 0
+
+
+@pytest.mark.faults
+def test_worker_killed_mid_run_then_the_rerun_resumes(services, two_runs, nightly_runs, tmp_path):
+    log = services["state"] / "logs" / "worker.log"
+    run_id = start_run(services, **TINY, runs_dir=str(tmp_path))
+    wait_for(tmp_path, FIRST_CHECKPOINT)
+    kill(services, "worker")
+    assert final_state(services, run_id) == "Crashed"
+    assert not list(tmp_path.glob("pretrain/*/model.pt"))  # it did stop mid-training
+    serve_py.start_worker(services["serve"])
+    seen = log.stat().st_size
+    assert final_state(services, start_run(services, **TINY, runs_dir=str(tmp_path))) == "Completed"
+    assert "pretrain: resuming from step_000015" in log.read_text(errors="replace")[seen:]
+    assert_same_results(tmp_path, nightly_runs)
+
+
+@pytest.mark.faults
+def test_mlflow_server_restarted_mid_run_loses_no_point(services, two_runs, nightly_runs, tmp_path):
+    from mlflow import MlflowClient
+
+    run_id = start_run(services, **TINY, runs_dir=str(tmp_path))
+    wait_for(tmp_path, FIRST_CHECKPOINT)
+    kill(services, "mlflow-server")
+    serve_py.start_mlflow_server(services["serve"])  # same port, same store
+    assert final_state(services, run_id) == "Completed"
+    assert_same_results(tmp_path, nightly_runs)
+
+    mlflow = MlflowClient(services["mlflow"])
+    experiment = mlflow.get_experiment_by_name(EXPERIMENT).experiment_id
+    (parent,) = mlflow.search_runs([experiment], f"tags.`prefect.flow_run_id` = '{run_id}'")
+    (pretrain,) = mlflow.search_runs(
+        [experiment], f"tags.`mlflow.parentRunId` = '{parent.info.run_id}' and tags.stage = 'pretrain'"
     )
+    assert parent.info.status == pretrain.info.status == "FINISHED"
+    assert_whole_loss_curve(mlflow, pretrain)
+
+
+@pytest.mark.faults
+def test_two_pipelines_write_one_new_sqlite_store_at_once(services, two_runs, nightly_runs, tmp_path):
+    """Two `python -m flows.pipeline` processes start together on a store that does not exist yet
+    (tracking straight to SQLite, no MLflow server): both complete, and both runs are whole in the store
+    (one failed with `table secrets already exists` when both created the store's tables)."""
+    from mlflow import MlflowClient
+
+    store = f"sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}"
+    env = {k: v for k, v in environ_copy().items() if not k.startswith(("MLFLOW_", "PREFECT_"))}
+    env |= {
+        "PYTHONPATH": str(ROOT),
+        "MLFLOW_TRACKING_URI": store,
+        "PREFECT_API_URL": services["api"],
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        "HF_HUB_OFFLINE": "1",
+    }
+    argv = [sys.executable, "-m", "flows.pipeline", "--preset", "tiny", "--device", "cpu", "--seed", "3"]
+    logs = [tmp_path / f"pipeline{i}.log" for i in range(2)]
+    pipelines = []
+    for i, log in enumerate(logs):
+        with open(log, "w") as out:
+            pipelines.append(
+                subprocess.Popen(
+                    [*argv, "--runs-dir", str(tmp_path / f"runs{i}"), "--experiment", "two"],
+                    cwd=tmp_path,
+                    env=env,
+                    stdout=out,
+                    stderr=subprocess.STDOUT,
+                    start_new_session=True,
+                )
+            )
     try:
-        deadline = time.monotonic() + 420
-        while "ready" not in log.read_text():
-            assert up.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
-            time.sleep(1)
-        groups = [int(p.read_text()) for p in (state / "pids").glob("*.pid")]
-        down = subprocess.run(
-            [*serve, "down", "--state", str(state)], env=env, capture_output=True, text=True, timeout=180
-        )
-        assert down.returncode == 0 and down.stdout.startswith("stopped: serve.py up, "), down
-        assert up.wait(timeout=30) == 0
+        codes = [p.wait(timeout=600) for p in pipelines]
     finally:
-        if up.poll() is None:
-            up.kill()
-            subprocess.run([*serve, "down", "--state", str(state)], env=env, timeout=180)
-    printed = log.read_text()
+        for p in pipelines:
+            if p.poll() is None:
+                os.killpg(p.pid, signal.SIGKILL)
+    printed = [log.read_text(errors="replace") for log in logs]
+    assert codes == [0, 0], [text[-2000:] for text in printed]
+    assert not any("database is locked" in text for text in printed)
+
+    mlflow = MlflowClient(store)
+    runs = mlflow.search_runs([mlflow.get_experiment_by_name("two").experiment_id])
+    parents = [r for r in runs if r.data.tags.get("stage") == "pipeline"]
+    assert len(parents) == 2 and {r.info.status for r in runs} == {"FINISHED"}
+    stages = [
+        {r.data.tags["stage"]: r for r in runs if r.data.tags.get("mlflow.parentRunId") == p.info.run_id}
+        for p in parents
+    ]
+    assert stages[0].keys() == stages[1].keys() and "pretrain" in stages[0]
+    for children in stages:
+        assert_whole_loss_curve(mlflow, children["pretrain"])
+    for i in range(2):
+        assert_same_results(tmp_path / f"runs{i}", nightly_runs)
+
+
+def test_down_stops_a_serve_up_waiting_in_the_foreground(services):
+    """`make serve` then `make down` from another shell: the waiting `up` exits 0 having stopped every
+    service once (the ones the fault tests restarted included), and no service process is left. Last in
+    this file: it stops the module's services."""
+    state, up = services["state"], services["up"]
+    groups = [int(p.read_text()) for p in (state / "pids").glob("*.pid")]
+    down = subprocess.run(
+        [sys.executable, str(ROOT / "deployments" / "serve.py"), "down", "--state", str(state)],
+        env=services["env"],
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
+    assert down.returncode == 0 and down.stdout.startswith("stopped: serve.py up, "), down
+    assert up.wait(timeout=30) == 0
+    printed = (state / "serve.log").read_text()
     assert printed.count("stopped: ") == 1 and "Traceback" not in printed, printed[-3000:]
-    assert len(groups) == 3
-    for group in groups:
-        with pytest.raises(ProcessLookupError):
-            os.killpg(group, 0)
+    assert len(groups) == 3 and not any(map(serve_py._alive, groups))  # zombies of this process aside
     assert not list(state.glob("**/*.pid"))
