@@ -308,9 +308,9 @@ def secret_values() -> list[str]:
     return [v for k, v in environ_copy().items() if len(v) >= 6 and _SECRET_NAME.search(k)]
 
 
-def scrub(text: str, secrets: Sequence[str] | None = None) -> str:
-    """`text` with every secret value masked: `secrets`, or by default the environment's `secret_values()`."""
-    for value in secret_values() if secrets is None else secrets:
+def scrub(text: str, secrets: Sequence[str]) -> str:
+    """`text` with every one of `secrets` (from `secret_values()`) masked."""
+    for value in secrets:
         text = text.replace(value, "***")
     return text
 

@@ -108,7 +108,7 @@ def prefect_server(home: Path) -> Iterator[str]:
     port = free_port()
     log = Path(home) / "prefect-server.log"
     Path(home).mkdir(parents=True, exist_ok=True)
-    env = {**environ_copy(), "PREFECT_HOME": str(home), "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
+    env = environ_copy(PREFECT_HOME=str(home), PREFECT_SERVER_ANALYTICS_ENABLED="false")
     env.pop("PREFECT_API_URL", None)
     process = subprocess.Popen(
         [str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)],
